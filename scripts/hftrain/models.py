@@ -1,0 +1,108 @@
+"""Model presets built from a config with random weights, and loading of real checkpoints.
+
+`--model` takes a preset name (`tiny`, `small`, `1b`), a local checkpoint directory or a Hub id;
+the last two go through the library's own `from_pretrained`.
+"""
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from hftrain.errors import UserError
+
+# Llama architecture throughout (RMSNorm, SwiGLU, RoPE, grouped-query attention).
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~0.1M parameters: learns the rating task on a laptop CPU in seconds.
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024),
+    # ~100M parameters (without embeddings), GPT-2-small sized: one GPU.
+    "small": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=4, max_position_embeddings=4096),
+    # Llama-3.2-1B shape (~1B parameters with a 32k vocabulary): the benchmarks' model.
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=True,
+               rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+}
+
+
+def is_local_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or Path(name).exists()
+
+
+def preset_config(name: str, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """The preset's config with the vocabulary of `tokenizer`, rounded up to a multiple of 64 for fast matmuls."""
+    vocab = -(-len(tokenizer) // 64) * 64
+    return LlamaConfig(
+        vocab_size=vocab,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **PRESETS[name],
+    )
+
+
+def load_config(model: str, trust_remote_code: bool = False) -> Any:
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise _load_error(model, e)
+
+
+def _load_error(model: str, e: Exception) -> UserError:
+    if is_local_path(model):
+        if not Path(model).exists():
+            return UserError(f"--model {model} does not exist; pass a preset ({', '.join(PRESETS)}), a checkpoint directory or a Hub id")
+        return UserError(f"--model {model} is not a model checkpoint directory (no loadable config.json: {type(e).__name__})")
+    return UserError(
+        f"could not load '{model}' from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+        f"check the id and your network, or pass a local checkpoint directory or a preset ({', '.join(PRESETS)})"
+    )
+
+
+def check_tokenizer_matches(model: str, config: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The data was tokenized with `tokenizer`; a checkpoint must share its vocabulary."""
+    if config.vocab_size < len(tokenizer):
+        raise UserError(
+            f"--model {model} has {config.vocab_size} embeddings but the data's tokenizer has {len(tokenizer)} tokens; "
+            f"prepare the data with this model's tokenizer: python scripts/prepare_datasets.py --tokenizer {model} --output_dir <dir>"
+        )
+    if is_local_path(model) and (Path(model) / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        own = AutoTokenizer.from_pretrained(model)
+        if own.get_vocab() != tokenizer.get_vocab():
+            raise UserError(
+                f"--model {model} comes with a different tokenizer than the prepared data; prepare the data with it: "
+                f"python scripts/prepare_datasets.py --tokenizer {model} --output_dir <dir>"
+            )
+
+
+def load_model(
+    model: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """A preset with random weights (seed it first with `set_seed`) or a checkpoint via `from_pretrained`."""
+    if model in PRESETS:
+        config = preset_config(model, tokenizer)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    config = load_config(model, trust_remote_code)
+    check_tokenizer_matches(model, config, tokenizer)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            use_safetensors=True, **kwargs,
+        )
+    except Exception as e:
+        raise _load_error(model, e)
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

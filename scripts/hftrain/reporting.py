@@ -1,0 +1,156 @@
+"""Throughput, MFU and peak memory, and the files every run leaves: metrics.json and a PNG.
+
+`ThroughputMeter` serves custom loops; `ThroughputCallback` wraps it for the Trainer.
+MFU follows nanoGPT's `estimate_mfu`: 6N + 12·L·d·T FLOPs per token (N parameters that do
+matmuls, L layers, d = heads x head size, T the sequence length) against the GPU's peak.
+"""
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+# Dense bf16 tensor-core peak per GPU (vendor datasheets, no sparsity), matched by name, first hit wins.
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H100", 989e12), ("H200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+    ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+]
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in device_name), None)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """6N + 12·L·d·T. N leaves out the input embedding (a lookup) unless it is tied to the output layer."""
+    config = model.config
+    n = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is not None and not getattr(config, "tie_word_embeddings", False):
+        n -= embed.weight.numel()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 6 * n + 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
+
+
+def reset_peak_memory() -> None:
+    for d in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(d)
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated by this process (largest over its GPUs); on CPU, the peak resident set."""
+    if torch.cuda.is_available():
+        return max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
+
+
+class ThroughputMeter:
+    """Counts real (non-padding) tokens and wall time between `start()` and `stop()`."""
+
+    def __init__(self, flops_per_token: float | None = None, num_devices: int = 1) -> None:
+        self.flops_per_token = flops_per_token
+        self.num_devices = num_devices
+        self.tokens = 0
+        self.t0 = 0.0
+        self.elapsed = 0.0
+
+    def start(self) -> None:
+        reset_peak_memory()
+        self.t0 = time.perf_counter()
+
+    def add_tokens(self, n: int) -> None:
+        self.tokens += int(n)
+
+    def stop(self) -> dict[str, Any]:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.elapsed = time.perf_counter() - self.t0
+        tps = self.tokens / self.elapsed if self.elapsed > 0 else 0.0
+        per_device = tps / self.num_devices
+        peak = peak_flops(device_name())
+        mfu = per_device * self.flops_per_token / peak if peak and self.flops_per_token else None
+        return {
+            "train_runtime_s": round(self.elapsed, 3),
+            "train_tokens": self.tokens,
+            "train_tokens_per_second": round(tps, 1),
+            "train_tokens_per_second_per_device": round(per_device, 1),
+            "mfu": round(mfu, 4) if mfu is not None else None,
+            "peak_memory_gib": round(peak_memory_gib(), 3),
+            "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_max_rss",
+            "num_devices": self.num_devices,
+            "device": device_name(),
+        }
+
+
+class ThroughputCallback(TrainerCallback):
+    """For the Trainer: needs `include_num_input_tokens_seen="non_padding"` so padding is not counted."""
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.meter = ThroughputMeter()
+        self.metrics: dict[str, Any] = {}
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        # DDP runs one process per device; plain `python` on several GPUs runs DataParallel in one.
+        self.meter.num_devices = args.world_size if args.world_size > 1 else max(1, args.n_gpu)
+        self.meter.flops_per_token = flops_per_token(model, self.seq_len) if model is not None else None
+        self.tokens_at_start = state.num_input_tokens_seen  # non-zero when resuming
+        self.meter.start()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.meter.tokens = state.num_input_tokens_seen - self.tokens_at_start
+        self.metrics = self.meter.stop()
+
+
+def save_curves(log_history: list[dict[str, Any]], path: Path) -> None:
+    """Training loss, eval loss and eval accuracy against the step, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        rows = [r for r in log_history if key in r and r[key] is not None and math.isfinite(r[key])]
+        return [r["step"] for r in rows], [r[key] for r in rows]
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(*series("loss"), label="train loss")
+    ax_loss.plot(*series("eval_loss"), "o-", label="eval loss")
+    ax_loss.set(xlabel="step", ylabel="loss", yscale="log")
+    ax_loss.legend()
+    ax_acc.plot(*series("eval_accuracy"), "o-", color="tab:green")
+    ax_acc.set(xlabel="step", ylabel="eval accuracy", ylim=(0, 1.02))
+    ax_acc.axhline(0.2, ls=":", color="grey", label="chance (rating task)")
+    ax_acc.legend()
+    fig.suptitle(path.parent.name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(output_dir: str, metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write metrics.json and training_curves.png, print the one-line summary, return the metrics."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {**metrics, "log_history": log_history}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_curves(log_history, out / "training_curves.png")
+    print(
+        f"done: {metrics.get('steps', '?')} steps | {metrics['train_tokens_per_second']:,.0f} tokens/s "
+        f"| peak memory {metrics['peak_memory_gib']:.2f} GiB | eval accuracy {metrics['eval_accuracy']:.3f} "
+        f"| eval loss {metrics['eval_loss']:.4f} | {out}"
+    )
+    return metrics

@@ -1,0 +1,156 @@
+"""The Trainer customised three ways: TrainingArguments, a subclass, and callbacks.
+
+1. TrainingArguments: evaluate and save every 50 steps, keep the best checkpoint by
+   accuracy and load it at the end, warmup then a cosine schedule, gradient accumulation,
+   dataloader workers, bf16 on GPUs.
+2. A subclass, `CompletionOnlyTrainer`: the loss covers only the answer (the rating and the
+   end-of-text token), not the review, so the model spends its capacity on the task.
+3. Callbacks: `EarlyStoppingCallback` stops when accuracy stops improving, the project's
+   `ThroughputCallback` measures tokens/s, MFU and peak memory, and `TargetAccuracyCallback`
+   below shows how to write one: it stops training once a target accuracy is reached.
+
+    python scripts/trainer/advanced_usage.py
+    accelerate launch --config_file accelerate_config.yaml scripts/trainer/advanced_usage.py --model small
+
+Docs: https://huggingface.co/docs/transformers/main_classes/trainer (subclassing)
+      https://huggingface.co/docs/transformers/main_classes/callback
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    EarlyStoppingCallback,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from hftrain.cli import check_output_dir, resolve_checkpoint
+from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.metrics import Accuracy
+from hftrain.models import load_model
+from hftrain.reporting import ThroughputCallback, write_results
+
+
+@dataclass
+class ScriptArguments:
+    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
+    data_dir: str = field(default=DEFAULT_DATA_DIR, metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."})
+    target_accuracy: float = field(default=1.0, metadata={"help": "Stop once eval accuracy reaches this (1.0: never stop early for it)."})
+    early_stopping_patience: int = field(default=3, metadata={"help": "Evaluations without improvement before stopping."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."})
+
+
+class CompletionOnlyTrainer(Trainer):
+    """Computes the loss on the answer only; the prompt tokens carry no loss."""
+
+    # Our loss is a mean over this micro-batch, so the Trainer must still divide it by the
+    # accumulation steps. That equals the mean over the whole accumulated batch only because
+    # every example has the same number of answer tokens (2); for answers of varying length,
+    # mask the prompt in the collator instead, so the Trainer counts the tokens across micro-batches.
+    loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        prompt_len = inputs.pop("prompt_len")
+        labels = inputs.pop("labels")
+        positions = torch.arange(labels.shape[1], device=labels.device)
+        labels = labels.masked_fill(positions[None, :] < prompt_len[:, None], -100)
+        outputs = model(**inputs)
+        logits = outputs.logits[:, :-1].float()  # logits at t predict token t + 1
+        loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return (loss, outputs) if return_outputs else loss
+
+
+class TargetAccuracyCallback(TrainerCallback):
+    """Stops training once eval accuracy reaches a target: callbacks steer through `control`."""
+
+    def __init__(self, target: float) -> None:
+        self.target = target
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kwargs: Any) -> None:
+        if metrics.get("eval_accuracy", 0.0) >= self.target:
+            print(f"\neval accuracy {metrics['eval_accuracy']:.3f} reached the target {self.target}: stopping")
+            control.should_training_stop = True
+
+
+def main() -> None:
+    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
+    parser.set_defaults(
+        output_dir="output/trainer/advanced_usage",
+        num_train_epochs=4,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=2,  # 32 examples per optimizer step on each device
+        per_device_eval_batch_size=64,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,  # a float below 1 is a fraction of the total steps
+        weight_decay=0.01,
+        eval_strategy="steps",
+        eval_steps=50,
+        save_strategy="steps",  # must match eval_strategy for load_best_model_at_end
+        save_steps=50,
+        save_total_limit=2,  # the best checkpoint is always kept, besides the newest
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        greater_is_better=True,
+        logging_steps=10,
+        dataloader_num_workers=1,  # collate the next batches in a worker process while the model trains
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,  # keep `prompt_len` for CompletionOnlyTrainer
+        bf16=torch.cuda.is_available(),
+        report_to=["tensorboard"],
+    )
+    args, training_args = parser.parse_args_into_dataclasses()
+    training_args.include_num_input_tokens_seen = "non_padding"
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0)
+
+    with training_args.main_process_first():
+        data = load_prepared(args.data_dir)
+    set_seed(training_args.seed)
+    model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
+
+    accuracy = Accuracy(data.answer_token_ids)
+    throughput = ThroughputCallback(seq_len=data.max_length)
+    trainer = CompletionOnlyTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.test,
+        data_collator=PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
+        processing_class=data.tokenizer,
+        compute_metrics=accuracy.compute_metrics,
+        preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
+        callbacks=[
+            EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience),
+            TargetAccuracyCallback(args.target_accuracy),
+            throughput,
+        ],
+    )
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate()  # the best checkpoint's model, loaded at the end
+    trainer.save_model()
+
+    if trainer.is_world_process_zero():
+        write_results(
+            training_args.output_dir,
+            {
+                "eval_accuracy": eval_metrics["eval_accuracy"],
+                "eval_loss": eval_metrics["eval_loss"],
+                "train_loss": train_result.training_loss,
+                "steps": trainer.state.global_step,
+                "best_checkpoint": trainer.state.best_model_checkpoint,
+                **throughput.metrics,
+            },
+            trainer.state.log_history,
+        )
+
+
+if __name__ == "__main__":
+    main()
