@@ -106,3 +106,12 @@ def load_model(
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def skip_cpu_4bit_repacking(model: torch.nn.Module) -> None:
+    """bitsandbytes 4-bit on a CPU with AVX512-BF16 repacks the weights on the first no-grad forward
+    in eval mode; afterwards every LoRA gradient is None (with only a warning). Turning the
+    repacking off on each 4-bit layer keeps training after an evaluation correct."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

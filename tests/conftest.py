@@ -1,0 +1,67 @@
+"""Helpers: run the example scripts as a user would, in a scratch folder, and read what they wrote."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": f"{SCRIPTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], cwd: Path, timeout: int = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run a command in `cwd`; on failure show the tail of its output."""
+    proc = subprocess.run(args, cwd=cwd, env=script_env(**env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_script(script: str, *args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(SCRIPTS / script), *args], cwd=cwd, **kwargs)
+
+
+def accelerate_cpu(script: str, *args: str, cwd: Path, nproc: int = 2, **kwargs) -> subprocess.CompletedProcess:
+    """DDP over gloo with `nproc` CPU processes, as the README shows."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+           "--main_process_port", str(29500 + os.getpid() % 1000), str(SCRIPTS / script), *args]
+    return run(cmd, cwd=cwd, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", **kwargs)
+
+
+def read_metrics(output_dir: Path) -> dict:
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
+def train_losses(metrics: dict) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in metrics["log_history"] if "loss" in row}
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch project folder with the default synthetic data already prepared."""
+    from hftrain.data import prepare
+
+    path = tmp_path_factory.mktemp("work")
+    prepare(output_dir=str(path / "data" / "synthetic"))
+    return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run through the device tool: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
