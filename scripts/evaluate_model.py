@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BitsAndBytesConfig, HfArgumentParser, Trainer, TrainingArguments
-
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.errors import UserError
 from hftrain.metrics import Accuracy
 from hftrain.models import check_tokenizer_matches, load_config, skip_cpu_4bit_repacking
+from transformers import AutoTokenizer, BitsAndBytesConfig, HfArgumentParser, Trainer, TrainingArguments
 
 
 @dataclass
@@ -39,7 +38,9 @@ def main() -> None:
     path = Path(args.model_dir)
     is_adapter = (path / "adapter_config.json").exists()
     if not is_adapter and not (path / "config.json").exists():
-        raise UserError(f"--model_dir {args.model_dir} holds neither a model (config.json) nor a PEFT adapter (adapter_config.json)")
+        raise UserError(
+            f"--model_dir {args.model_dir} holds neither a model (config.json) nor a PEFT adapter (adapter_config.json)"
+        )
     data = load_prepared(args.data_dir)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else data.tokenizer
     if tokenizer.get_vocab() != data.tokenizer.get_vocab():
@@ -69,22 +70,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
             model=model,
-            args=TrainingArguments(output_dir=tmp, per_device_eval_batch_size=args.batch_size, report_to=[],
-                                   bf16=torch.cuda.is_available() and not args.load_in_4bit),
+            args=TrainingArguments(
+                output_dir=tmp,
+                per_device_eval_batch_size=args.batch_size,
+                report_to=[],
+                bf16=torch.cuda.is_available() and not args.load_in_4bit,
+            ),
             eval_dataset=data.test,
             data_collator=PadCollator(data.tokenizer),
             compute_metrics=accuracy.compute_metrics,
             preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
         )
         metrics = trainer.evaluate()
-    print(json.dumps({
-        "model_dir": args.model_dir,
-        "adapter": is_adapter,
-        "load_in_4bit": args.load_in_4bit,
-        "eval_accuracy": metrics["eval_accuracy"],
-        "eval_loss": metrics["eval_loss"],
-        "num_examples": len(data.test),
-    }))
+    print(
+        json.dumps(
+            {
+                "model_dir": args.model_dir,
+                "adapter": is_adapter,
+                "load_in_4bit": args.load_in_4bit,
+                "eval_accuracy": metrics["eval_accuracy"],
+                "eval_loss": metrics["eval_loss"],
+                "num_examples": len(data.test),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,20 +19,29 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
 from hftrain.data import load_prepared, prepare
+from transformers import HfArgumentParser
 
 
 @dataclass
 class PrepareArguments:
-    dataset: str = field(default="synthetic", metadata={"help": "'synthetic', a UTF-8 text file (one document per line), a folder saved with save_to_disk, or a Hub dataset name."})
+    dataset: str = field(
+        default="synthetic",
+        metadata={
+            "help": "'synthetic', a UTF-8 text file (one document per line), a folder saved with save_to_disk, or a Hub dataset name."
+        },
+    )
     output_dir: str | None = field(default=None, metadata={"help": "Where to write (default: data/<dataset name>)."})
-    tokenizer: str | None = field(default=None, metadata={"help": "A tokenizer to use (local folder or Hub id); default: train a byte-level BPE on the training split."})
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "A tokenizer to use (local folder or Hub id); default: train a byte-level BPE on the training split."},
+    )
     text_column: str = field(default="text", metadata={"help": "The column that holds the text (saved and Hub datasets)."})
     vocab_size: int = field(default=1024, metadata={"help": "Vocabulary size of a newly trained tokenizer."})
     max_length: int = field(default=512, metadata={"help": "Documents are cut to this many tokens."})
-    test_size: float = field(default=0.1, metadata={"help": "Fraction held out for evaluation when the source has no test split."})
+    test_size: float = field(
+        default=0.1, metadata={"help": "Fraction held out for evaluation when the source has no test split."}
+    )
     num_examples: int = field(default=6000, metadata={"help": "Size of the synthetic task (train + test)."})
     seed: int = field(default=0, metadata={"help": "Seed of the synthetic task and of the train/test split."})
     force: bool = field(default=False, metadata={"help": "Rebuild the folder even if it was prepared with other arguments."})

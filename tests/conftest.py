@@ -35,8 +35,18 @@ def run_script(script: str, *args: str, cwd: Path, **kwargs) -> subprocess.Compl
 
 def accelerate_cpu(script: str, *args: str, cwd: Path, nproc: int = 2, **kwargs) -> subprocess.CompletedProcess:
     """DDP over gloo with `nproc` CPU processes, as the README shows."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-           "--main_process_port", str(29500 + os.getpid() % 1000), str(SCRIPTS / script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000),
+        str(SCRIPTS / script),
+        *args,
+    ]
     return run(cmd, cwd=cwd, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", **kwargs)
 
 

@@ -36,8 +36,12 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> s
     if resume_from_checkpoint.lower() in ("latest", "last", "true"):
         last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
         if last is None:
-            raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} holds no checkpoint-* folder to resume from")
+            raise UserError(
+                f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} holds no checkpoint-* folder to resume from"
+            )
         return last
     if not Path(resume_from_checkpoint).is_dir():
-        raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint} does not exist; pass a checkpoint-* folder or 'latest'")
+        raise UserError(
+            f"--resume_from_checkpoint {resume_from_checkpoint} does not exist; pass a checkpoint-* folder or 'latest'"
+        )
     return resume_from_checkpoint

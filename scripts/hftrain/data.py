@@ -38,9 +38,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
     tok.train_from_iterator(texts, trainer=trainer)
     bos = SPECIAL_TOKENS["bos_token"]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
-    )
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **SPECIAL_TOKENS)
 
 
@@ -67,6 +65,8 @@ def _read_source(dataset: str, text_column: str, test_size: float, seed: int, nu
         )
     path = Path(dataset)
     if path.is_file():
+        if path.stat().st_size == 0:
+            raise UserError(f"--dataset {dataset} is empty; give a UTF-8 text file with one document per line")
         try:
             raw: Any = load_dataset("text", data_files=str(path), split="train")
         except UnicodeDecodeError:
@@ -104,8 +104,12 @@ def _read_source(dataset: str, text_column: str, test_size: float, seed: int, nu
             raise UserError(f"--dataset {dataset} holds {len(raw)} non-empty examples; it needs at least 2 (train and test)")
         raw = raw.train_test_split(test_size=test_size, seed=seed)
     return DatasetDict(
-        {split: raw[split].select_columns([text_column]).rename_column(text_column, "text")
-         if text_column != "text" else raw[split].select_columns(["text"]) for split in ("train", "test")}
+        {
+            split: raw[split].select_columns([text_column]).rename_column(text_column, "text")
+            if text_column != "text"
+            else raw[split].select_columns(["text"])
+            for split in ("train", "test")
+        }
     )
 
 
@@ -139,7 +143,9 @@ def prepare(
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
         except Exception as e:
-            raise UserError(f"could not load the tokenizer '{tokenizer_name}' ({type(e).__name__}); pass a local directory or omit --tokenizer")
+            raise UserError(
+                f"could not load the tokenizer '{tokenizer_name}' ({type(e).__name__}); pass a local directory or omit --tokenizer"
+            )
         if tokenizer.eos_token is None:
             raise UserError(f"the tokenizer '{tokenizer_name}' has no eos token; choose a causal-LM tokenizer")
     is_rating = all(RATING_TEXT.search(t) for t in raw["test"]["text"][:200] + raw["train"]["text"][:200])

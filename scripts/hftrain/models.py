@@ -17,20 +17,41 @@ from hftrain.errors import UserError
 # Llama architecture throughout (RMSNorm, SwiGLU, RoPE, grouped-query attention).
 PRESETS: dict[str, dict[str, Any]] = {
     # ~0.1M parameters: learns the rating task on a laptop CPU in seconds.
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=1024),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
     # ~100M parameters (without embeddings), GPT-2-small sized: one GPU.
-    "small": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  num_key_value_heads=4, max_position_embeddings=4096),
+    "small": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    ),
     # Llama-3.2-1B shape (~1B parameters with a 32k vocabulary): the benchmarks' model.
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=True,
-               rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    ),
 }
 
 
 def is_local_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or Path(name).exists()
+    return (
+        name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or Path(name).exists()
+    )
 
 
 def preset_config(name: str, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -55,7 +76,9 @@ def load_config(model: str, trust_remote_code: bool = False) -> Any:
 def _load_error(model: str, e: Exception) -> UserError:
     if is_local_path(model):
         if not Path(model).exists():
-            return UserError(f"--model {model} does not exist; pass a preset ({', '.join(PRESETS)}), a checkpoint directory or a Hub id")
+            return UserError(
+                f"--model {model} does not exist; pass a preset ({', '.join(PRESETS)}), a checkpoint directory or a Hub id"
+            )
         return UserError(f"--model {model} is not a model checkpoint directory (no loadable config.json: {type(e).__name__})")
     return UserError(
         f"could not load '{model}' from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
@@ -97,8 +120,12 @@ def load_model(
     check_tokenizer_matches(model, config, tokenizer)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            model, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-            use_safetensors=True, **kwargs,
+            model,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            **kwargs,
         )
     except Exception as e:
         raise _load_error(model, e)
@@ -108,7 +135,7 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def skip_cpu_4bit_repacking(model: torch.nn.Module) -> None:
+def skip_cpu_4bit_repacking(model: Any) -> None:
     """bitsandbytes 4-bit on a CPU with AVX512-BF16 repacks the weights on the first no-grad forward
     in eval mode; afterwards every LoRA gradient is None (with only a warning). Turning the
     repacking off on each 4-bit layer keeps training after an evaluation correct."""

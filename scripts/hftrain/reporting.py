@@ -18,9 +18,18 @@ from transformers import TrainerCallback
 
 # Dense bf16 tensor-core peak per GPU (vendor datasheets, no sparsity), matched by name, first hit wins.
 PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H100", 989e12), ("H200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
-    ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("GH200", 989e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
 ]
 
 
@@ -32,7 +41,7 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+def flops_per_token(model: Any, seq_len: int) -> float:
     """6N + 12·L·d·T. N leaves out the input embedding (a lookup) unless it is tied to the output layer."""
     config = model.config
     n = sum(p.numel() for p in model.parameters())

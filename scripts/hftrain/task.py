@@ -19,12 +19,45 @@ ADJECTIVES = {
     1: ["good", "solid", "handy", "reliable", "pleasant", "decent", "sturdy", "nice"],
     2: ["superb", "flawless", "outstanding", "excellent", "fantastic", "brilliant", "perfect", "amazing"],
 }
-PRODUCTS = ["blender", "kettle", "lamp", "backpack", "headset", "charger", "keyboard", "toaster",
-            "jacket", "tent", "mouse", "speaker", "camera", "drill", "pillow", "bottle"]
-ASPECTS = ["the build", "the price", "the battery", "the design", "the sound", "the fit",
-           "the delivery", "the manual", "the handle", "the finish", "the size", "the colour"]
-OPENINGS = ["I bought this {p} last month.", "The {p} arrived today.", "Got the {p} as a gift.",
-            "We use the {p} every day.", "This {p} replaced my old one."]
+PRODUCTS = [
+    "blender",
+    "kettle",
+    "lamp",
+    "backpack",
+    "headset",
+    "charger",
+    "keyboard",
+    "toaster",
+    "jacket",
+    "tent",
+    "mouse",
+    "speaker",
+    "camera",
+    "drill",
+    "pillow",
+    "bottle",
+]
+ASPECTS = [
+    "the build",
+    "the price",
+    "the battery",
+    "the design",
+    "the sound",
+    "the fit",
+    "the delivery",
+    "the manual",
+    "the handle",
+    "the finish",
+    "the size",
+    "the colour",
+]
+OPENINGS = [
+    "I bought this {p} last month.",
+    "The {p} arrived today.",
+    "Got the {p} as a gift.",
+    "We use the {p} every day.",
+    "This {p} replaced my old one.",
+]
 CLAUSES = ["{a} is {w}.", "{a} feels {w}.", "I find {a} {w}.", "Honestly, {a} seems {w}."]
 
 

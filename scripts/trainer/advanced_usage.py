@@ -21,6 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hftrain.cli import check_output_dir, resolve_checkpoint
+from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.metrics import Accuracy
+from hftrain.models import load_model
+from hftrain.reporting import ThroughputCallback, write_results
 from transformers import (
     EarlyStoppingCallback,
     HfArgumentParser,
@@ -30,21 +35,22 @@ from transformers import (
     set_seed,
 )
 
-from hftrain.cli import check_output_dir, resolve_checkpoint
-from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
-from hftrain.metrics import Accuracy
-from hftrain.models import load_model
-from hftrain.reporting import ThroughputCallback, write_results
-
 
 @dataclass
 class ScriptArguments:
     model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
-    data_dir: str = field(default=DEFAULT_DATA_DIR, metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."})
-    target_accuracy: float = field(default=1.0, metadata={"help": "Stop once eval accuracy reaches this (1.0: never stop early for it)."})
+    data_dir: str = field(
+        default=DEFAULT_DATA_DIR,
+        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
+    target_accuracy: float = field(
+        default=1.0, metadata={"help": "Stop once eval accuracy reaches this (1.0: never stop early for it)."}
+    )
     early_stopping_patience: int = field(default=3, metadata={"help": "Evaluations without improvement before stopping."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
+    )
 
 
 class CompletionOnlyTrainer(Trainer):
@@ -56,7 +62,9 @@ class CompletionOnlyTrainer(Trainer):
     # mask the prompt in the collator instead, so the Trainer counts the tokens across micro-batches.
     loss_is_scaled_for_ga = False
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         prompt_len = inputs.pop("prompt_len")
         labels = inputs.pop("labels")
         positions = torch.arange(labels.shape[1], device=labels.device)
@@ -109,7 +117,9 @@ def main() -> None:
     args, training_args = parser.parse_args_into_dataclasses()
     training_args.include_num_input_tokens_seen = "non_padding"
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0)
+    check_output_dir(
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+    )
 
     with training_args.main_process_first():
         data = load_prepared(args.data_dir)

@@ -20,21 +20,25 @@ Docs: https://huggingface.co/docs/transformers/main_classes/trainer
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
-
 from hftrain.cli import check_output_dir, resolve_checkpoint
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.metrics import Accuracy
-from hftrain.reporting import ThroughputCallback, write_results
 from hftrain.models import load_model
+from hftrain.reporting import ThroughputCallback, write_results
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 
 @dataclass
 class ScriptArguments:
     model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
-    data_dir: str = field(default=DEFAULT_DATA_DIR, metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."})
+    data_dir: str = field(
+        default=DEFAULT_DATA_DIR,
+        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
+    )
 
 
 def main() -> None:
@@ -58,7 +62,9 @@ def main() -> None:
     args, training_args = parser.parse_args_into_dataclasses()
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens, not padding
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0)
+    check_output_dir(
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+    )
 
     with training_args.main_process_first():  # under DDP, rank 0 prepares the data once
         data = load_prepared(args.data_dir)

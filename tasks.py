@@ -1,0 +1,42 @@
+"""Project tasks (invoke): `invoke --list` shows them, `invoke <task> --help` their options."""
+
+from invoke import Context, task
+
+
+@task
+def precommit_install(c: Context) -> None:
+    """Install the git pre-commit hooks (ruff, ruff format, mypy on every commit)."""
+    c.run("pre-commit install")
+
+
+@task(aliases=["cc"])
+def code_check(c: Context, fix: bool = False) -> None:
+    """Lint (ruff), check formatting (ruff format) and types (mypy); --fix rewrites what ruff can."""
+    c.run(f"ruff check {'--fix ' if fix else ''}.", pty=False)
+    c.run(f"ruff format {'' if fix else '--check '}.", pty=False)
+    c.run("mypy", pty=False)
+
+
+@task
+def test(c: Context, k: str = "", x: bool = False) -> None:
+    """The CPU test suite (GPU tests are skipped without CUDA); -k selects tests by name."""
+    c.run(f"pytest {'-x ' if x else ''}{f'-k {k!r}' if k else ''}", pty=False)
+
+
+@task
+def test_gpu(c: Context, k: str = "") -> None:
+    """Only the GPU tests (`gpu` marker): run on a CUDA machine."""
+    c.run(f"pytest -m gpu {f'-k {k!r}' if k else ''}", pty=False)
+
+
+@task
+def prepare(c: Context, dataset: str = "synthetic", tokenizer: str = "", output_dir: str = "") -> None:
+    """Prepare data/<name>/ (default: the synthetic rating task)."""
+    extra = (f" --tokenizer {tokenizer}" if tokenizer else "") + (f" --output_dir {output_dir}" if output_dir else "")
+    c.run(f"python scripts/prepare_datasets.py --dataset {dataset}{extra}", pty=False)
+
+
+@task
+def train(c: Context, script: str = "trainer/getting_started", args: str = "") -> None:
+    """Run one example, e.g. invoke train --script trainer/advanced_usage --args "--model small"."""
+    c.run(f"python scripts/{script}.py {args}", pty=False)
