@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, BitsAndBytesConfig, HfArgumentParser, Trainer, TrainingArguments
+
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.errors import UserError
 from hftrain.metrics import Accuracy
 from hftrain.models import check_tokenizer_matches, load_config, skip_cpu_4bit_repacking
-from transformers import AutoTokenizer, BitsAndBytesConfig, HfArgumentParser, Trainer, TrainingArguments
 
 
 @dataclass

@@ -19,8 +19,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hftrain.data import load_prepared, prepare
 from transformers import HfArgumentParser
+
+from hftrain.data import load_prepared, prepare
 
 
 @dataclass

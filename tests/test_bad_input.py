@@ -1,6 +1,7 @@
 """Mistakes a user can make stop before training with one sentence saying what to do."""
 
 import pytest
+
 from conftest import run_script
 
 GS = "trainer/getting_started.py"

@@ -6,15 +6,16 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import read_metrics, run_script
 from datasets import Dataset
+from transformers import AutoTokenizer, EvalPrediction
+
+from conftest import read_metrics, run_script
 from hftrain import task
 from hftrain.data import PadCollator, load_prepared, prepare
 from hftrain.errors import UserError
 from hftrain.metrics import Accuracy
 from hftrain.models import PRESETS, load_model
 from hftrain.reporting import flops_per_token
-from transformers import AutoTokenizer, EvalPrediction
 
 
 def test_reviews_are_balanced_reproducible_and_follow_their_words():

@@ -6,6 +6,7 @@ import shutil
 import time
 
 import pytest
+
 from conftest import accelerate_cpu, read_metrics, run_script, train_losses
 
 METRIC_KEYS = {"eval_accuracy", "eval_loss", "train_runtime_s", "train_tokens_per_second", "peak_memory_gib"}

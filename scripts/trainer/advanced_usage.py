@@ -21,11 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hftrain.cli import check_output_dir, resolve_checkpoint
-from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
-from hftrain.metrics import Accuracy
-from hftrain.models import load_model
-from hftrain.reporting import ThroughputCallback, write_results
 from transformers import (
     EarlyStoppingCallback,
     HfArgumentParser,
@@ -34,6 +29,12 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+
+from hftrain.cli import check_output_dir, resolve_checkpoint
+from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.metrics import Accuracy
+from hftrain.models import load_model
+from hftrain.reporting import ThroughputCallback, write_results
 
 
 @dataclass

@@ -20,12 +20,13 @@ Docs: https://huggingface.co/docs/transformers/main_classes/trainer
 from dataclasses import dataclass, field
 
 import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+
 from hftrain.cli import check_output_dir, resolve_checkpoint
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.metrics import Accuracy
 from hftrain.models import load_model
 from hftrain.reporting import ThroughputCallback, write_results
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 
 @dataclass
