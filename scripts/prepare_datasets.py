@@ -4,6 +4,8 @@ The default builds the embedded synthetic rating task and trains a small byte-le
 tokenizer on it, with no network. Real data goes through the datasets library's loaders:
 
     python scripts/prepare_datasets.py                                   # data/synthetic
+    python scripts/prepare_datasets.py --dataset synthetic-long --num_examples 2000 --max_length 2048
+                                          # documents of 256-2048 tokens, for throughput and memory runs
     python scripts/prepare_datasets.py --dataset my_corpus.txt           # one document per line -> data/my_corpus
     python scripts/prepare_datasets.py --dataset path/saved_with_save_to_disk --text_column body
     python scripts/prepare_datasets.py --dataset roneneldan/TinyStories --tokenizer meta-llama/Llama-3.2-1B
@@ -29,7 +31,7 @@ class PrepareArguments:
     dataset: str = field(
         default="synthetic",
         metadata={
-            "help": "'synthetic', a UTF-8 text file (one document per line), a folder saved with save_to_disk, or a Hub dataset name."
+            "help": "'synthetic', 'synthetic-long' (documents of 8-64 reviews), a UTF-8 text file (one document per line), a folder saved with save_to_disk, or a Hub dataset name."
         },
     )
     output_dir: str | None = field(default=None, metadata={"help": "Where to write (default: data/<dataset name>)."})
@@ -50,7 +52,7 @@ class PrepareArguments:
 
 def main() -> None:
     (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses()
-    name = "synthetic" if args.dataset == "synthetic" else Path(args.dataset.rstrip("/")).stem.replace("/", "_")
+    name = args.dataset if args.dataset.startswith("synthetic") else Path(args.dataset.rstrip("/")).stem.replace("/", "_")
     out = prepare(
         dataset=args.dataset,
         output_dir=args.output_dir or f"data/{name}",

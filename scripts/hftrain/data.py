@@ -57,11 +57,12 @@ def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 def _read_source(dataset: str, text_column: str, test_size: float, seed: int, num_examples: int) -> DatasetDict:
     """The raw text splits, read with the datasets library's own loaders."""
-    if dataset == "synthetic":
+    if dataset in ("synthetic", "synthetic-long"):
+        make = task.make_reviews if dataset == "synthetic" else task.make_documents
         n_test = max(1, int(num_examples * test_size))
         return DatasetDict(
-            train=Dataset.from_dict({"text": task.make_reviews(num_examples - n_test, seed)}),
-            test=Dataset.from_dict({"text": task.make_reviews(n_test, seed + 1)}),
+            train=Dataset.from_dict({"text": make(num_examples - n_test, seed)}),
+            test=Dataset.from_dict({"text": make(n_test, seed + 1)}),
         )
     path = Path(dataset)
     if path.is_file():

@@ -142,3 +142,19 @@ def skip_cpu_4bit_repacking(model: Any) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def save_preset_base(
+    model: str, tokenizer: PreTrainedTokenizerBase, path: str, is_main_process: bool = True, reuse: bool = False
+) -> str:
+    """An adapter only means something on the exact base it was trained on. A preset has random
+    weights, so the main process saves it (safetensors) to `path` and every process loads it from
+    there: the adapter's config then names a base that `from_pretrained` loads again.
+    Checkpoints pass through. Call inside `main_process_first()` so the others wait for the write."""
+    if model not in PRESETS:
+        return model
+    if is_main_process and not (reuse and (Path(path) / "config.json").exists()):
+        with torch.random.fork_rng():  # leave the global RNG as it was, the same on every process
+            load_model(model, tokenizer).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path

@@ -87,3 +87,17 @@ def make_reviews(n: int, seed: int) -> list[str]:
     ratings = [1 + i % 5 for i in range(n)]
     rng.shuffle(ratings)
     return [make_review(rng, r) for r in ratings]
+
+
+def make_documents(n: int, seed: int, min_reviews: int = 8, max_reviews: int = 64) -> list[str]:
+    """n long documents, each a run of reviews (about 30 tokens each with the project's tokenizer,
+    so 8-64 reviews give roughly 256-2048 tokens): variable-length data for throughput and memory
+    measurements. Each still ends with a rating, so accuracy stays meaningful."""
+    rng = random.Random(seed)
+    reviews = make_reviews(n * (min_reviews + max_reviews) // 2 + max_reviews, seed)
+    docs, start = [], 0
+    for _ in range(n):
+        k = rng.randint(min_reviews, max_reviews)
+        docs.append(" ".join(reviews[start : start + k]))
+        start = (start + k) % (len(reviews) - max_reviews)
+    return docs

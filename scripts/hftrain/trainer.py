@@ -1,0 +1,111 @@
+"""The Trainer setup that every Trainer example shares, so each script shows only its technique.
+
+`scripts/trainer/getting_started.py` spells all of this out; the other Trainer scripts call
+`parse_args`, `rating_trainer` and `finish` and keep what is particular to them in view.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+
+from hftrain.cli import check_output_dir, resolve_checkpoint
+from hftrain.data import DEFAULT_DATA_DIR, PadCollator, Prepared, load_prepared
+from hftrain.metrics import Accuracy
+from hftrain.reporting import ThroughputCallback, write_results
+from hftrain.sharding import check_deepspeed_config
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
+    data_dir: str = field(
+        default=DEFAULT_DATA_DIR,
+        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
+    )
+
+
+# The project's TrainingArguments defaults for the rating task; a script overrides what it teaches.
+DEFAULTS: dict[str, Any] = dict(
+    num_train_epochs=3,
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=64,
+    learning_rate=3e-3,
+    warmup_steps=30,
+    eval_strategy="epoch",
+    save_strategy="epoch",
+    save_total_limit=2,
+    logging_steps=10,
+    bf16=torch.cuda.is_available(),  # float32 on CPU, bf16 mixed precision on CUDA
+    dataloader_pin_memory=torch.cuda.is_available(),
+    report_to=["tensorboard"],
+)
+
+
+def parse_args(script_args: type, **defaults: Any) -> tuple[Any, TrainingArguments, str | None]:
+    """Parse (script_args, TrainingArguments) with the project's defaults, check the output
+    directory and resolve --resume_from_checkpoint; returns (args, training_args, checkpoint)."""
+    parser = HfArgumentParser((script_args, TrainingArguments))
+    parser.set_defaults(**{**DEFAULTS, **defaults})
+    check_deepspeed_config(parser.parse_known_args()[0].deepspeed)  # before TrainingArguments reads it
+    args, training_args = parser.parse_args_into_dataclasses()
+    training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+    )
+    return args, training_args, checkpoint
+
+
+def load_data(training_args: TrainingArguments, data_dir: str) -> Prepared:
+    with training_args.main_process_first():  # under DDP, rank 0 prepares the data once
+        data = load_prepared(data_dir)
+    set_seed(training_args.seed)  # the presets' random weights depend on it
+    return data
+
+
+def rating_trainer(
+    model: Any, training_args: TrainingArguments, data: Prepared, trainer_class: type = Trainer, **kwargs: Any
+) -> Trainer:
+    """A Trainer on the prepared data with the accuracy metric and the throughput callback."""
+    accuracy = Accuracy(data.answer_token_ids)
+    throughput = ThroughputCallback(seq_len=data.max_length)
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.test,
+        data_collator=kwargs.pop("data_collator", None)
+        or PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
+        processing_class=data.tokenizer,
+        compute_metrics=accuracy.compute_metrics,
+        preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
+        callbacks=[*kwargs.pop("callbacks", []), throughput],
+        **kwargs,
+    )
+    trainer.throughput = throughput
+    return trainer
+
+
+def finish(trainer: Trainer, train_result: Any, eval_metrics: dict[str, float], **extra: Any) -> dict[str, Any] | None:
+    """Write metrics.json, the PNG and the summary line from the main process."""
+    if not trainer.is_world_process_zero():
+        return None
+    return write_results(
+        trainer.args.output_dir,
+        {
+            "eval_accuracy": eval_metrics["eval_accuracy"],
+            "eval_loss": eval_metrics["eval_loss"],
+            "train_loss": train_result.training_loss,
+            "steps": trainer.state.global_step,
+            "distributed_type": str(trainer.accelerator.distributed_type.value),
+            **extra,
+            **trainer.throughput.metrics,
+        },
+        trainer.state.log_history,
+    )

@@ -1,0 +1,70 @@
+"""LoRA under FSDP2: the frozen base model is sharded across GPUs, the adapter trains.
+
+Teaches: PEFT's `get_peft_model` before the Trainer, with FSDP from the accelerate config
+(accelerate_config_fsdp_lora.yaml). FSDP2 shards frozen and trainable parameters side by side,
+so nothing special is needed to train; saving is where adapters go wrong: under FSDP each
+rank holds a slice of every LoRA matrix, and a plain save writes rank 0's slice only. The
+script switches to FULL_STATE_DICT first, so the adapter is saved complete and reloads with
+`PeftModel.from_pretrained` on its base (for a preset, saved beside it in `base/`).
+
+    accelerate launch --config_file accelerate_config_fsdp_lora.yaml scripts/trainer/sharded/fsdp_lora.py --model 1b
+    python scripts/trainer/sharded/fsdp_lora.py      # one process, no sharding: the same code path on CPU
+    python scripts/evaluate_model.py --model_dir output/trainer/sharded/fsdp_lora
+
+Docs: https://huggingface.co/docs/peft/accelerate/fsdp
+      https://huggingface.co/docs/peft/developer_guides/lora
+"""
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig, get_peft_model
+
+from hftrain.models import count_parameters, load_model, save_preset_base
+from hftrain.sharding import check_fsdp_layer_classes, save_full_state_dict_next
+from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+
+
+@dataclass
+class LoraArguments(ModelArguments):
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank: the adapter's size and capacity."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+
+
+def main() -> None:
+    args, training_args, checkpoint = parse_args(LoraArguments, output_dir="output/trainer/sharded/fsdp_lora", learning_rate=1e-2)
+    data = load_data(training_args, args.data_dir)
+    with training_args.main_process_first():
+        base = save_preset_base(
+            args.model,
+            data.tokenizer,
+            f"{training_args.output_dir}/base",
+            training_args.process_index == 0,
+            reuse=checkpoint is not None,
+        )
+    model = load_model(base, data.tokenizer, trust_remote_code=args.trust_remote_code)
+    check_fsdp_layer_classes(model)
+
+    lora = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules="all-linear",  # every projection in attention and MLP (not lm_head)
+        # The presets start from random weights, so the embeddings and output layer must learn too;
+        # with a pretrained base, drop modules_to_save and train the adapter alone.
+        modules_to_save=["embed_tokens", "lm_head"] if args.model != base else None,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    print(f"trainable parameters: {count_parameters(model, trainable_only=True):,} of {count_parameters(model):,}")
+
+    trainer = rating_trainer(model, training_args, data)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate()
+    save_full_state_dict_next(trainer)  # otherwise only rank 0's slice of each LoRA tensor is saved
+    trainer.save_model()  # adapter_model.safetensors + adapter_config.json naming the base
+    finish(trainer, train_result, eval_metrics, trainable_parameters=count_parameters(model, trainable_only=True))
+
+
+if __name__ == "__main__":
+    main()

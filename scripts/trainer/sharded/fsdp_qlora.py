@@ -1,0 +1,96 @@
+"""QLoRA under FSDP2: a 4-bit base model sharded across GPUs, LoRA adapters on every linear layer.
+
+Teaches the three settings that make 4-bit weights shardable and trainable together:
+- `bnb_4bit_quant_storage=torch.bfloat16` with the model loaded in `dtype=torch.bfloat16`:
+  FSDP shards only float tensors, all of one dtype per shard group, so bitsandbytes packs the
+  4-bit weights into bf16 storage and every parameter of a decoder layer is then bf16;
+- accelerate's `mixed_precision: "no"` (accelerate_config_fsdp_qlora.yaml): the model already
+  computes in bf16, and FSDP must not cast the packed storage;
+- gradient checkpointing from TrainingArguments (non-reentrant, so the frozen 4-bit inputs need
+  no `requires_grad` trick), and the adapter saved after switching to FULL_STATE_DICT.
+NF4 with double quantisation keeps the frozen base at ~0.5 byte per parameter.
+
+    accelerate launch --config_file accelerate_config_fsdp_qlora.yaml scripts/trainer/sharded/fsdp_qlora.py --model 1b
+    python scripts/evaluate_model.py --model_dir output/trainer/sharded/fsdp_qlora --load_in_4bit
+
+Needs CUDA GPUs: bitsandbytes' 4-bit layers under FSDP are a GPU path.
+
+Docs: https://huggingface.co/docs/peft/accelerate/fsdp#use-peft-qlora-and-fsdp-for-finetuning-large-models-on-multiple-gpus
+      https://huggingface.co/docs/bitsandbytes/fsdp_qlora
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import BitsAndBytesConfig
+
+from hftrain.errors import UserError
+from hftrain.models import count_parameters, load_model, save_preset_base
+from hftrain.sharding import check_fsdp_layer_classes, save_full_state_dict_next
+from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+
+
+@dataclass
+class QLoraArguments(ModelArguments):
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is scaled by alpha / r."})
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise UserError(
+            "fsdp_qlora.py needs CUDA GPUs (4-bit layers under FSDP); on a CPU run scripts/trainer/qlora.py "
+            "or scripts/trainer/sharded/fsdp_lora.py instead"
+        )
+    args, training_args, checkpoint = parse_args(
+        QLoraArguments,
+        output_dir="output/trainer/sharded/fsdp_qlora",
+        learning_rate=1e-3,
+        bf16=True,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    data = load_data(training_args, args.data_dir)
+    with training_args.main_process_first():
+        base = save_preset_base(
+            args.model,
+            data.tokenizer,
+            f"{training_args.output_dir}/base",
+            training_args.process_index == 0,
+            reuse=checkpoint is not None,
+        )
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,  # quantise the scales too: ~0.4 bit per parameter saved
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,  # must equal the dtype below, or FSDP cannot shard the layers together
+    )
+    model = load_model(
+        base, data.tokenizer, dtype=torch.bfloat16, quantization_config=quantization, trust_remote_code=args.trust_remote_code
+    )
+    check_fsdp_layer_classes(model)
+
+    lora = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        target_modules="all-linear",
+        # A preset's random base cannot be quantised into anything useful to adapt, so its
+        # embeddings and output layer (kept in bf16, not 4-bit) train too; drop this for a pretrained base.
+        modules_to_save=["embed_tokens", "lm_head"] if args.model != base else None,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    print(f"trainable parameters: {count_parameters(model, trainable_only=True):,} of {count_parameters(model):,}")
+
+    trainer = rating_trainer(model, training_args, data)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate()
+    save_full_state_dict_next(trainer)
+    trainer.save_model()
+    finish(trainer, train_result, eval_metrics, trainable_parameters=count_parameters(model, trainable_only=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Sharded examples on CPU: ZeRO-3 with 2 processes under both launchers, the FSDP scripts'
+code path in one process, and every config file checked against the model it is meant for."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, SCRIPTS, read_metrics, run, run_script, train_losses
+
+SHORT = ["--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "10"]
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(workdir):
+    """One saved random-init tiny model, so that ZeRO-3 (which initialises partitioned) and the
+    single-process run start from the same weights."""
+    from hftrain.data import load_prepared
+    from hftrain.models import load_model
+
+    path = workdir / "tiny-init"
+    if not path.exists():
+        tok = load_prepared(str(workdir / "data/synthetic")).tokenizer
+        load_model("tiny", tok).save_pretrained(path)
+        tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def single_process(workdir, start_checkpoint):
+    out = workdir / "output/sharded-single"
+    run_script(
+        "trainer/getting_started.py",
+        "--model",
+        start_checkpoint,
+        "--max_steps",
+        "160",
+        *SHORT,
+        "--per_device_train_batch_size",
+        "32",
+        "--output_dir",
+        str(out),
+        cwd=workdir,
+    )
+    return read_metrics(out)
+
+
+def deepspeed_cpu(script: str, *args: str, cwd: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(29600 + os.getpid() % 300),
+        str(SCRIPTS / script),
+        *args,
+    ]
+    run(cmd, cwd=cwd, OMP_NUM_THREADS="1")
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+def test_zero3_two_cpu_processes_learns_saves_and_matches_single_process(workdir, start_checkpoint, single_process, launcher):
+    out = workdir / f"output/zero-{launcher}"
+    args = [
+        "--model",
+        start_checkpoint,
+        "--max_steps",
+        "160",
+        *SHORT,
+        "--use_cpu",
+        "--per_device_train_batch_size",
+        "16",
+        "--output_dir",
+        str(out),
+        "--deepspeed",
+        str(ROOT / "deepspeed_config.json"),
+    ]
+    if launcher == "deepspeed":
+        deepspeed_cpu("trainer/sharded/zero.py", *args, cwd=workdir)
+    else:  # without ACCELERATE_USE_CPU, which would make accelerate pick CPU DDP over DeepSpeed
+        port = str(29700 + os.getpid() % 300)
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            port,
+            str(SCRIPTS / "trainer/sharded/zero.py"),
+            *args,
+        ]
+        run(cmd, cwd=workdir, OMP_NUM_THREADS="1")
+    metrics = read_metrics(out)
+    assert metrics["num_devices"] == 2 and metrics["distributed_type"] == "DEEPSPEED"  # the ZeRO-3 engine really ran
+    assert metrics["eval_accuracy"] >= 0.80  # chance 0.20
+    # Same start, same global batches (2 x 16 = 32) as the single process: losses agree to float
+    # round-off of the partitioned reductions (observed ~1e-6 relative; 1e-3 leaves room for other BLAS).
+    assert train_losses(metrics) == pytest.approx(train_losses(single_process), rel=1e-3)
+    # The model gathered at save time is complete: it reloads in a fresh process with the same eval.
+    result = json.loads(run_script("evaluate_model.py", "--model_dir", str(out), cwd=workdir).stdout.strip().splitlines()[-1])
+    assert result["eval_accuracy"] == metrics["eval_accuracy"]
+    # The Trainer's eval loss is a mean of per-batch means; 2 processes batch the test set
+    # differently from 1, so the loss differs in the 4th digit while the weights are the same.
+    assert result["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=2e-3)
+
+
+def test_fsdp_script_runs_single_process_and_saves_a_loadable_model(workdir):
+    out = workdir / "output/fsdp-cpu"
+    run_script("trainer/sharded/fsdp.py", "--max_steps", "200", *SHORT, "--output_dir", str(out), cwd=workdir)
+    metrics = read_metrics(out)
+    assert metrics["fsdp"] is False and metrics["eval_accuracy"] >= 0.80
+    result = json.loads(run_script("evaluate_model.py", "--model_dir", str(out), cwd=workdir).stdout.strip().splitlines()[-1])
+    assert result["eval_accuracy"] == metrics["eval_accuracy"]
+
+
+def test_fsdp_lora_script_saves_an_adapter_that_reloads(workdir):
+    out = workdir / "output/fsdp-lora-cpu"
+    run_script("trainer/sharded/fsdp_lora.py", "--max_steps", "250", *SHORT, "--output_dir", str(out), cwd=workdir)
+    metrics = read_metrics(out)
+    assert metrics["eval_accuracy"] >= 0.80
+    assert (out / "adapter_model.safetensors").exists() and (out / "base/model.safetensors").exists()
+    result = json.loads(run_script("evaluate_model.py", "--model_dir", str(out), cwd=workdir).stdout.strip().splitlines()[-1])
+    assert result["adapter"] and result["eval_accuracy"] == metrics["eval_accuracy"]
+
+
+def test_fsdp_qlora_refuses_without_cuda(workdir):
+    proc = run_script("trainer/sharded/fsdp_qlora.py", cwd=workdir, check=False)
+    assert proc.returncode == 1 and "error: fsdp_qlora.py needs CUDA GPUs" in proc.stderr
+    assert not (workdir / "output/trainer/sharded/fsdp_qlora").exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "accelerate_config.yaml",
+        "accelerate_config_fsdp.yaml",
+        "accelerate_config_fsdp_lora.yaml",
+        "accelerate_config_fsdp_qlora.yaml",
+    ],
+)
+def test_accelerate_configs_parse_and_fit_the_model(workdir, name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from hftrain.data import load_prepared
+    from hftrain.models import load_model
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / name))  # accelerate's own parser: unknown keys fail
+    raw = yaml.safe_load((ROOT / name).read_text())
+    assert config.num_machines == 1 and config.num_processes >= 2
+    if "fsdp" not in name:
+        assert config.distributed_type == "MULTI_GPU" and config.mixed_precision == "bf16"
+        return
+    fsdp = raw["fsdp_config"]
+    assert config.distributed_type == "FSDP" and fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    model = load_model("tiny", load_prepared(str(workdir / "data/synthetic")).tokenizer)
+    wrapped = fsdp.get("fsdp_transformer_layer_cls_to_wrap", ",".join(model._no_split_modules)).split(",")
+    assert {type(m).__name__ for m in model.modules()} >= set(wrapped)
+    assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"  # the scripts gather a full one for the final save
+    if "qlora" in name:
+        assert config.mixed_precision == "no"  # the model is loaded in bf16; FSDP must not cast the 4-bit storage
+        assert fsdp["fsdp_activation_checkpointing"] is False  # the script checkpoints through TrainingArguments
+    else:
+        assert config.mixed_precision == "bf16" and fsdp["fsdp_activation_checkpointing"] is True
+
+
+def test_deepspeed_config_is_zero3_with_complete_saves():
+    from hftrain.sharding import check_deepspeed_config
+
+    config = check_deepspeed_config(str(ROOT / "deepspeed_config.json"))
+    assert config is not None
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert config["train_micro_batch_size_per_gpu"] == "auto" and config["gradient_accumulation_steps"] == "auto"
+
+
+def test_fsdp_config_naming_a_missing_layer_class_is_refused(workdir, tmp_path):
+    config = yaml.safe_load((ROOT / "accelerate_config_fsdp.yaml").read_text())
+    config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = "GPT2Block"
+    config.update(use_cpu=True, num_processes=1, mixed_precision="no")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(tmp_path / "bad.yaml"),
+        str(SCRIPTS / "trainer/sharded/fsdp.py"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    proc = run(cmd, cwd=workdir, check=False)
+    assert proc.returncode != 0
+    assert (
+        "error: the FSDP config wraps GPT2Block, which this model does not have; set fsdp_transformer_layer_cls_to_wrap to LlamaDecoderLayer"
+        in proc.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"zero_optimization": {"stage": 3,}}', "is not valid JSON (line 1"),
+        ('{"zero_optimization": {"stage": 3}}', "uses ZeRO-3 without stage3_gather_16bit_weights_on_model_save"),
+    ],
+)
+def test_bad_deepspeed_config_is_refused(workdir, tmp_path, content, message):
+    (tmp_path / "ds.json").write_text(content)
+    proc = run_script(
+        "trainer/sharded/zero.py",
+        "--deepspeed",
+        str(tmp_path / "ds.json"),
+        "--output_dir",
+        str(tmp_path / "o"),
+        cwd=workdir,
+        check=False,
+    )
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
