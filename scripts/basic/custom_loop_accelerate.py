@@ -1,0 +1,222 @@
+"""The hand-written loop of custom_loop.py on every GPU (DDP) with accelerate, plus checkpoints and resume.
+
+Teaches what changes when one loop runs as one process per device: `Accelerator.prepare`
+wraps the model in DistributedDataParallel and gives each process its share of every batch,
+`accumulate` skips the gradient all-reduce until the last micro-batch of a step, `backward`
+replaces `loss.backward()`, `gather_for_metrics` collects evaluation results so every test
+example counts exactly once, the main process alone writes files, and `save_state` /
+`load_state` checkpoint everything a resumed run needs. Diff it against custom_loop.py:
+nothing else differs. Plain `python` runs it on one device, like custom_loop.py.
+
+    accelerate launch --config_file accelerate_config.yaml scripts/basic/custom_loop_accelerate.py --model small
+    accelerate launch --config_file accelerate_config.yaml --num_processes 8 scripts/basic/custom_loop_accelerate.py
+    python scripts/basic/custom_loop_accelerate.py                         # one GPU, or the CPU
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \\
+        scripts/basic/custom_loop_accelerate.py --per_device_train_batch_size 16   # DDP on CPU (gloo)
+    ... --resume_from_checkpoint latest                                     # continue a stopped run
+
+Two processes with 16 examples each make the same global batch as one with 32: --per_device_*
+sizes are per process, so a step sees batch size x accumulation x processes examples.
+
+Docs: https://huggingface.co/docs/accelerate/basic_tutorials/migration
+      https://huggingface.co/docs/accelerate/usage_guides/gradient_accumulation
+      https://huggingface.co/docs/accelerate/usage_guides/checkpoint
+"""
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_scheduler, set_seed
+
+from hftrain.cli import check_output_dir, resolve_checkpoint
+from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.loops import LogHistory, accumulation_groups, evaluate, num_targets, num_tokens, prune_checkpoints
+from hftrain.metrics import Accuracy
+from hftrain.models import load_model
+from hftrain.reporting import ThroughputMeter, flops_per_token, write_results
+
+
+@dataclass
+class LoopArguments:
+    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
+    data_dir: str = field(
+        default=DEFAULT_DATA_DIR,
+        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
+    output_dir: str = field(
+        default="output/basic/custom_loop_accelerate",
+        metadata={"help": "Where the model, metrics.json, the PNG and TensorBoard logs go."},
+    )
+    num_train_epochs: int = field(default=3, metadata={"help": "Passes over the training data."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Optimizer steps to take; when positive it overrides --num_train_epochs."}
+    )
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step: a step sees this many times the batch size."}
+    )
+    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate of AdamW (3e-3 suits tiny, 5e-4 small)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers schedule: linear, cosine, constant, ..."})
+    warmup_steps: int = field(default=30, metadata={"help": "Steps over which the learning rate rises from 0 to its peak."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient to this global L2 norm."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many optimizer steps."})
+    checkpointing_steps: int = field(
+        default=0, metadata={"help": "Save a checkpoint-<step> every this many steps (0: only at the end of each epoch)."}
+    )
+    save_total_limit: int = field(default=2, metadata={"help": "Keep only the newest this many checkpoints (0: all)."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "A checkpoint-<step> folder to continue from, or 'latest' for the newest in --output_dir. "
+            "It holds pickled RNG and scheduler states: resume only from checkpoints you wrote."
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
+    )
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(LoopArguments).parse_args_into_dataclasses()
+    # One process per device (accelerate launch starts them); bf16 autocast on CUDA, float32 on CPU. The seedable
+    # sampler shuffles with seed + epoch on every process, so a resumed run replays the same order.
+    accelerator = Accelerator(
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, checkpoint is not None, accelerator.is_main_process)
+    device = accelerator.device  # this process's device: cuda:<local rank>, or the CPU
+
+    with accelerator.main_process_first():  # the main process prepares the data once; the others then load it
+        data = load_prepared(args.data_dir)
+    set_seed(args.seed)  # the preset's random weights depend on it
+    model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
+    meter = ThroughputMeter(flops_per_token(model, data.max_length), num_devices=accelerator.num_processes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    collator = PadCollator(data.tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    generator = torch.Generator()  # the shuffling order: reseeded with seed + epoch at each epoch below
+    sampler = RandomSampler(data.train, generator=generator)
+    pin = device.type == "cuda"  # page-locked host memory: faster, asynchronous copies to the GPU
+    train_loader = DataLoader(
+        data.train, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator, pin_memory=pin
+    )
+    test_loader = DataLoader(data.test, batch_size=args.per_device_eval_batch_size, collate_fn=collator, pin_memory=pin)
+    # DDP-wrapped model; each process's loaders now yield every num_processes-th batch, on its device.
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * steps_per_epoch
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps
+    )
+
+    accuracy = Accuracy(data.answer_token_ids)
+    history = LogHistory(args.output_dir if accelerator.is_main_process else None)
+    # Not passed to prepare(): it would step the schedule once per process. Registered, it is saved with each checkpoint.
+    accelerator.register_for_checkpointing(scheduler, history)
+    step = 0
+    if checkpoint:
+        accelerator.load_state(checkpoint)  # weights, optimizer, RNG states, scheduler and log history
+        step = int(os.path.basename(os.path.normpath(checkpoint)).removeprefix("checkpoint-"))
+    resume_epoch, resume_steps = divmod(step, steps_per_epoch)
+
+    def save_checkpoint() -> None:  # every process calls save_state: each writes its own RNG state
+        accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
+        if accelerator.is_main_process:
+            prune_checkpoints(args.output_dir, args.save_total_limit)
+
+    loss_since_log = torch.zeros((), device=device)  # summed token losses and their count since the last log row
+    targets_since_log = torch.zeros((), device=device)
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    meter.start()
+    model.train()
+    for epoch in range(resume_epoch, math.ceil(total_steps / steps_per_epoch)):
+        train_loader.set_epoch(epoch)  # the seedable sampler's order for this epoch: seed + epoch
+        # A resumed run skips the micro-batches its checkpoint had already seen in this epoch, without loading them.
+        seen = resume_steps * args.gradient_accumulation_steps if epoch == resume_epoch else 0
+        for micro_batches in accumulation_groups(
+            accelerator.skip_first_batches(train_loader, seen), args.gradient_accumulation_steps
+        ):
+            # Every target token weighs the same: the summed loss of each micro-batch is divided by the
+            # targets of the WHOLE accumulated batch, not by its own (a mean of micro-batch means would
+            # over-weight the tokens of micro-batches with few of them). Under DDP the whole batch spans
+            # every process, so the count is summed across them.
+            targets = accelerator.reduce(num_targets(micro_batches), "sum")
+            meter.add_tokens(num_tokens(micro_batches))
+            for batch in micro_batches:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with accelerator.accumulate(model):  # no_sync: gradients are all-reduced only on the last micro-batch
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    # logits at t predict token t + 1; padding is labelled -100, which cross_entropy ignores
+                    loss_sum = F.cross_entropy(
+                        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="sum"
+                    )
+                    # DDP averages gradients over the processes and accelerator.backward divides by the accumulation
+                    # steps; `targets` already counts the tokens of every process, so undo both.
+                    accelerator.backward(loss_sum / targets * accelerator.num_processes * accelerator.gradient_accumulation_steps)
+                loss_since_log += loss_sum.detach()
+            targets_since_log += targets
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update()
+            if step % args.logging_steps == 0 or step == total_steps:
+                loss = (accelerator.reduce(loss_since_log, "sum") / targets_since_log).item()  # every process's tokens
+                history.log(step, epoch=round(step / steps_per_epoch, 3), loss=loss, learning_rate=scheduler.get_last_lr()[0])
+                progress.set_postfix(loss=f"{loss:.4f}")
+                loss_since_log.zero_()
+                targets_since_log.zero_()
+            if args.checkpointing_steps > 0 and step % args.checkpointing_steps == 0:
+                save_checkpoint()
+            if step == total_steps:  # --max_steps may end training mid-epoch
+                break
+        eval_metrics = evaluate(
+            model, test_loader, accuracy, device, gather=accelerator.gather_for_metrics, show_progress=accelerator.is_main_process
+        )
+        history.log(step, epoch=round(step / steps_per_epoch, 3), **eval_metrics)
+        accelerator.print(
+            f"epoch {epoch + 1}: eval loss {eval_metrics['eval_loss']:.4f}, accuracy {eval_metrics['eval_accuracy']:.3f}"
+        )
+        save_checkpoint()  # at every epoch end too, after the evaluation, so its row is in the saved history
+    progress.close()
+    # Each process counted its own tokens; tokens/s is for all of them together.
+    tokens_per_process = accelerator.gather(torch.tensor([meter.tokens], device=device))
+    meter.tokens = int(tokens_per_process.sum())
+    train_metrics = meter.stop()
+
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model).save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        data.tokenizer.save_pretrained(args.output_dir)
+        latest = history.latest()
+        write_results(
+            args.output_dir,
+            {
+                "eval_accuracy": latest["eval_accuracy"],
+                "eval_loss": latest["eval_loss"],
+                "eval_samples": latest["eval_samples"],
+                "train_loss": latest["loss"],
+                "steps": step,
+                "train_tokens_per_process": tokens_per_process.tolist(),
+                **train_metrics,
+            },
+            history.rows,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Plumbing shared by the custom training loops (scripts/basic/, scripts/lora/); the loops stay in the scripts.
+
+- `accumulation_groups`: the micro-batches of one optimizer step, fetched together, so that the
+  loss can be divided by the target tokens of the whole accumulated batch before the first backward.
+- `num_targets`: those target tokens (labels after the one-token shift, padding excluded);
+  `num_tokens`: the real input tokens, for tokens/s.
+- `evaluate`: eval loss per target token and accuracy, every test example counted exactly once,
+  also across processes (pass `gather=accelerator.gather_for_metrics`).
+- `LogHistory`: the Trainer-style log rows, mirrored to TensorBoard; it has `state_dict` and
+  `load_state_dict`, so `accelerator.register_for_checkpointing` saves it with each checkpoint.
+"""
+
+import contextlib
+import itertools
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from hftrain.metrics import Accuracy
+
+Batch = dict[str, torch.Tensor]
+
+
+def accumulation_groups(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """Lists of `size` consecutive micro-batches; the last group of an epoch may be shorter."""
+    batches = iter(batches)
+    while group := list(itertools.islice(batches, size)):
+        yield group
+
+
+def num_targets(batches: list[Batch]) -> torch.Tensor:
+    """Tokens that carry a loss: logits at t predict token t + 1, so the first token of each row has none."""
+    return torch.stack([(b["labels"][:, 1:] != -100).sum() for b in batches]).sum()
+
+
+def num_tokens(batches: list[Batch]) -> int:
+    """Real (non-padding) input tokens, for tokens/s; one host sync for the whole group."""
+    return int(torch.stack([b["attention_mask"].sum() for b in batches]).sum())
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per target token (float32), 0 at padding; shape (batch, length - 1)."""
+    return F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+    )  # (B, V, T-1) against (B, T-1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable[Batch],
+    accuracy: Accuracy,
+    device: torch.device | str | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """eval_loss (loss summed over the target tokens / their number), eval_accuracy, eval_samples.
+
+    Everything is reduced to one row per example before `gather`, so that with
+    `accelerator.gather_for_metrics` the padded rows that make the last batch even across
+    processes are dropped by position: each example counts once, whatever the world size.
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, target tokens, right answers, scored answers
+    samples = 0
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not show_progress):
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        correct = accuracy.correct(logits.float(), labels)  # 1 right, 0 wrong, -1 not scored
+        per_example = torch.stack(
+            [
+                token_losses(logits, labels).sum(-1),
+                (labels[:, 1:] != -100).sum(-1).float(),
+                (correct == 1).sum(-1).float(),
+                (correct >= 0).sum(-1).float(),
+            ],
+            dim=-1,
+        )
+        per_example = gather(per_example)
+        totals += per_example.sum(0).double().cpu()
+        samples += per_example.shape[0]
+    model.train(was_training)
+    loss_sum, tokens, right, scored = totals.tolist()
+    return {
+        "eval_loss": loss_sum / max(tokens, 1.0),
+        "eval_accuracy": right / scored if scored else 0.0,
+        "eval_samples": samples,
+    }
+
+
+class LogHistory:
+    """Rows like the Trainer's `state.log_history`, written to TensorBoard as they come (main process only)."""
+
+    def __init__(self, output_dir: str | None) -> None:
+        """`output_dir` None: keep the rows but write no TensorBoard events (the other processes)."""
+        self.rows: list[dict[str, Any]] = []
+        self.writer = None
+        if output_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(Path(output_dir, "runs", datetime.now().strftime("%b%d_%H-%M-%S")))
+
+    def log(self, step: int, **values: float) -> dict[str, Any]:
+        row = {"step": step, **values}
+        self.rows.append(row)
+        if self.writer is not None:
+            for key, value in values.items():  # the Trainer's tag names: train/loss, eval/loss, eval/accuracy
+                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        return row
+
+    def latest(self) -> dict[str, Any]:
+        """The last value logged for each key (a resumed run's restored rows included)."""
+        merged: dict[str, Any] = {}
+        for row in self.rows:
+            merged.update(row)
+        return merged
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state["rows"])
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoint-<step> folders (0 or less: keep all)."""
+    if keep <= 0:
+        return
+    steps = {int(p.name.removeprefix("checkpoint-")): p for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit()}
+    checkpoints = [steps[k] for k in sorted(steps)]
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

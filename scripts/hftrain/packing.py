@@ -1,0 +1,58 @@
+"""Padding-free batches ("packing"): the documents of a batch concatenated into one row, no padding.
+
+`PaddingFreeCollator` turns a list of tokenized documents into a batch of shape [1, total tokens]
+whose `position_ids` restart at 0 for every document. Transformers reads the document boundaries
+from those positions, so no document attends to another, but only under conditions worth knowing:
+
+- flash_attention_2 finds the boundaries in every attention call (or takes them ready-made as
+  `cu_seq_lens_q/k` and `max_length_q/k`, which this collator adds for it) and runs the varlen
+  kernel: no padding computed, no mask materialised.
+- sdpa and eager get a block-diagonal causal mask (T x T), built in `masking_utils.create_causal_mask`
+  from `position_ids`, *only when no attention_mask and no KV cache are passed*. Llama's config has
+  `use_cache=True`, so a plain `model(input_ids=..., position_ids=...)` creates an empty cache, skips
+  the detection and uses one causal mask over the whole row: documents attend to the earlier ones.
+  An all-ones `attention_mask` does the same. The Trainer happens to be safe (it sets
+  `config.use_cache = False`); this collator puts `use_cache=False` in every batch so that any
+  forward pass on it is safe.
+
+Labels: the first token of every document gets -100 (`separator_id`), so the loss never predicts a
+document's first token from the end of the previous one. A padded batch never scores it either
+(a row's first token has no prediction before it), so padded and packed losses count the very same
+target tokens and agree within float rounding.
+
+Docs: https://huggingface.co/blog/packing-with-FA2
+      https://huggingface.co/docs/transformers/main_classes/data_collator#transformers.DataCollatorWithFlattening
+"""
+
+from typing import Any
+
+import torch
+from transformers import DataCollatorWithFlattening
+
+
+class PaddingFreeCollator:
+    """[1, total tokens] batches: input_ids, labels, position_ids, use_cache=False (and FA2's varlen kwargs)."""
+
+    def __init__(self, attn_implementation: str) -> None:
+        self.flatten = DataCollatorWithFlattening(
+            separator_id=-100,  # a document's first token is no target: nothing is predicted across a boundary
+            # cu_seq_lens/max_length spare FA2 deriving them from position_ids in every layer (a GPU sync each);
+            # sdpa and eager ignore them, so they are only added where they help.
+            return_flash_attn_kwargs=attn_implementation.startswith("flash_attention"),
+        )
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.flatten([{"input_ids": ex["input_ids"]} for ex in examples])
+        batch["use_cache"] = False  # with a cache, sdpa and eager would ignore the document boundaries (see above)
+        return batch
+
+
+def document_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the documents in one packed row, read off where the positions restart at 0."""
+    starts = (position_ids.reshape(-1) == 0).nonzero().flatten().tolist()
+    return [end - start for start, end in zip(starts, starts[1:] + [position_ids.numel()])]
+
+
+def split_documents(values: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Cut a packed row's per-token values (e.g. logits [1, T, V]) back into one tensor per document."""
+    return list(values.reshape(-1, *values.shape[2:]).split(document_lengths(position_ids)))

@@ -1,0 +1,206 @@
+"""LoRA in a hand-written loop, on one device: train a low-rank adapter on every linear layer.
+
+Teaches parameter-efficient fine-tuning with PEFT, as a diff against basic/custom_loop.py:
+`get_peft_model` freezes the base model and adds a trainable low-rank update B·A (rank r,
+scaled by alpha / r) beside every linear layer of the blocks (`target_modules="all-linear"`);
+only the adapter's parameters reach the optimizer; `save_pretrained` writes the adapter alone
+(a few hundred KB); `--merge_and_save` also folds B·A into the weights (`merge_and_unload`)
+and saves a plain model in output_dir/merged. A preset's random base weights exist nowhere
+else, so they are saved too (output_dir/base) and the adapter's config points at them:
+`PeftModel.from_pretrained` and scripts/evaluate_model.py reload the adapter on its base.
+
+    python scripts/lora/custom_loop.py                                     # one GPU, or the CPU
+    python scripts/lora/custom_loop.py --model path/to/checkpoint --merge_and_save
+    python scripts/evaluate_model.py --model_dir output/lora/custom_loop   # base + adapter
+
+All GPUs (DDP), or several CPU processes, take the accelerate twin:
+
+    accelerate launch --config_file accelerate_config.yaml scripts/lora/custom_loop_accelerate.py --model small
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \\
+        scripts/lora/custom_loop_accelerate.py --per_device_train_batch_size 16   # 2 CPU processes (gloo)
+
+Docs: https://huggingface.co/docs/peft/developer_guides/lora
+      https://huggingface.co/docs/peft/developer_guides/checkpoint (saving, loading, merging)
+      https://arxiv.org/abs/2106.09685 (LoRA)
+"""
+
+import math
+import os
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_scheduler, set_seed
+
+from hftrain.cli import check_output_dir
+from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.loops import LogHistory, accumulation_groups, evaluate, num_targets, num_tokens
+from hftrain.metrics import Accuracy
+from hftrain.models import PRESETS, load_model
+from hftrain.reporting import ThroughputMeter, flops_per_token, write_results
+
+
+@dataclass
+class LoopArguments:
+    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
+    data_dir: str = field(
+        default=DEFAULT_DATA_DIR,
+        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
+    output_dir: str = field(
+        default="output/lora/custom_loop", metadata={"help": "Where the adapter, metrics.json, the PNG and TensorBoard logs go."}
+    )
+    num_train_epochs: int = field(default=3, metadata={"help": "Passes over the training data."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Optimizer steps to take; when positive it overrides --num_train_epochs."}
+    )
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step: a step sees this many times the batch size."}
+    )
+    learning_rate: float = field(
+        default=1e-2, metadata={"help": "Peak learning rate of AdamW; a LoRA adapter takes a higher one than full training."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers schedule: linear, cosine, constant, ..."})
+    warmup_steps: int = field(default=30, metadata={"help": "Steps over which the learning rate rises from 0 to its peak."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient to this global L2 norm."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many optimizer steps."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r: the inner size of the update B·A."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA scaling: the update is multiplied by lora_alpha / lora_r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
+    merge_and_save: bool = field(
+        default=False, metadata={"help": "Also save the base with the adapter merged in, in output_dir/merged."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
+    )
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(LoopArguments).parse_args_into_dataclasses()
+    check_output_dir(args.output_dir, args.overwrite_output_dir, resuming=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # "cuda": the current GPU, no hard-coded index
+    # bf16 autocast on CUDA: matmuls run in bf16 while weights, gradients and AdamW's state stay float32.
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    data = load_prepared(args.data_dir)
+    set_seed(args.seed)  # the preset's random weights depend on it
+    model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
+    if args.model in PRESETS:  # random base weights exist nowhere else: save them beside the adapter
+        base_dir = os.path.abspath(os.path.join(args.output_dir, "base"))
+        model.save_pretrained(base_dir)
+        model.name_or_path = base_dir  # becomes the adapter config's base_model_name_or_path
+    # A preset's embeddings and output layer are random as well. Frozen, they hold the adapter back (the random
+    # lm_head's small rows cap the logits), so they are trained in full beside it, as copies that the adapter saves
+    # ("modules_to_save"); the base keeps the originals. Pretrained ones stay frozen, as LoRA usually has them.
+    modules_to_save = ["embed_tokens", "lm_head"] if args.model in PRESETS else None
+    # LoRA on "all-linear": every block's q, k, v, o and MLP gate, up and down projections, never the output layer.
+    lora_config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules="all-linear",
+        modules_to_save=modules_to_save,
+        ensure_weight_tying=bool(modules_to_save) and model.config.tie_word_embeddings,  # the 1b preset ties the two
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora_config)  # freezes every base weight: requires_grad=False
+    model.print_trainable_parameters()
+    meter = ThroughputMeter(flops_per_token(model, data.max_length))
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the adapter only: no state for frozen weights
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    collator = PadCollator(data.tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    generator = torch.Generator()  # the shuffling order: reseeded with seed + epoch at each epoch below
+    sampler = RandomSampler(data.train, generator=generator)
+    pin = device.type == "cuda"  # page-locked host memory: faster, asynchronous copies to the GPU
+    train_loader = DataLoader(
+        data.train, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator, pin_memory=pin
+    )
+    test_loader = DataLoader(data.test, batch_size=args.per_device_eval_batch_size, collate_fn=collator, pin_memory=pin)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * steps_per_epoch
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps
+    )
+
+    accuracy = Accuracy(data.answer_token_ids)
+    history = LogHistory(args.output_dir)  # Trainer-style log rows, also written to TensorBoard under output_dir/runs
+    step = 0
+    loss_since_log = torch.zeros((), device=device)  # summed token losses and their count since the last log row
+    targets_since_log = torch.zeros((), device=device)
+    progress = tqdm(total=total_steps, desc="train")
+    meter.start()
+    model.train()
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        generator.manual_seed(args.seed + epoch)  # a new order each epoch, fixed by (seed, epoch)
+        for micro_batches in accumulation_groups(train_loader, args.gradient_accumulation_steps):
+            # Every target token weighs the same: the summed loss of each micro-batch is divided by the
+            # targets of the WHOLE accumulated batch, not by its own (a mean of micro-batch means would
+            # over-weight the tokens of micro-batches with few of them).
+            targets = num_targets(micro_batches).to(device)
+            meter.add_tokens(num_tokens(micro_batches))
+            for batch in micro_batches:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                # logits at t predict token t + 1; padding is labelled -100, which cross_entropy ignores
+                loss_sum = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="sum"
+                )
+                (loss_sum / targets).backward()  # gradients add up over the micro-batches
+                loss_since_log += loss_sum.detach()
+            targets_since_log += targets
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update()
+            if step % args.logging_steps == 0 or step == total_steps:
+                loss = (loss_since_log / targets_since_log).item()  # the only GPU sync: once per log row
+                history.log(step, epoch=round(step / steps_per_epoch, 3), loss=loss, learning_rate=scheduler.get_last_lr()[0])
+                progress.set_postfix(loss=f"{loss:.4f}")
+                loss_since_log.zero_()
+                targets_since_log.zero_()
+            if step == total_steps:  # --max_steps may end training mid-epoch
+                break
+        eval_metrics = evaluate(model, test_loader, accuracy, device, autocast)
+        history.log(step, epoch=round(step / steps_per_epoch, 3), **eval_metrics)
+        progress.write(
+            f"epoch {epoch + 1}: eval loss {eval_metrics['eval_loss']:.4f}, accuracy {eval_metrics['eval_accuracy']:.3f}"
+        )
+    progress.close()
+    train_metrics = meter.stop()
+
+    model.save_pretrained(args.output_dir)  # the adapter and modules_to_save copies, not the base: adapter_*.{json,safetensors}
+    data.tokenizer.save_pretrained(args.output_dir)
+    if args.merge_and_save:  # W + (alpha / r)·B·A folded into each weight: a plain model that loads without PEFT
+        merged_dir = os.path.join(args.output_dir, "merged")
+        model.merge_and_unload().save_pretrained(merged_dir)
+        data.tokenizer.save_pretrained(merged_dir)
+    latest = history.latest()
+    write_results(
+        args.output_dir,
+        {
+            "eval_accuracy": latest["eval_accuracy"],
+            "eval_loss": latest["eval_loss"],
+            "eval_samples": latest["eval_samples"],
+            "train_loss": latest["loss"],
+            "steps": step,
+            **train_metrics,
+        },
+        history.rows,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""FlashAttention-2 with padding-free batches: the Trainer on concatenated documents, no padding.
+
+Teaches `attn_implementation="flash_attention_2"` (the flash-attn package) and why it pairs with
+padding-free batches. A padded batch spends compute on pad tokens in every layer (the MLPs and
+projections too, not only attention); FA2's varlen kernel instead takes the documents of a batch
+concatenated into one row plus their boundaries (`cu_seqlens`), so every FLOP goes to a real token
+and no T x T mask is ever built. `DataCollatorWithFlattening` (wrapped in
+`hftrain.packing.PaddingFreeCollator`) makes such batches: `position_ids` restart at 0 for every
+document, and the first token of each document is not a target, so the loss equals the padded
+batch's loss up to float rounding (tests/test_attention.py checks it).
+
+    pip install flash-attn --no-build-isolation                     # CUDA GPU (Ampere or newer), compiles ~15 min
+    CUDA_VISIBLE_DEVICES=0 python scripts/sdpa/flash_attention.py --model small   # one GPU, bf16
+    accelerate launch --config_file accelerate_config.yaml \\
+        scripts/sdpa/flash_attention.py --model small               # every GPU (DDP); DataParallel
+                                                                    # cannot split a one-row batch
+    python scripts/sdpa/flash_attention.py --attn_implementation sdpa   # no flash-attn (CPU too): same batches
+    python scripts/sdpa/flash_attention.py --padding_free false     # padded batches, to compare
+
+With sdpa or eager the same packed batches work too: transformers turns the restarting
+`position_ids` into a block-diagonal causal mask (see hftrain/packing.py for when it does not).
+That mask is T x T for the whole packed row, so padding-free pays off most with FA2.
+Evaluation uses padded batches, one document per row, as the accuracy hooks expect.
+
+Docs: https://huggingface.co/docs/transformers/perf_infer_gpu_one#flashattention
+      https://huggingface.co/blog/packing-with-FA2
+      https://github.com/Dao-AILab/flash-attention
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.utils import is_flash_attn_2_available
+
+from hftrain.cli import check_output_dir, resolve_checkpoint
+from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.errors import UserError
+from hftrain.metrics import Accuracy
+from hftrain.models import load_model
+from hftrain.packing import PaddingFreeCollator
+from hftrain.reporting import ThroughputCallback, write_results
+
+
+@dataclass
+class ScriptArguments:
+    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
+    attn_implementation: str = field(
+        default="flash_attention_2",
+        metadata={
+            "help": "flash_attention_2 (needs the flash-attn package and a CUDA GPU), or sdpa / eager to run the same "
+            "padding-free batches without it (CPU too).",
+            "choices": ["flash_attention_2", "sdpa", "eager"],
+        },
+    )
+    padding_free: bool = field(
+        default=True, metadata={"help": "Concatenate each batch's documents into one row (false: pad them to a rectangle)."}
+    )
+    data_dir: str = field(
+        default=DEFAULT_DATA_DIR,
+        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
+    )
+
+
+class PaddedEvalTrainer(Trainer):
+    """Trains on the given collator's batches; evaluates on padded ones (the accuracy hooks score one document per row)."""
+
+    data_collator: Any
+
+    def __init__(self, *args: Any, eval_collator: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_collator = eval_collator
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+
+def check_flash_attention(attn_implementation: str) -> None:
+    """FA2 runs only on CUDA GPUs with the flash-attn package; say so before anything is loaded."""
+    if attn_implementation != "flash_attention_2" or (torch.cuda.is_available() and is_flash_attn_2_available()):
+        return
+    missing = "a CUDA GPU" if not torch.cuda.is_available() else "the flash-attn package (2.3.3 or newer)"
+    raise UserError(
+        f"flash_attention_2 needs {missing}: on a CUDA machine install it with `pip install flash-attn --no-build-isolation` "
+        '(or `pip install -e ".[flash-attn]" --no-build-isolation`), or pass --attn_implementation sdpa to train without it'
+    )
+
+
+def main() -> None:
+    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
+    parser.set_defaults(
+        output_dir="output/sdpa/flash_attention",
+        num_train_epochs=3,
+        per_device_train_batch_size=32,  # documents per batch: one packed row of ~32 x 40 tokens
+        per_device_eval_batch_size=64,
+        learning_rate=3e-3,
+        warmup_steps=30,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        logging_steps=10,
+        bf16=torch.cuda.is_available(),  # FA2 computes in bf16/fp16 only: the weights stay fp32, autocast feeds it bf16
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to=["tensorboard"],
+    )
+    args, training_args = parser.parse_args_into_dataclasses()
+    check_flash_attention(args.attn_implementation)
+    if args.padding_free and training_args.n_gpu > 1:
+        raise UserError(
+            f"a padding-free batch is one row, which DataParallel cannot split over {training_args.n_gpu} GPUs; run one "
+            "process per GPU with `accelerate launch --config_file accelerate_config.yaml`, or pick one GPU with CUDA_VISIBLE_DEVICES=0"
+        )
+    training_args.include_num_input_tokens_seen = "non_padding"
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+    )
+
+    with training_args.main_process_first():
+        data = load_prepared(args.data_dir)
+    set_seed(training_args.seed)
+    # FA2 warns that these fp32 weights are not bf16: expected, the Trainer's bf16 autocast hands it bf16 tensors.
+    model = load_model(
+        args.model, data.tokenizer, attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code
+    )
+
+    padded = PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    accuracy = Accuracy(data.answer_token_ids)
+    throughput = ThroughputCallback(seq_len=data.max_length)
+    trainer = PaddedEvalTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.test,
+        data_collator=PaddingFreeCollator(args.attn_implementation) if args.padding_free else padded,
+        eval_collator=padded,
+        processing_class=data.tokenizer,
+        compute_metrics=accuracy.compute_metrics,
+        preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
+        callbacks=[throughput],
+    )
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate()
+    trainer.save_model()
+
+    if trainer.is_world_process_zero():
+        write_results(
+            training_args.output_dir,
+            {
+                "eval_accuracy": eval_metrics["eval_accuracy"],
+                "eval_loss": eval_metrics["eval_loss"],
+                "train_loss": train_result.training_loss,
+                "steps": trainer.state.global_step,
+                "attn_implementation": args.attn_implementation,
+                "padding_free": args.padding_free,
+                **throughput.metrics,
+            },
+            trainer.state.log_history,
+        )
+
+
+if __name__ == "__main__":
+    main()
