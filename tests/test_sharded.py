@@ -166,9 +166,11 @@ def test_accelerate_configs_parse_and_fit_the_model(workdir, name):
     assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"  # the scripts gather a full one for the final save
     if "qlora" in name:
         assert config.mixed_precision == "no"  # the model is loaded in bf16; FSDP must not cast the 4-bit storage
-        assert fsdp["fsdp_activation_checkpointing"] is False  # the script checkpoints through TrainingArguments
     else:
-        assert config.mixed_precision == "bf16" and fsdp["fsdp_activation_checkpointing"] is True
+        assert config.mixed_precision == "bf16"
+    # With PEFT, FSDP's checkpoint wrapper makes the adapter save empty (see the test below): the
+    # LoRA scripts checkpoint through TrainingArguments instead.
+    assert fsdp["fsdp_activation_checkpointing"] is ("lora" not in name)
 
 
 def test_deepspeed_config_is_zero3_with_complete_saves():
@@ -223,3 +225,29 @@ def test_bad_deepspeed_config_is_refused(workdir, tmp_path, content, message):
         check=False,
     )
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fsdp2_lora_adapter_state_dict_is_complete_on_two_cpu_processes(tmp_path):
+    """FSDP2 shards a LoRA model over 2 gloo processes; the full state dict that the Trainer saves
+    from must give PEFT every LoRA tensor. With the model's own gradient checkpointing (the
+    project's recipe) it does; with FSDP's checkpoint wrapper (fsdp_activation_checkpointing)
+    PEFT keeps only the modules_to_save copies: the pitfall accelerate_config_fsdp_lora.yaml avoids."""
+    out = tmp_path / "keys.json"
+    port = str(29800 + os.getpid() % 100)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        str(ROOT / "tests" / "fsdp2_lora_state_dict.py"),
+        str(out),
+    ]
+    run(cmd, cwd=tmp_path, OMP_NUM_THREADS="1")
+    result = json.loads(out.read_text())
+    lora = [k for k in result["model_gradient_checkpointing"] if "lora_" in k]
+    assert len(lora) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    assert result["model_gradient_checkpointing"] == result["unsharded"]
+    assert not [k for k in result["fsdp_checkpoint_wrapper"] if "lora_" in k]  # the pitfall, still present

@@ -10,6 +10,7 @@ results/sharded/sharded.md.
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,9 @@ class Args:
 
 def main() -> None:
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
-    rows = []
+    rows: list[dict] = []
+    # The scripts import the project's package from scripts/, installed (pip install -e .) or not.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases.split(","):
             config, script = CASES[name]
@@ -55,6 +58,8 @@ def main() -> None:
                 "accelerate.commands.launch",
                 "--config_file",
                 str(ROOT / config),
+                "--main_process_port",
+                str(29500 + 10 * len(rows)),  # a fresh port per case: a lingering process cannot block the next
                 "--num_processes",
                 str(args.num_processes),
                 str(ROOT / "scripts" / script),
@@ -80,10 +85,11 @@ def main() -> None:
                 "1e-4",
             ]
             start = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             row = {"case": name, "config": config, "script": script, "wall_s": round(time.perf_counter() - start, 1)}
             if proc.returncode != 0:
-                row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+                lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not set(ln.strip()) <= set("=-")]
+                row["error"] = " / ".join(lines[-3:])[-600:]
             else:
                 m = json.loads((out / "metrics.json").read_text())
                 row.update(

@@ -2,10 +2,15 @@
 
 Teaches: PEFT's `get_peft_model` before the Trainer, with FSDP from the accelerate config
 (accelerate_config_fsdp_lora.yaml). FSDP2 shards frozen and trainable parameters side by side,
-so nothing special is needed to train; saving is where adapters go wrong: under FSDP each
-rank holds a slice of every LoRA matrix, and a plain save writes rank 0's slice only. The
-script switches to FULL_STATE_DICT first, so the adapter is saved complete and reloads with
-`PeftModel.from_pretrained` on its base (for a preset, saved beside it in `base/`).
+so nothing special is needed to train; saving is where adapters go wrong, twice over:
+- under FSDP each rank holds a slice of every LoRA matrix, and a sharded save writes slices:
+  the script switches to FULL_STATE_DICT first, so rank 0 gathers whole tensors;
+- FSDP's activation checkpointing wraps each decoder layer in a module that renames it, and
+  PEFT then finds no LoRA tensor in the gathered state dict: the adapter file would hold only
+  the `modules_to_save` copies. So the config leaves it off and the script checkpoints with
+  the model's own `gradient_checkpointing` (tests/test_sharded.py shows both on CPU).
+The adapter then reloads with `PeftModel.from_pretrained` on its base (for a preset, saved
+beside it in `base/`).
 
     accelerate launch --config_file accelerate_config_fsdp_lora.yaml scripts/trainer/sharded/fsdp_lora.py --model 1b
     python scripts/trainer/sharded/fsdp_lora.py      # one process, no sharding: the same code path on CPU

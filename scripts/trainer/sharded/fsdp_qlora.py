@@ -46,7 +46,7 @@ def main() -> None:
     args, training_args, checkpoint = parse_args(
         QLoraArguments,
         output_dir="output/trainer/sharded/fsdp_qlora",
-        learning_rate=1e-3,
+        learning_rate=1e-2,
         bf16=True,
         gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False},

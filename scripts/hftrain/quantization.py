@@ -1,0 +1,90 @@
+"""4-bit loading for QLoRA: the NF4 config, a base checkpoint for the random presets, the CPU trap.
+
+QLoRA quantizes a *pretrained* base while loading it (`from_pretrained(...,
+quantization_config=...)`). The presets have random weights and no checkpoint, so
+`base_checkpoint()` builds the preset once and saves it; the 4-bit model is then loaded from
+there exactly as a real checkpoint would be, and the adapter's `base_model_name_or_path`
+points at a folder that `scripts/evaluate_model.py --load_in_4bit` can reload.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from hftrain.errors import UserError
+from hftrain.models import PRESETS, is_local_path, load_model, skip_cpu_4bit_repacking
+
+# Devices bitsandbytes 0.48+ has 4-bit kernels for (CPU since 0.48, with AVX2/AVX512).
+BNB_4BIT_DEVICES = ("cuda", "cpu", "xpu")
+
+
+def nf4_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """The QLoRA paper's recipe: NormalFloat4 weights, the quantization scales quantized again
+    ("double quantization", ~0.4 bits per parameter saved), matmuls in `compute_dtype`."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def check_4bit_device(device: torch.device) -> None:
+    if device.type not in BNB_4BIT_DEVICES:
+        raise UserError(
+            f"bitsandbytes has no 4-bit kernels for the '{device.type}' device; run on a CUDA GPU or on the CPU (--use_cpu)"
+        )
+
+
+def base_checkpoint(
+    model: str,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    save: bool = True,
+) -> str:
+    """A checkpoint to quantize on load: a directory or Hub id; a preset is built (seed it
+    first with `set_seed`) and saved as safetensors with its tokenizer to <output_dir>/base
+    (by the main process only: `save=False` just returns the path).
+
+    The returned path is absolute so the saved adapter names a base that loads from any folder."""
+    if model not in PRESETS:  # a local directory made absolute, a Hub id as it is
+        return str(Path(model).resolve()) if is_local_path(model) and Path(model).is_dir() else model
+    path = Path(output_dir, "base").resolve()
+    if not save:
+        return str(path)
+    with torch.device(device):  # random init on the GPU: seconds for 1B parameters instead of a minute on the CPU
+        preset = load_model(model, tokenizer, dtype=dtype)
+    preset.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    del preset
+    return str(path)
+
+
+def load_4bit(
+    model: str,
+    tokenizer: PreTrainedTokenizerBase,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """The checkpoint quantized to 4-bit NF4 while it loads, placed whole on `device` (one per process)."""
+    check_4bit_device(device)
+    quantized = load_model(
+        model,
+        tokenizer,
+        dtype=compute_dtype,
+        trust_remote_code=trust_remote_code,
+        quantization_config=nf4_config(compute_dtype),
+        device_map={"": str(device)},
+        **kwargs,
+    )
+    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights during the first no-grad
+    # eval forward; afterwards the LoRA layers below them get zero gradients (a warning only),
+    # so training after the first evaluation would silently stop. See skip_cpu_4bit_repacking.
+    skip_cpu_4bit_repacking(quantized)
+    return quantized
