@@ -229,13 +229,13 @@ def worker_command(args: TableArguments, case: str, base: str, result_file: Path
 
 def build_base(args: TableArguments, folder: str) -> str:
     """The preset with seeded random weights, saved once (<folder>/base) as the checkpoint every case loads."""
-    from hftrain.quantization import base_checkpoint
+    from hftrain.models import save_preset_base
 
     data = load_prepared(args.data_dir)
     cuda = torch.cuda.is_available()
     set_seed(0)
-    path = base_checkpoint(
-        args.model, data.tokenizer, folder, torch.bfloat16 if cuda else torch.float32, torch.device("cuda" if cuda else "cpu")
+    path = save_preset_base(
+        args.model, data.tokenizer, folder, dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu"
     )
     if cuda:
         torch.cuda.empty_cache()  # the parent keeps only its CUDA context while the cases run

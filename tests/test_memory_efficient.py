@@ -80,11 +80,11 @@ def test_lora_gradients_survive_an_eval_pass_in_4bit_on_cpu(workdir, tmp_path):
     from transformers import set_seed
 
     from hftrain.data import PadCollator, load_prepared
-    from hftrain.quantization import base_checkpoint
+    from hftrain.models import save_preset_base
 
     data = load_prepared(str(workdir / "data/synthetic"))
     set_seed(0)
-    base = base_checkpoint("tiny", data.tokenizer, str(tmp_path), torch.float32, torch.device("cpu"))
+    base = save_preset_base("tiny", data.tokenizer, str(tmp_path))
     batch = PadCollator(data.tokenizer)([data.train[i] for i in range(8)])
     batch.pop("prompt_len")
 

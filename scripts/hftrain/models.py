@@ -145,16 +145,29 @@ def skip_cpu_4bit_repacking(model: Any) -> None:
 
 
 def save_preset_base(
-    model: str, tokenizer: PreTrainedTokenizerBase, path: str, is_main_process: bool = True, reuse: bool = False
+    model: str,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str,
+    is_main_process: bool = True,
+    reuse: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> str:
-    """An adapter only means something on the exact base it was trained on. A preset has random
-    weights, so the main process saves it (safetensors) to `path` and every process loads it from
-    there: the adapter's config then names a base that `from_pretrained` loads again.
-    Checkpoints pass through. Call inside `main_process_first()` so the others wait for the write."""
+    """The base checkpoint an adapter is trained on, as a path `from_pretrained` loads.
+
+    A preset has random weights that exist nowhere else, so the main process saves it (seeded by
+    the caller's `set_seed`, safetensors, with the tokenizer) to <output_dir>/base; the others only
+    get the path (call inside `main_process_first()`). The path is absolute, so the adapter's
+    `base_model_name_or_path` loads from any folder; `reuse` keeps a base already there (resuming).
+    A checkpoint directory comes back absolute too, a Hub id as it is."""
     if model not in PRESETS:
-        return model
-    if is_main_process and not (reuse and (Path(path) / "config.json").exists()):
-        with torch.random.fork_rng():  # leave the global RNG as it was, the same on every process
-            load_model(model, tokenizer).save_pretrained(path)
+        return str(Path(model).resolve()) if is_local_path(model) and Path(model).is_dir() else model
+    path = Path(output_dir, "base").resolve()
+    if is_main_process and not (reuse and (path / "config.json").exists()):
+        # fork_rng: the global RNG stays as it was, the same on every process, whoever built the base.
+        with torch.random.fork_rng(devices=[]), torch.device(device):  # random init on a GPU: seconds for 1B
+            preset = load_model(model, tokenizer, dtype=dtype)
+        preset.save_pretrained(path)
         tokenizer.save_pretrained(path)
-    return path
+        del preset
+    return str(path)

@@ -2,19 +2,18 @@
 
 QLoRA quantizes a *pretrained* base while loading it (`from_pretrained(...,
 quantization_config=...)`). The presets have random weights and no checkpoint, so
-`base_checkpoint()` builds the preset once and saves it; the 4-bit model is then loaded from
+`hftrain.models.save_preset_base()` builds the preset once and saves it; the 4-bit model is then loaded from
 there exactly as a real checkpoint would be, and the adapter's `base_model_name_or_path`
 points at a folder that `scripts/evaluate_model.py --load_in_4bit` can reload.
 """
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from hftrain.errors import UserError
-from hftrain.models import PRESETS, is_local_path, load_model, skip_cpu_4bit_repacking
+from hftrain.models import load_model, skip_cpu_4bit_repacking
 
 # Devices bitsandbytes 0.48+ has 4-bit kernels for (CPU since 0.48, with AVX2/AVX512).
 BNB_4BIT_DEVICES = ("cuda", "cpu", "xpu")
@@ -36,32 +35,6 @@ def check_4bit_device(device: torch.device) -> None:
         raise UserError(
             f"bitsandbytes has no 4-bit kernels for the '{device.type}' device; run on a CUDA GPU or on the CPU (--use_cpu)"
         )
-
-
-def base_checkpoint(
-    model: str,
-    tokenizer: PreTrainedTokenizerBase,
-    output_dir: str,
-    dtype: torch.dtype,
-    device: torch.device,
-    save: bool = True,
-) -> str:
-    """A checkpoint to quantize on load: a directory or Hub id; a preset is built (seed it
-    first with `set_seed`) and saved as safetensors with its tokenizer to <output_dir>/base
-    (by the main process only: `save=False` just returns the path).
-
-    The returned path is absolute so the saved adapter names a base that loads from any folder."""
-    if model not in PRESETS:  # a local directory made absolute, a Hub id as it is
-        return str(Path(model).resolve()) if is_local_path(model) and Path(model).is_dir() else model
-    path = Path(output_dir, "base").resolve()
-    if not save:
-        return str(path)
-    with torch.device(device):  # random init on the GPU: seconds for 1B parameters instead of a minute on the CPU
-        preset = load_model(model, tokenizer, dtype=dtype)
-    preset.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    del preset
-    return str(path)
 
 
 def load_4bit(

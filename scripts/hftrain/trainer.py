@@ -4,6 +4,7 @@
 `parse_args`, `rating_trainer` and `finish` and keep what is particular to them in view.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,14 +48,19 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def parse_args(script_args: type, **defaults: Any) -> tuple[Any, TrainingArguments, str | None]:
-    """Parse (script_args, TrainingArguments) with the project's defaults, check the output
-    directory and resolve --resume_from_checkpoint; returns (args, training_args, checkpoint)."""
+def parse_args(
+    script_args: type, check: Callable[[Any, TrainingArguments], None] | None = None, **defaults: Any
+) -> tuple[Any, TrainingArguments, str | None]:
+    """Parse (script_args, TrainingArguments) with the project's defaults, run the script's own
+    `check(args, training_args)`, check the output directory and resolve --resume_from_checkpoint,
+    all before anything is loaded or written; returns (args, training_args, checkpoint)."""
     parser = HfArgumentParser((script_args, TrainingArguments))
     parser.set_defaults(**{**DEFAULTS, **defaults})
     check_deepspeed_config(parser.parse_known_args()[0].deepspeed)  # before TrainingArguments reads it
     args, training_args = parser.parse_args_into_dataclasses()
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
+    if check is not None:
+        check(args, training_args)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(
         training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0

@@ -30,14 +30,12 @@ import torch
 import torch.nn.functional as F
 import transformers.integrations.sdpa_attention as hf_sdpa
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments
 
-from hftrain.cli import check_output_dir, resolve_checkpoint
-from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.data import PadCollator
 from hftrain.errors import UserError
-from hftrain.metrics import Accuracy
 from hftrain.models import load_model
-from hftrain.reporting import ThroughputCallback, write_results
+from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
 
 BACKENDS = {
     "math": SDPBackend.MATH,
@@ -48,8 +46,7 @@ BACKENDS = {
 
 
 @dataclass
-class ScriptArguments:
-    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
+class ScriptArguments(ModelArguments):
     backend: str = field(
         default="math",
         metadata={
@@ -57,14 +54,11 @@ class ScriptArguments:
             "choices": list(BACKENDS),
         },
     )
-    data_dir: str = field(
-        default=DEFAULT_DATA_DIR,
-        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
-    )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
-    )
+
+
+def check_backend(args: ScriptArguments, training_args: TrainingArguments) -> None:
+    if args.backend in ("efficient", "cudnn") and not torch.cuda.is_available():
+        raise UserError(f"the {args.backend} SDPA kernel runs only on CUDA GPUs; on CPU pass --backend math or --backend flash")
 
 
 class CausalPadCollator(PadCollator):
@@ -112,72 +106,22 @@ def check_kernel(backend: str, config: Any, device: torch.device, dtype: torch.d
 
 
 def main() -> None:
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
-    parser.set_defaults(
-        output_dir="output/sdpa/math_kernel",
-        num_train_epochs=3,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=64,
-        learning_rate=3e-3,
-        warmup_steps=30,
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        logging_steps=10,
-        bf16=torch.cuda.is_available(),
-        dataloader_pin_memory=torch.cuda.is_available(),
-        report_to=["tensorboard"],
-    )
-    args, training_args = parser.parse_args_into_dataclasses()
-    if args.backend in ("efficient", "cudnn") and not torch.cuda.is_available():
-        raise UserError(f"the {args.backend} SDPA kernel runs only on CUDA GPUs; on CPU pass --backend math or --backend flash")
-    training_args.include_num_input_tokens_seen = "non_padding"
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
-    )
-
-    with training_args.main_process_first():
-        data = load_prepared(args.data_dir)
+    args, training_args, checkpoint = parse_args(ScriptArguments, check=check_backend, output_dir="output/sdpa/math_kernel")
+    data = load_data(training_args, args.data_dir)
     data.tokenizer.padding_side = "right"  # CausalPadCollator relies on it
-    set_seed(training_args.seed)
     model = load_model(args.model, data.tokenizer, attn_implementation="sdpa", trust_remote_code=args.trust_remote_code)
     compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     check_kernel(args.backend, model.config, training_args.device, compute_dtype)
 
-    accuracy = Accuracy(data.answer_token_ids)
-    throughput = ThroughputCallback(seq_len=data.max_length)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=data.train,
-        eval_dataset=data.test,
-        data_collator=CausalPadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
-        processing_class=data.tokenizer,
-        compute_metrics=accuracy.compute_metrics,
-        preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        callbacks=[throughput],
-    )
+    collator = CausalPadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    trainer = rating_trainer(model, training_args, data, data_collator=collator)
     # Every attention call inside runs on the chosen kernel; if it cannot (say flash with an explicit mask),
     # PyTorch raises "No available kernel" instead of quietly falling back to another one.
     with sdpa_kernel(BACKENDS[args.backend]):
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         eval_metrics = trainer.evaluate()
     trainer.save_model()
-
-    if trainer.is_world_process_zero():
-        write_results(
-            training_args.output_dir,
-            {
-                "eval_accuracy": eval_metrics["eval_accuracy"],
-                "eval_loss": eval_metrics["eval_loss"],
-                "train_loss": train_result.training_loss,
-                "steps": trainer.state.global_step,
-                "sdpa_backend": args.backend,
-                **throughput.metrics,
-            },
-            trainer.state.log_history,
-        )
+    finish(trainer, train_result, eval_metrics, sdpa_backend=args.backend)
 
 
 if __name__ == "__main__":

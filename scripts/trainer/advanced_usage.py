@@ -21,37 +21,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import (
-    EarlyStoppingCallback,
-    HfArgumentParser,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
-from hftrain.cli import check_output_dir, resolve_checkpoint
-from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
-from hftrain.metrics import Accuracy
 from hftrain.models import load_model
-from hftrain.reporting import ThroughputCallback, write_results
+from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
 
 
 @dataclass
-class ScriptArguments:
-    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
-    data_dir: str = field(
-        default=DEFAULT_DATA_DIR,
-        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
-    )
+class ScriptArguments(ModelArguments):
     target_accuracy: float = field(
         default=1.0, metadata={"help": "Stop once eval accuracy reaches this (1.0: never stop early for it)."}
     )
     early_stopping_patience: int = field(default=3, metadata={"help": "Evaluations without improvement before stopping."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
-    )
 
 
 class CompletionOnlyTrainer(Trainer):
@@ -89,14 +70,13 @@ class TargetAccuracyCallback(TrainerCallback):
 
 
 def main() -> None:
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
-    parser.set_defaults(
+    # 1. TrainingArguments: the project's defaults (hftrain/trainer.py) changed where this script teaches.
+    args, training_args, checkpoint = parse_args(
+        ScriptArguments,
         output_dir="output/trainer/advanced_usage",
         num_train_epochs=4,
         per_device_train_batch_size=16,
         gradient_accumulation_steps=2,  # 32 examples per optimizer step on each device
-        per_device_eval_batch_size=64,
-        learning_rate=3e-3,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,  # a float below 1 is a fraction of the total steps
         weight_decay=0.01,
@@ -108,59 +88,26 @@ def main() -> None:
         load_best_model_at_end=True,
         metric_for_best_model="accuracy",
         greater_is_better=True,
-        logging_steps=10,
         dataloader_num_workers=1,  # collate the next batches in a worker process while the model trains
-        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,  # keep `prompt_len` for CompletionOnlyTrainer
-        bf16=torch.cuda.is_available(),
-        report_to=["tensorboard"],
     )
-    args, training_args = parser.parse_args_into_dataclasses()
-    training_args.include_num_input_tokens_seen = "non_padding"
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
-    )
-
-    with training_args.main_process_first():
-        data = load_prepared(args.data_dir)
-    set_seed(training_args.seed)
+    data = load_data(training_args, args.data_dir)
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
 
-    accuracy = Accuracy(data.answer_token_ids)
-    throughput = ThroughputCallback(seq_len=data.max_length)
-    trainer = CompletionOnlyTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=data.train,
-        eval_dataset=data.test,
-        data_collator=PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
-        processing_class=data.tokenizer,
-        compute_metrics=accuracy.compute_metrics,
-        preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        callbacks=[
+    trainer = rating_trainer(
+        model,
+        training_args,
+        data,
+        trainer_class=CompletionOnlyTrainer,  # 2. the subclass
+        callbacks=[  # 3. callbacks (the project's ThroughputCallback is added by rating_trainer)
             EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience),
             TargetAccuracyCallback(args.target_accuracy),
-            throughput,
         ],
     )
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()  # the best checkpoint's model, loaded at the end
     trainer.save_model()
-
-    if trainer.is_world_process_zero():
-        write_results(
-            training_args.output_dir,
-            {
-                "eval_accuracy": eval_metrics["eval_accuracy"],
-                "eval_loss": eval_metrics["eval_loss"],
-                "train_loss": train_result.training_loss,
-                "steps": trainer.state.global_step,
-                "best_checkpoint": trainer.state.best_model_checkpoint,
-                **throughput.metrics,
-            },
-            trainer.state.log_history,
-        )
+    finish(trainer, train_result, eval_metrics, best_checkpoint=trainer.state.best_model_checkpoint)
 
 
 if __name__ == "__main__":

@@ -24,49 +24,21 @@ Docs: https://huggingface.co/docs/transformers/main_classes/trainer#transformers
 """
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
-from hftrain.cli import check_output_dir
-from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
-from hftrain.metrics import Accuracy
 from hftrain.models import load_model
-from hftrain.reporting import ThroughputCallback, write_results
+from hftrain.reporting import write_results
+from hftrain.trainer import ModelArguments, load_data, parse_args, rating_trainer
 
 
-@dataclass
-class ScriptArguments:
-    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
-    data_dir: str = field(
-        default=DEFAULT_DATA_DIR,
-        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
-    )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
-    )
-
-
-def train_once(args: ScriptArguments, training_args: TrainingArguments, data: Any) -> dict[str, Any]:
+def train_once(args: ModelArguments, training_args: TrainingArguments, data: Any) -> dict[str, Any]:
     set_seed(training_args.seed)  # the same initial weights and the same batch order for both runs
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
-    accuracy = Accuracy(data.answer_token_ids)
-    throughput = ThroughputCallback(seq_len=data.max_length)
-    trainer = Trainer(
-        model=model,
-        args=training_args,  # neftune_noise_alpha: the Trainer hooks the input embeddings while training
-        train_dataset=data.train,
-        eval_dataset=data.test,
-        data_collator=PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
-        processing_class=data.tokenizer,
-        compute_metrics=accuracy.compute_metrics,
-        preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        callbacks=[throughput],
-    )
+    # neftune_noise_alpha in training_args: the Trainer hooks the input embeddings while training.
+    trainer = rating_trainer(model, training_args, data)
     train_result = trainer.train()
     eval_metrics = trainer.evaluate()  # the hook is removed after training: evaluation sees clean embeddings
     trainer.save_model()
@@ -77,36 +49,22 @@ def train_once(args: ScriptArguments, training_args: TrainingArguments, data: An
         "train_loss": train_result.training_loss,
         "steps": trainer.state.global_step,
         "log_history": trainer.state.log_history,
-        **throughput.metrics,
+        **trainer.throughput.metrics,
     }
 
 
 def main() -> None:
-    cuda = torch.cuda.is_available()
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
-    parser.set_defaults(
+    args, training_args, _ = parse_args(
+        ModelArguments,
         output_dir="output/trainer/neftune",
         # The paper uses 5 (also 10, 15) on 4096-wide models with sequences of hundreds of tokens. The
         # noise per element is alpha / sqrt(length x width): the tiny preset (64 wide, ~40 tokens) gets
         # ~30x more from the same alpha, and 5 drowns its embeddings (accuracy stays at chance).
         neftune_noise_alpha=0.5,
         num_train_epochs=2,  # two short runs instead of one long one
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=64,
-        learning_rate=3e-3,
-        warmup_steps=30,
-        eval_strategy="epoch",
         save_strategy="no",  # the final model is still saved
-        logging_steps=10,
-        bf16=cuda,
-        dataloader_pin_memory=cuda,
-        report_to=["tensorboard"],
     )
-    args, training_args = parser.parse_args_into_dataclasses()
-    training_args.include_num_input_tokens_seen = "non_padding"
-    check_output_dir(training_args.output_dir, args.overwrite_output_dir, False, training_args.process_index == 0)
-    with training_args.main_process_first():
-        data = load_prepared(args.data_dir)
+    data = load_data(training_args, args.data_dir)
 
     alpha = training_args.neftune_noise_alpha
     # dataclasses.replace builds a fresh TrainingArguments: only these two fields differ between the runs.

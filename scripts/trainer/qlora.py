@@ -44,8 +44,8 @@ from hftrain.cli import check_output_dir, resolve_checkpoint
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.errors import UserError
 from hftrain.metrics import Accuracy
-from hftrain.models import count_parameters
-from hftrain.quantization import base_checkpoint, check_4bit_device, load_4bit
+from hftrain.models import count_parameters, save_preset_base
+from hftrain.quantization import check_4bit_device, load_4bit
 from hftrain.reporting import ThroughputCallback, write_results
 
 
@@ -110,13 +110,14 @@ def main() -> None:
     compute_dtype = torch.bfloat16 if cuda else torch.float32
     set_seed(training_args.seed)  # the preset's random weights depend on it
     with training_args.main_process_first():  # under DDP, rank 0 writes the base checkpoint once
-        base = base_checkpoint(
+        base = save_preset_base(
             args.model,
             data.tokenizer,
             training_args.output_dir,
-            compute_dtype,
-            training_args.device,
-            save=training_args.process_index == 0,
+            training_args.process_index == 0,
+            reuse=checkpoint is not None,
+            dtype=compute_dtype,
+            device=training_args.device,
         )
     model = load_4bit(base, data.tokenizer, compute_dtype, training_args.device, trust_remote_code=args.trust_remote_code)
 

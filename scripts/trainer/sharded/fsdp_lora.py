@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig, get_peft_model
 
-from hftrain.models import count_parameters, load_model, save_preset_base
+from hftrain.models import PRESETS, count_parameters, load_model, save_preset_base
 from hftrain.sharding import check_fsdp_layer_classes, save_full_state_dict_next
 from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
 
@@ -43,7 +43,7 @@ def main() -> None:
         base = save_preset_base(
             args.model,
             data.tokenizer,
-            f"{training_args.output_dir}/base",
+            training_args.output_dir,
             training_args.process_index == 0,
             reuse=checkpoint is not None,
         )
@@ -57,7 +57,7 @@ def main() -> None:
         target_modules="all-linear",  # every projection in attention and MLP (not lm_head)
         # The presets start from random weights, so the embeddings and output layer must learn too;
         # with a pretrained base, drop modules_to_save and train the adapter alone.
-        modules_to_save=["embed_tokens", "lm_head"] if args.model != base else None,
+        modules_to_save=["embed_tokens", "lm_head"] if args.model in PRESETS else None,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)

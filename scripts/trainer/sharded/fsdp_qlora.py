@@ -26,7 +26,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import BitsAndBytesConfig
 
 from hftrain.errors import UserError
-from hftrain.models import count_parameters, load_model, save_preset_base
+from hftrain.models import PRESETS, count_parameters, load_model, save_preset_base
 from hftrain.sharding import check_fsdp_layer_classes, save_full_state_dict_next
 from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
 
@@ -56,7 +56,7 @@ def main() -> None:
         base = save_preset_base(
             args.model,
             data.tokenizer,
-            f"{training_args.output_dir}/base",
+            training_args.output_dir,
             training_args.process_index == 0,
             reuse=checkpoint is not None,
         )
@@ -78,7 +78,7 @@ def main() -> None:
         target_modules="all-linear",
         # A preset's random base cannot be quantised into anything useful to adapt, so its
         # embeddings and output layer (kept in bf16, not 4-bit) train too; drop this for a pretrained base.
-        modules_to_save=["embed_tokens", "lm_head"] if args.model != base else None,
+        modules_to_save=["embed_tokens", "lm_head"] if args.model in PRESETS else None,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
