@@ -20,8 +20,10 @@ GS = "trainer/getting_started.py"
             ["--resume_from_checkpoint", "latest", "--output_dir", "output/empty"],
             "--resume_from_checkpoint latest: output/empty holds no checkpoint-* folder to resume from",
         ),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size is 0; it must be at least 1"),
+        (["--max_steps", "0"], "nothing to train: --max_steps is 0"),
     ],
-    ids=["missing-model-dir", "hub-model-offline", "no-data", "resume-without-checkpoint"],
+    ids=["missing-model-dir", "hub-model-offline", "no-data", "resume-without-checkpoint", "batch-size-0", "steps-0"],
 )
 def test_getting_started_refuses(workdir, args, message):
     proc = run_script(GS, *args, cwd=workdir, check=False)

@@ -2,6 +2,7 @@
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -45,3 +46,12 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> s
             f"--resume_from_checkpoint {resume_from_checkpoint} does not exist; pass a checkpoint-* folder or 'latest'"
         )
     return resume_from_checkpoint
+
+
+def check_training_args(training_args: Any) -> None:
+    """Sizes TrainingArguments accepts but no run can use, refused before anything is loaded."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise UserError(f"--{name} is {getattr(training_args, name)}; it must be at least 1")
+    if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.num_train_epochs <= 0):
+        raise UserError("nothing to train: --max_steps is 0 or --num_train_epochs is not above 0; set one of them above 0")

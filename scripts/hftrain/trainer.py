@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hftrain.cli import check_output_dir, resolve_checkpoint
+from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, Prepared, load_prepared
 from hftrain.metrics import Accuracy
 from hftrain.reporting import ThroughputCallback, write_results
@@ -59,6 +59,7 @@ def parse_args(
     check_deepspeed_config(parser.parse_known_args()[0].deepspeed)  # before TrainingArguments reads it
     args, training_args = parser.parse_args_into_dataclasses()
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
+    check_training_args(training_args)
     if check is not None:
         check(args, training_args)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)

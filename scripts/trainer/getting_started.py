@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hftrain.cli import check_output_dir, resolve_checkpoint
+from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.metrics import Accuracy
 from hftrain.models import load_model
@@ -62,6 +62,7 @@ def main() -> None:
     )
     args, training_args = parser.parse_args_into_dataclasses()
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens, not padding
+    check_training_args(training_args)  # e.g. a batch size or step count of 0
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(
         training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
