@@ -38,24 +38,16 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments
 
-from hftrain.cli import check_output_dir, resolve_checkpoint
-from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.errors import UserError
-from hftrain.metrics import Accuracy
 from hftrain.models import count_parameters, save_preset_base
 from hftrain.quantization import check_4bit_device, load_4bit
-from hftrain.reporting import ThroughputCallback, write_results
+from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
 
 
 @dataclass
-class ScriptArguments:
-    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
-    data_dir: str = field(
-        default=DEFAULT_DATA_DIR,
-        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
-    )
+class ScriptArguments(ModelArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator: updates are scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
@@ -66,49 +58,30 @@ class ScriptArguments:
             "random embeddings mean nothing, so they must learn; with a pretrained base pass '' (plain QLoRA)."
         },
     )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
-    )
 
 
-def main() -> None:
-    cuda = torch.cuda.is_available()
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
-    parser.set_defaults(
-        output_dir="output/trainer/qlora",
-        num_train_epochs=3,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=64,
-        learning_rate=1e-2,  # see "Why these settings" below
-        warmup_steps=30,
-        eval_strategy="epoch",  # evaluating between epochs is exactly what the CPU repacking trap breaks
-        save_strategy="epoch",
-        save_total_limit=2,
-        logging_steps=10,
-        optim="paged_adamw_8bit" if cuda else "adamw_bnb_8bit",  # see the header: paging needs CUDA
-        bf16=cuda,
-        dataloader_pin_memory=cuda,
-        report_to=["tensorboard"],
-    )
-    args, training_args = parser.parse_args_into_dataclasses()
-    training_args.include_num_input_tokens_seen = "non_padding"
-    optim = training_args.optim.value  # TrainingArguments turns the name into an enum
+def check_devices(args: ScriptArguments, training_args: TrainingArguments) -> None:
     if training_args.n_gpu > 1:  # plain `python` on several GPUs would wrap the 4-bit model in DataParallel
         raise UserError(
             "QLoRA here trains on one GPU per process: set CUDA_VISIBLE_DEVICES=0, or launch one process per GPU "
             "with accelerate launch (DDP)"
         )
     check_4bit_device(training_args.device)  # before anything is built or written
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
-    )
 
-    with training_args.main_process_first():
-        data = load_prepared(args.data_dir)
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    args, training_args, checkpoint = parse_args(
+        ScriptArguments,
+        check=check_devices,
+        output_dir="output/trainer/qlora",
+        learning_rate=1e-2,  # see "Why these settings" below
+        # (eval_strategy "epoch": evaluating between epochs is exactly what the CPU repacking trap breaks)
+        optim="paged_adamw_8bit" if cuda else "adamw_bnb_8bit",  # see the header: paging needs CUDA
+    )
+    optim = training_args.optim.value  # TrainingArguments turns the name into an enum
+    data = load_data(training_args, args.data_dir)
     compute_dtype = torch.bfloat16 if cuda else torch.float32
-    set_seed(training_args.seed)  # the preset's random weights depend on it
     with training_args.main_process_first():  # under DDP, rank 0 writes the base checkpoint once
         base = save_preset_base(
             args.model,
@@ -145,38 +118,11 @@ def main() -> None:
     note = " (CPU: unpaged, paging needs CUDA)" if optim == "adamw_bnb_8bit" and not cuda else ""
     print(f"trainable parameters: {trainable:,} of {total:,} (4-bit weights count as packed bytes) | optim {optim}{note}")
 
-    accuracy = Accuracy(data.answer_token_ids)
-    throughput = ThroughputCallback(seq_len=data.max_length)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=data.train,
-        eval_dataset=data.test,
-        data_collator=PadCollator(data.tokenizer, pad_to_multiple_of=8 if cuda else None),
-        processing_class=data.tokenizer,
-        compute_metrics=accuracy.compute_metrics,
-        preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        callbacks=[throughput],
-    )
+    trainer = rating_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
     trainer.save_model()  # the adapter (and modules_to_save) only: a few MB; the tokenizer beside it
-
-    if trainer.is_world_process_zero():
-        write_results(
-            training_args.output_dir,
-            {
-                "eval_accuracy": eval_metrics["eval_accuracy"],
-                "eval_loss": eval_metrics["eval_loss"],
-                "train_loss": train_result.training_loss,
-                "steps": trainer.state.global_step,
-                "optim": optim,
-                "base_model": base,
-                "trainable_parameters": trainable,
-                **throughput.metrics,
-            },
-            trainer.state.log_history,
-        )
+    finish(trainer, train_result, eval_metrics, optim=optim, base_model=base, trainable_parameters=trainable)
 
 
 if __name__ == "__main__":
