@@ -31,21 +31,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments
 from transformers.utils import is_flash_attn_2_available
 
-from hftrain.cli import check_output_dir, resolve_checkpoint
-from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.data import PadCollator
 from hftrain.errors import UserError
-from hftrain.metrics import Accuracy
 from hftrain.models import load_model
 from hftrain.packing import PaddingFreeCollator
-from hftrain.reporting import ThroughputCallback, write_results
+from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
 
 
 @dataclass
-class ScriptArguments:
-    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
+class ScriptArguments(ModelArguments):
     attn_implementation: str = field(
         default="flash_attention_2",
         metadata={
@@ -56,14 +53,6 @@ class ScriptArguments:
     )
     padding_free: bool = field(
         default=True, metadata={"help": "Concatenate each batch's documents into one row (false: pad them to a rectangle)."}
-    )
-    data_dir: str = field(
-        default=DEFAULT_DATA_DIR,
-        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
-    )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
     )
 
 
@@ -84,9 +73,14 @@ class PaddedEvalTrainer(Trainer):
             self.data_collator = train_collator
 
 
-def check_flash_attention(attn_implementation: str) -> None:
+def check_flash_attention(args: ScriptArguments, training_args: TrainingArguments) -> None:
     """FA2 runs only on CUDA GPUs with the flash-attn package; say so before anything is loaded."""
-    if attn_implementation != "flash_attention_2" or (torch.cuda.is_available() and is_flash_attn_2_available()):
+    if args.padding_free and training_args.n_gpu > 1:
+        raise UserError(
+            f"a padding-free batch is one row, which DataParallel cannot split over {training_args.n_gpu} GPUs; run one "
+            "process per GPU with `accelerate launch --config_file accelerate_config.yaml`, or pick one GPU with CUDA_VISIBLE_DEVICES=0"
+        )
+    if args.attn_implementation != "flash_attention_2" or (torch.cuda.is_available() and is_flash_attn_2_available()):
         return
     missing = "a CUDA GPU" if not torch.cuda.is_available() else "the flash-attn package (2.3.3 or newer)"
     raise UserError(
@@ -96,76 +90,33 @@ def check_flash_attention(attn_implementation: str) -> None:
 
 
 def main() -> None:
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
-    parser.set_defaults(
+    args, training_args, checkpoint = parse_args(
+        ScriptArguments,
+        check=check_flash_attention,
         output_dir="output/sdpa/flash_attention",
-        num_train_epochs=3,
-        per_device_train_batch_size=32,  # documents per batch: one packed row of ~32 x 40 tokens
-        per_device_eval_batch_size=64,
-        learning_rate=3e-3,
-        warmup_steps=30,
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        logging_steps=10,
-        bf16=torch.cuda.is_available(),  # FA2 computes in bf16/fp16 only: the weights stay fp32, autocast feeds it bf16
-        dataloader_pin_memory=torch.cuda.is_available(),
-        report_to=["tensorboard"],
+        # Documents per batch: one packed row of ~32 x 40 tokens. bf16 on CUDA (the project default): FA2
+        # computes in bf16/fp16 only; the weights stay fp32 and autocast feeds it bf16.
+        per_device_train_batch_size=32,
     )
-    args, training_args = parser.parse_args_into_dataclasses()
-    check_flash_attention(args.attn_implementation)
-    if args.padding_free and training_args.n_gpu > 1:
-        raise UserError(
-            f"a padding-free batch is one row, which DataParallel cannot split over {training_args.n_gpu} GPUs; run one "
-            "process per GPU with `accelerate launch --config_file accelerate_config.yaml`, or pick one GPU with CUDA_VISIBLE_DEVICES=0"
-        )
-    training_args.include_num_input_tokens_seen = "non_padding"
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
-    )
-
-    with training_args.main_process_first():
-        data = load_prepared(args.data_dir)
-    set_seed(training_args.seed)
+    data = load_data(training_args, args.data_dir)
     # FA2 warns that these fp32 weights are not bf16: expected, the Trainer's bf16 autocast hands it bf16 tensors.
     model = load_model(
         args.model, data.tokenizer, attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code
     )
 
     padded = PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    accuracy = Accuracy(data.answer_token_ids)
-    throughput = ThroughputCallback(seq_len=data.max_length)
-    trainer = PaddedEvalTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=data.train,
-        eval_dataset=data.test,
+    trainer = rating_trainer(
+        model,
+        training_args,
+        data,
+        trainer_class=PaddedEvalTrainer,
         data_collator=PaddingFreeCollator(args.attn_implementation) if args.padding_free else padded,
         eval_collator=padded,
-        processing_class=data.tokenizer,
-        compute_metrics=accuracy.compute_metrics,
-        preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        callbacks=[throughput],
     )
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
     trainer.save_model()
-
-    if trainer.is_world_process_zero():
-        write_results(
-            training_args.output_dir,
-            {
-                "eval_accuracy": eval_metrics["eval_accuracy"],
-                "eval_loss": eval_metrics["eval_loss"],
-                "train_loss": train_result.training_loss,
-                "steps": trainer.state.global_step,
-                "attn_implementation": args.attn_implementation,
-                "padding_free": args.padding_free,
-                **throughput.metrics,
-            },
-            trainer.state.log_history,
-        )
+    finish(trainer, train_result, eval_metrics, attn_implementation=args.attn_implementation, padding_free=args.padding_free)
 
 
 if __name__ == "__main__":
