@@ -1,5 +1,7 @@
 """Project tasks (invoke): `invoke --list` shows them, `invoke <task> --help` their options."""
 
+from pathlib import Path
+
 from invoke import Context, task
 
 
@@ -40,3 +42,11 @@ def prepare(c: Context, dataset: str = "synthetic", tokenizer: str = "", output_
 def train(c: Context, script: str = "trainer/getting_started", args: str = "") -> None:
     """Run one example, e.g. invoke train --script trainer/advanced_usage --args "--model small"."""
     c.run(f"python scripts/{script}.py {args}", pty=False)
+
+
+@task
+def bench(c: Context, cases: str = "", smoke: bool = False) -> None:
+    """The benchmark matrix (scripts/benchmark.py) on the GPUs here; --smoke checks the harness on CPU."""
+    if not smoke and not Path("data/synthetic-long/info.json").exists():
+        c.run("python scripts/prepare_datasets.py --dataset synthetic-long --num_examples 2000 --max_length 2048", pty=False)
+    c.run(f"python scripts/benchmark.py{' --smoke' if smoke else ''}{f' --cases {cases!r}' if cases else ''}", pty=False)

@@ -1,0 +1,550 @@
+"""Benchmark: tokens/s per GPU, MFU and peak memory of every technique, beside what people use instead.
+
+Every case is one Trainer run in a fresh process on the same data (documents of 256-2048 tokens),
+the same model (the `1b` preset, bf16 mixed precision) and sequence length (2048). Only the case's
+own settings change: how batches are built, the attention implementation, Liger kernels,
+`torch.compile`, the micro-batch, the optimizer, an adapter, the number of GPUs.
+
+Peers, built the way people use the Hugging Face stack:
+- P1: padded batches from a padding collator, SDPA: what a new Trainer user gets.
+- P2: `run_clm.py` style: documents concatenated and cut into full 2048-token blocks, SDPA.
+  Nothing is padded, but attention crosses document boundaries.
+- P3: P2 tuned as far as the stack goes without changing what it computes: Liger kernels,
+  `torch.compile`, the largest micro-batch that fits.
+The project's cases keep documents isolated (padding-free rows, FlashAttention-2's varlen kernel
+attending within each document) and add Liger, regional compilation and the large micro-batch.
+
+Numbers: tokens/s counts real tokens only (no padding) over the steps after the warm-up; MFU uses
+nanoGPT's 6N + 12·L·H·T FLOPs per token with T = 2048 for every case, against the GPU's datasheet
+peak and against the bf16 matmul rate measured at the start; peak memory is allocated and reserved
+after the warm-up. A case whose package or hardware is missing is reported as skipped, with why.
+
+    python scripts/prepare_datasets.py --dataset synthetic-long --num_examples 2000 --max_length 2048
+    python scripts/benchmark.py                      # every case the GPUs here can run (invoke bench)
+    python scripts/benchmark.py --cases P1,P2,P3     # a subset: names or prefixes (--list shows them)
+    python scripts/benchmark.py --smoke              # CPU, seconds: the tiny preset, to check the harness
+
+Writes results/benchmark/benchmark.json (every row, device, versions, date), benchmark.md (the
+tables) and benchmark.png (tokens/s and memory per case).
+"""
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser, TrainerCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+BIG = 0  # micro_batch placeholder: the largest that fits, from --big_batch
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batches: str  # "padded": one document per row, padded to the longest; "blocks": run_clm's 2048-token blocks;
+    # "packed": whole documents packed into rows of <= 2048 tokens and flattened (padding-free, isolated)
+    attn: str = "sdpa"
+    micro_batch: int = 8  # rows per GPU and step (a row holds up to 2048 tokens)
+    liger: bool = False  # TrainingArguments(use_liger_kernel=True): RMSNorm, SwiGLU, RoPE, fused linear + loss
+    compile: str = ""  # "model": TrainingArguments(torch_compile=True); "layers": each decoder layer compiled
+    optim: str = "adamw_torch_fused"
+    adapter: str = ""  # "lora" or "qlora"
+    gpus: int = 1
+    launch: str = ""  # accelerate config for cases on several GPUs ("+deepspeed" adds deepspeed_config.json)
+    peer: str = ""  # P1, P2, P3 for the peer cases
+    baseline: str = ""  # the 1-GPU case a distributed case's scaling efficiency is measured against
+
+
+def packed(name: str, **kwargs: Any) -> Case:
+    """The project's batches: whole documents, padding-free, isolated by FlashAttention-2's varlen kernel."""
+    return Case(name, "packed", attn="flash_attention_2", **kwargs)
+
+
+CASES = [
+    Case("P1: padded + SDPA", "padded", peer="P1"),
+    Case("P2: 2048-token blocks + SDPA", "blocks", peer="P2"),
+    Case("P3: blocks + Liger (big batch)", "blocks", liger=True, micro_batch=BIG, peer="P3"),
+    Case("P3: blocks + torch.compile", "blocks", compile="model", peer="P3"),
+    Case("P3: blocks + Liger + torch.compile (big batch)", "blocks", liger=True, compile="model", micro_batch=BIG, peer="P3"),
+    Case("SDPA padding-free (block-diagonal mask)", "packed"),
+    Case("FA2 padded", "padded", attn="flash_attention_2"),
+    packed("FA2 padding-free"),
+    packed("FA2 padding-free + Liger (big batch)", liger=True, micro_batch=BIG),
+    packed("FA2 padding-free + compiled layers", compile="layers"),
+    packed("FA2 padding-free + compiled layers (big batch)", compile="layers", micro_batch=BIG),
+    packed("FA2 padding-free + Liger + compiled layers (big batch)", liger=True, compile="layers", micro_batch=BIG),
+    packed("LoRA (FA2 padding-free)", adapter="lora"),
+    packed("QLoRA (FA2 padding-free)", adapter="qlora", optim="paged_adamw_8bit"),
+    packed("GaLore (FA2 padding-free)", optim="galore_adamw"),
+    packed("8-bit AdamW (FA2 padding-free)", optim="adamw_bnb_8bit"),
+]
+# Several GPUs: the same recipe as `DIST_BASELINE` on one GPU, so the ratio is the scaling efficiency.
+DIST_BASELINE = "P3: blocks + Liger (big batch)"
+CASES += [
+    Case(f"{n} x2: blocks + Liger (big batch)", "blocks", liger=True, micro_batch=BIG, gpus=2, launch=cfg, baseline=DIST_BASELINE)
+    for n, cfg in [
+        ("DDP", "accelerate_config.yaml"),
+        ("FSDP2", "accelerate_config_fsdp.yaml"),
+        ("ZeRO-3", "accelerate_config.yaml+deepspeed"),
+    ]
+]
+SMOKE = ["P1: padded + SDPA", "P2: 2048-token blocks + SDPA", "SDPA padding-free (block-diagonal mask)"]
+GALORE_MODULES = r".*\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
+
+
+@dataclass
+class Args:
+    model: str = field(default="1b", metadata={"help": "Preset or checkpoint, the same for every case."})
+    data_dir: str = field(default="data/synthetic-long", metadata={"help": "Prepared long documents (see above)."})
+    seq_len: int = field(default=2048, metadata={"help": "Row length of blocks and packed rows; T in the MFU formula."})
+    cases: str = field(default="", metadata={"help": "Comma-separated case names (default: all); --list shows them."})
+    steps: int = field(default=20, metadata={"help": "Measured optimizer steps per case."})
+    warmup: int = field(default=5, metadata={"help": "Steps before the measurement (compilation, allocator, autotuning)."})
+    big_batch: int = field(
+        default=0, metadata={"help": "The 'big batch' rows per GPU; 0: 16 on GPUs of 100 GiB or more, else 12."}
+    )
+    smoke: bool = field(default=False, metadata={"help": "CPU check of the harness: tiny preset, default data, 3 cases."})
+    output: str = field(default="results/benchmark/benchmark", metadata={"help": "Path stem of the .json, .md and .png."})
+    append: bool = field(default=False, metadata={"help": "Keep the rows already in <output>.json (same device) and add these."})
+    case_timeout: int = field(default=600, metadata={"help": "Seconds before a case is stopped and reported as failed."})
+    list: bool = field(default=False, metadata={"help": "Print the case names and exit."})
+    run_case: str = field(default="", metadata={"help": "(internal) run this one case in this process."})
+    result: str = field(default="", metadata={"help": "(internal) where --run_case writes its row."})
+
+
+def skip_reason(case: Case, args: Args) -> str | None:
+    """Why this machine cannot run the case, or None."""
+    gpus = torch.cuda.device_count()
+    if case.gpus > 1 and gpus < case.gpus:
+        return f"needs {case.gpus} GPUs, {gpus} here"
+    if case.attn == "flash_attention_2" and not (gpus and find_spec("flash_attn")):
+        return "needs flash-attn and a CUDA GPU"
+    if case.liger and not (gpus and find_spec("liger_kernel")):
+        return "needs liger-kernel and a CUDA GPU"
+    if (case.adapter == "qlora" or "bnb" in case.optim or "paged" in case.optim) and not gpus:
+        return "benchmarked on CUDA only"
+    if case.compile and not gpus:
+        return "benchmarked on CUDA only"
+    return None
+
+
+# ---- one case, in its own process ------------------------------------------------------------------
+
+
+class Window(TrainerCallback):
+    """Time and real tokens between the end of the warm-up and the end of training; peak memory in between."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.t0, self.tokens0 = warmup, 0.0, 0
+        self.result: dict[str, Any] = {}
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.warmup:
+            self._sync()
+            torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+            self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._sync()
+        elapsed = time.perf_counter() - self.t0
+        steps = state.global_step - self.warmup
+        losses = [r["loss"] for r in state.log_history if "loss" in r]
+        self.result = {
+            "tokens_per_s": (state.num_input_tokens_seen - self.tokens0) / elapsed,  # all processes together
+            "step_time_s": elapsed / steps,
+            "tokens_per_step": (state.num_input_tokens_seen - self.tokens0) / steps,
+            "loss": losses[-1] if losses else None,
+        }
+        if torch.cuda.is_available():
+            self.result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            self.result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+
+
+def build_dataset(case: Case, data: Any, seq_len: int) -> Any:
+    from datasets import Dataset
+
+    docs = data.train.select_columns(["input_ids"])
+    if case.batches == "padded":
+        return docs
+    if case.batches == "blocks":  # run_clm.py's group_texts: concatenate, cut into full blocks, drop the rest
+        flat = [t for ids in docs["input_ids"] for t in ids]
+        blocks = [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
+        return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+    from hftrain.packing import pack_documents
+
+    ids = docs["input_ids"]
+    rows = pack_documents([len(x) for x in ids], seq_len)
+    return Dataset.from_dict({"documents": [[ids[i][:seq_len] for i in row] for row in rows]})
+
+
+def collator(case: Case, tokenizer: Any) -> Any:
+    from transformers import default_data_collator
+
+    from hftrain.data import PadCollator
+    from hftrain.packing import PackedRowsCollator
+
+    if case.batches == "padded":
+        return PadCollator(tokenizer, pad_to_multiple_of=8)
+    if case.batches == "blocks":
+        return default_data_collator
+    return PackedRowsCollator(case.attn)
+
+
+def run_case(case: Case, args: Args) -> dict[str, Any]:
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+
+    from hftrain.data import load_prepared
+    from hftrain.models import load_model, preset_config
+    from hftrain.reporting import flops_per_token
+
+    cuda = torch.cuda.is_available()
+    deepspeed = str(ROOT / "deepspeed_config.json") if case.launch.endswith("+deepspeed") else None
+    training_args = TrainingArguments(  # before the model: ZeRO-3 partitions it while it is created
+        output_dir=tempfile.mkdtemp(prefix="bench-"),
+        per_device_train_batch_size=case.micro_batch,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-4 if not case.adapter else 1e-3,
+        lr_scheduler_type="constant",
+        bf16=cuda,
+        use_cpu=not cuda,
+        optim=case.optim,
+        optim_target_modules=GALORE_MODULES if "galore" in case.optim else None,
+        optim_args="rank=128,update_proj_gap=200,scale=0.25" if "galore" in case.optim else None,
+        use_liger_kernel=case.liger,
+        torch_compile=case.compile == "model",
+        deepspeed=deepspeed,
+        remove_unused_columns=False,  # packed rows carry `documents`, which the model does not take
+        include_num_input_tokens_seen="non_padding",
+        logging_steps=min(5, args.steps),
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        dataloader_drop_last=True,
+        seed=0,
+    )
+    data = load_prepared(args.data_dir)
+    train = build_dataset(case, data, args.seq_len)
+    set_seed(0)
+    model_name = "tiny" if args.smoke else args.model
+    with torch.device("meta"):  # FLOPs from the unquantized, unsharded shape
+        fpt = flops_per_token(AutoModelForCausalLM.from_config(preset_config(model_name, data.tokenizer)), args.seq_len)
+    device = PartialState().device
+    if case.adapter == "qlora":
+        from hftrain.models import save_preset_base
+        from hftrain.quantization import load_4bit
+
+        with training_args.main_process_first():
+            base = save_preset_base(
+                model_name,
+                data.tokenizer,
+                training_args.output_dir,
+                PartialState().is_main_process,
+                dtype=torch.bfloat16,
+                device=device,
+            )
+        model = load_4bit(base, data.tokenizer, torch.bfloat16, device, attn_implementation=case.attn)
+    else:
+        with torch.device(device) if cuda and not deepspeed else torch.device("cpu"):  # random init on the GPU: seconds
+            model = load_model(model_name, data.tokenizer, attn_implementation=case.attn)
+    if case.adapter:
+        from peft import LoraConfig, get_peft_model
+
+        if case.adapter == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    if case.compile == "layers":  # regional compilation: one graph per decoder layer, reused by all of them
+        for layer in model.get_decoder().layers:
+            layer.compile()
+    window = Window(args.warmup)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        data_collator=collator(case, data.tokenizer),
+        processing_class=data.tokenizer,
+        callbacks=[window],
+    )
+    trainer.train()
+    world = training_args.world_size
+    row = {
+        **window.result,
+        "tokens_per_s_per_gpu": window.result["tokens_per_s"] / world,
+        "gpus": world,
+        "flops_per_token": fpt,
+        "micro_batch": case.micro_batch,
+    }
+    return row
+
+
+# ---- the matrix ------------------------------------------------------------------------------------
+
+
+def matmul_tflops() -> float | None:
+    """The bf16 matmul rate this GPU sustains (8192^3, best of 3 x 20): MFU's practical ceiling."""
+    if not torch.cuda.is_available():
+        return None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    best = math.inf
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t) / 20)
+    return 2 * 8192**3 / best / 1e12
+
+
+def launch(case: Case, args: Args, result: Path, port: int) -> list[str]:
+    own = [str(SCRIPTS / "benchmark.py"), "--run_case", case.name, "--result", str(result)]
+    own += ["--model", args.model, "--data_dir", args.data_dir, "--seq_len", str(args.seq_len)]
+    own += ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
+    if case.gpus == 1:
+        return [sys.executable, *own]
+    config = case.launch.removesuffix("+deepspeed")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config)]
+    cmd += ["--num_processes", str(case.gpus), "--main_process_port", str(port)]
+    if "fsdp" in config:  # the 1-GPU baseline keeps activations too; random init needs no rank-0 loading
+        cmd += ["--fsdp_activation_checkpointing", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
+    return cmd + own
+
+
+def run_matrix(args: Args, cases: list[Case]) -> list[dict[str, Any]]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, case in enumerate(cases):
+            row: dict[str, Any] = {"case": case.name, **asdict(case)}
+            if reason := skip_reason(case, args):
+                row["skipped"] = reason
+            else:
+                result = Path(tmp) / f"{i}.json"
+                start = time.perf_counter()
+                try:
+                    proc = subprocess.run(
+                        launch(case, args, result, 29600 + i), capture_output=True, text=True, env=env, timeout=args.case_timeout
+                    )
+                    if proc.returncode == 0 and result.exists():
+                        row.update(json.loads(result.read_text()))
+                    else:
+                        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not set(ln.strip()) <= set("=-^~")]
+                        row["error"] = " / ".join(lines[-3:])[-500:] or f"exit status {proc.returncode}"
+                except subprocess.TimeoutExpired:
+                    row["error"] = f"stopped after {args.case_timeout} s"
+                row["wall_s"] = round(time.perf_counter() - start, 1)
+            print(
+                {k: row[k] for k in row if k in ("case", "tokens_per_s_per_gpu", "peak_allocated_gib", "skipped", "error")},
+                flush=True,
+            )
+            rows.append(row)
+    return rows
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in (
+        "torch",
+        "transformers",
+        "accelerate",
+        "peft",
+        "datasets",
+        "flash-attn",
+        "liger-kernel",
+        "bitsandbytes",
+        "deepspeed",
+        "galore-torch",
+    ):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def summarize(result: dict[str, Any]) -> None:
+    """MFU columns, scaling efficiency and the best recipe against the peers, added to `result`."""
+    from hftrain.reporting import peak_flops
+
+    peak, measured = peak_flops(result["device"]), result["matmul_tflops"]
+    by_name = {r["case"]: r for r in result["rows"]}
+    for r in result["rows"]:
+        if "tokens_per_s_per_gpu" not in r:
+            continue
+        achieved = r["tokens_per_s_per_gpu"] * r["flops_per_token"]
+        r["mfu"] = achieved / peak if peak else None
+        r["mfu_of_measured_matmul"] = achieved / (measured * 1e12) if measured else None
+        base = by_name.get(r["baseline"], {})
+        if "tokens_per_s_per_gpu" in base:
+            r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
+    ran = [r for r in result["rows"] if "tokens_per_s_per_gpu" in r and r["gpus"] == 1]
+    peers = {
+        p: max((r for r in ran if r["peer"] == p), key=lambda r: r["tokens_per_s_per_gpu"], default=None)
+        for p in ("P1", "P2", "P3")
+    }
+    ours = [
+        r for r in ran if not r["peer"] and r["batches"] == "packed" and not r["adapter"] and r["optim"] == "adamw_torch_fused"
+    ]
+    best = max(ours, key=lambda r: r["tokens_per_s_per_gpu"], default=None)
+    summary: dict[str, Any] = {"best_recipe": best["case"] if best else None}
+    if best:
+        summary["best_mfu"] = best["mfu"]
+        fastest_peer = max((r for r in peers.values() if r), key=lambda r: r["tokens_per_s_per_gpu"], default=None)
+        if fastest_peer:
+            summary["fastest_peer"] = fastest_peer["case"]
+            summary["best_vs_fastest_peer"] = best["tokens_per_s_per_gpu"] / fastest_peer["tokens_per_s_per_gpu"]
+        if peers["P1"]:
+            summary["best_vs_P1"] = best["tokens_per_s_per_gpu"] / peers["P1"]["tokens_per_s_per_gpu"]
+    result["summary"] = summary
+
+
+def fmt(v: Any, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def write_outputs(result: dict[str, Any], stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    v = result["versions"]
+    lines = [
+        f"{result['device']} ({result['gpu_count']} GPU(s) on the machine), {result['date']}; `{result['model']}` preset, "
+        f"{result['data_dir']}, T = {result['seq_len']}, {'bf16 mixed precision' if result['gpu_count'] else 'float32'}, {result['steps']} measured steps after "
+        f"{result['warmup']} warm-up; measured bf16 matmul {fmt(result['matmul_tflops'], '.0f')} TFLOP/s; "
+        + ", ".join(f"{k} {val}" for k, val in v.items()),
+        "",
+        "| case | micro-batch (rows) | tokens/s per GPU | MFU (datasheet) | MFU (measured matmul) | step (s) "
+        "| peak alloc / reserved (GiB) | scaling | loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if "tokens_per_s_per_gpu" not in r:
+            lines.append(
+                f"| {r['case']} | | {'skipped: ' + r['skipped'] if 'skipped' in r else 'failed: ' + r.get('error', '')} | | | | | | |"
+            )
+            continue
+        mem = (
+            f"{fmt(r.get('peak_allocated_gib'), '.1f')} / {fmt(r.get('peak_reserved_gib'), '.1f')}"
+            if "peak_allocated_gib" in r
+            else "n/a (CPU)"
+        )
+        lines.append(
+            f"| {r['case']} | {r['micro_batch']} | {r['tokens_per_s_per_gpu']:,.0f} | {fmt(r['mfu'], '.1%')} "
+            f"| {fmt(r['mfu_of_measured_matmul'], '.1%')} | {r['step_time_s']:.3f} | {mem} "
+            f"| {fmt(r.get('scaling_efficiency'), '.1%')} | {fmt(r['loss'], '.3f')} |"
+        )
+    s = result["summary"]
+    if s.get("best_recipe"):
+        lines += [
+            "",
+            f"Best recipe with documents isolated: **{s['best_recipe']}**, MFU {fmt(s.get('best_mfu'), '.1%')}, "
+            f"{fmt(s.get('best_vs_fastest_peer'), '.2f')}x the fastest peer ({s.get('fastest_peer')}), "
+            f"{fmt(s.get('best_vs_P1'), '.2f')}x P1.",
+        ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(result, stem.with_suffix(".png"))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "tokens_per_s_per_gpu" in r]
+    if not rows:
+        return
+    names = [r["case"] for r in rows]
+    colors = ["tab:grey" if r["peer"] else "tab:blue" if r["gpus"] == 1 else "tab:green" for r in rows]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(14, 0.45 * len(rows) + 1.5), sharey=True)
+    ax_t.barh(names, [r["tokens_per_s_per_gpu"] for r in rows], color=colors)
+    ax_t.set(xlabel="tokens/s per GPU (real tokens)")
+    ax_m.barh(names, [r.get("peak_allocated_gib", 0) for r in rows], color=colors)
+    ax_m.set(xlabel="peak allocated memory per GPU (GiB)")
+    ax_t.invert_yaxis()
+    fig.suptitle(f"{result['device']}, `{result['model']}`, T = {result['seq_len']} (grey: peers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
+    if args.list:
+        print("\n".join(c.name for c in CASES))
+        return
+    big = args.big_batch or (
+        16 if torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory >= 100 * 2**30 else 12
+    )
+    named = {c.name: replace(c, micro_batch=c.micro_batch or big) for c in CASES}
+    if args.smoke:
+        named = {n: replace(c, micro_batch=2) for n, c in named.items()}
+    if args.run_case:
+        row = run_case(named[args.run_case], args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            Path(args.result).write_text(json.dumps(row))
+        return
+
+    from hftrain.errors import UserError
+
+    tokens = [n.strip() for n in args.cases.split(",") if n.strip()] or (SMOKE if args.smoke else list(named))
+    if unknown := [t for t in tokens if not any(n == t or n.startswith(t) for n in named)]:
+        raise UserError(
+            f"unknown case(s) {unknown}; python scripts/benchmark.py --list shows the names (a prefix selects several)"
+        )
+    wanted = [n for t in tokens for n in ([t] if t in named else [n for n in named if n.startswith(t)])]
+    data_dir = "data/synthetic" if args.smoke else args.data_dir
+    if not (Path(data_dir) / "info.json").exists() and not args.smoke:
+        raise UserError(
+            f"no prepared data in {data_dir}; run: python scripts/prepare_datasets.py --dataset synthetic-long "
+            f"--num_examples 2000 --max_length 2048 --output_dir {data_dir}"
+        )
+    args.data_dir = data_dir
+    if args.smoke:
+        args.seq_len, args.steps, args.warmup = 256, 3, 1
+    stem = Path(args.output)
+    previous = json.loads(stem.with_suffix(".json").read_text()) if args.append and stem.with_suffix(".json").exists() else None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if previous and previous["device"] != device:
+        raise UserError(f"--append: {stem}.json was measured on {previous['device']}, this is {device}; ratios need one machine")
+    rows = run_matrix(args, [named[n] for n in wanted])
+    done = {r["case"] for r in rows}
+    result = {
+        "device": device,
+        "gpu_count": torch.cuda.device_count(),
+        "model": "tiny" if args.smoke else args.model,
+        "data_dir": args.data_dir,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "date": datetime.date.today().isoformat(),
+        "matmul_tflops": (previous or {}).get("matmul_tflops") or matmul_tflops(),
+        "versions": versions(),
+        "rows": [r for r in (previous or {}).get("rows", []) if r["case"] not in done] + rows,
+    }
+    summarize(result)
+    write_outputs(result, stem)
+
+
+if __name__ == "__main__":
+    main()
