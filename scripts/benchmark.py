@@ -194,7 +194,7 @@ def build_dataset(case: Case, data: Any, seq_len: int) -> Any:
     return Dataset.from_dict({"documents": [[ids[i][:seq_len] for i in row] for row in rows]})
 
 
-def collator(case: Case, tokenizer: Any) -> Any:
+def collator(case: Case, tokenizer: Any, seq_len: int) -> Any:
     from transformers import default_data_collator
 
     from hftrain.data import PadCollator
@@ -204,7 +204,9 @@ def collator(case: Case, tokenizer: Any) -> Any:
         return PadCollator(tokenizer, pad_to_multiple_of=8)
     if case.batches == "blocks":
         return default_data_collator
-    return PackedRowsCollator(case.attn)
+    # compiled cases get one fixed shape (padding to micro-batch x T), else each new length recompiles
+    pad_to = case.micro_batch * seq_len if case.compile else None
+    return PackedRowsCollator(case.attn, pad_to=pad_to, pad_token_id=tokenizer.pad_token_id)
 
 
 def run_case(case: Case, args: Args) -> dict[str, Any]:
@@ -280,7 +282,7 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
         model=model,
         args=training_args,
         train_dataset=train,
-        data_collator=collator(case, data.tokenizer),
+        data_collator=collator(case, data.tokenizer, args.seq_len),
         processing_class=data.tokenizer,
         callbacks=[window],
     )

@@ -59,3 +59,10 @@ def test_packing_keeps_documents_whole_and_rows_within_capacity():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
     assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, 7, 8, 9]]  # no target across a boundary
+
+    # A fixed length for torch.compile: one extra padding document, no targets, its own segment.
+    fixed = PackedRowsCollator("flash_attention_2", pad_to=12, pad_token_id=0)([{"documents": docs}])
+    assert fixed["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0, 0]]
+    assert fixed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1, 2]]
+    assert fixed["labels"][0, -3:].tolist() == [-100] * 3
+    assert fixed["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 12] and fixed["max_length_q"] == 4
