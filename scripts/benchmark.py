@@ -314,6 +314,8 @@ def matmul_tflops() -> float | None:
             a @ b
         torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - t) / 20)
+    del a, b
+    torch.cuda.empty_cache()  # the cases run in other processes: leave them the memory
     return 2 * 8192**3 / best / 1e12
 
 
@@ -331,7 +333,7 @@ def launch(case: Case, args: Args, result: Path, port: int) -> list[str]:
     return cmd + own
 
 
-def run_matrix(args: Args, cases: list[Case]) -> list[dict[str, Any]]:
+def run_matrix(args: Args, cases: list[Case], port: int = 29600) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = []
@@ -345,7 +347,7 @@ def run_matrix(args: Args, cases: list[Case]) -> list[dict[str, Any]]:
                 start = time.perf_counter()
                 try:
                     proc = subprocess.run(
-                        launch(case, args, result, 29600 + i), capture_output=True, text=True, env=env, timeout=args.case_timeout
+                        launch(case, args, result, port + i), capture_output=True, text=True, env=env, timeout=args.case_timeout
                     )
                     if proc.returncode == 0 and result.exists():
                         row.update(json.loads(result.read_text()))
@@ -424,7 +426,7 @@ def fmt(v: Any, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
-def write_outputs(result: dict[str, Any], stem: Path) -> None:
+def write_outputs(result: dict[str, Any], stem: Path, quiet: bool = False) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     v = result["versions"]
@@ -463,7 +465,8 @@ def write_outputs(result: dict[str, Any], stem: Path) -> None:
             f"{fmt(s.get('best_vs_P1'), '.2f')}x P1.",
         ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
     plot(result, stem.with_suffix(".png"))
 
 
@@ -529,8 +532,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if previous and previous["device"] != device:
         raise UserError(f"--append: {stem}.json was measured on {previous['device']}, this is {device}; ratios need one machine")
-    rows = run_matrix(args, [named[n] for n in wanted])
-    done = {r["case"] for r in rows}
+    kept = [r for r in (previous or {}).get("rows", []) if r["case"] not in wanted]
     result = {
         "device": device,
         "gpu_count": torch.cuda.device_count(),
@@ -542,10 +544,14 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "matmul_tflops": (previous or {}).get("matmul_tflops") or matmul_tflops(),
         "versions": versions(),
-        "rows": [r for r in (previous or {}).get("rows", []) if r["case"] not in done] + rows,
     }
-    summarize(result)
-    write_outputs(result, stem)
+    rows: list[dict[str, Any]] = []
+    for name in wanted:  # the files are rewritten after every case: a stopped run keeps what it measured
+        rows += run_matrix(args, [named[name]], port=29600 + len(rows))
+        order = {c.name: i for i, c in enumerate(CASES)}
+        result["rows"] = sorted(kept + rows, key=lambda r: order.get(r["case"], len(order)))
+        summarize(result)
+        write_outputs(result, stem, quiet=name != wanted[-1])
 
 
 if __name__ == "__main__":
