@@ -91,16 +91,27 @@ CASES = [
     packed("GaLore (FA2 padding-free)", optim="galore_adamw"),
     packed("8-bit AdamW (FA2 padding-free)", optim="adamw_bnb_8bit"),
 ]
-# Several GPUs: the same recipe as `DIST_BASELINE` on one GPU, so the ratio is the scaling efficiency.
+# Several GPUs: the recipe of `DIST_BASELINE` on 1 GPU, so the per-GPU ratio is the scaling efficiency.
+# FSDP2 + QLoRA is measured against itself on 1 GPU (its bf16-stored 4-bit base exists only under FSDP).
 DIST_BASELINE = "P3: blocks + Liger (big batch)"
-CASES += [
-    Case(f"{n} x2: blocks + Liger (big batch)", "blocks", liger=True, micro_batch=BIG, gpus=2, launch=cfg, baseline=DIST_BASELINE)
-    for n, cfg in [
-        ("DDP", "accelerate_config.yaml"),
-        ("FSDP2", "accelerate_config_fsdp.yaml"),
-        ("ZeRO-3", "accelerate_config.yaml+deepspeed"),
+QLORA_FSDP = "accelerate_config_fsdp_qlora.yaml"
+
+
+def distributed(n: int) -> list[Case]:
+    big = dict(batches="blocks", liger=True, micro_batch=BIG, gpus=n, baseline=DIST_BASELINE)
+    cases = [
+        Case(f"DDP x{n}: blocks + Liger (big batch)", **big, launch="accelerate_config.yaml"),  # type: ignore[arg-type]
+        Case(f"FSDP2 x{n}: blocks + Liger (big batch)", **big, launch="accelerate_config_fsdp.yaml"),  # type: ignore[arg-type]
+        Case(f"ZeRO-3 x{n}: blocks + Liger (big batch)", **big, launch="accelerate_config.yaml+deepspeed"),  # type: ignore[arg-type]
     ]
-]
+    qlora = Case(
+        f"FSDP2 + QLoRA x{n}: blocks", "blocks", adapter="qlora", gpus=n, launch=QLORA_FSDP, baseline="FSDP2 + QLoRA x1: blocks"
+    )
+    return cases + [qlora]
+
+
+CASES += [Case("FSDP2 + QLoRA x1: blocks", "blocks", adapter="qlora", launch=QLORA_FSDP)]
+CASES += distributed(2) + distributed(4) + distributed(8)
 SMOKE = ["P1: padded + SDPA", "P2: 2048-token blocks + SDPA", "SDPA padding-free (block-diagonal mask)"]
 GALORE_MODULES = r".*\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
 
@@ -220,7 +231,7 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     deepspeed = str(ROOT / "deepspeed_config.json") if case.launch.endswith("+deepspeed") else None
     training_args = TrainingArguments(  # before the model: ZeRO-3 partitions it while it is created
-        output_dir=tempfile.mkdtemp(prefix="bench-"),
+        output_dir=str(Path(args.result).with_suffix("")) if args.result else tempfile.mkdtemp(prefix="bench-"),
         per_device_train_batch_size=case.micro_batch,
         max_steps=args.warmup + args.steps,
         learning_rate=1e-4 if not case.adapter else 1e-3,
@@ -249,7 +260,10 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
     with torch.device("meta"):  # FLOPs from the unquantized, unsharded shape
         fpt = flops_per_token(AutoModelForCausalLM.from_config(preset_config(model_name, data.tokenizer)), args.seq_len)
     device = PartialState().device
+    fsdp = "fsdp" in case.launch
     if case.adapter == "qlora":
+        from transformers import BitsAndBytesConfig
+
         from hftrain.models import save_preset_base
         from hftrain.quantization import load_4bit
 
@@ -262,14 +276,24 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
                 dtype=torch.bfloat16,
                 device=device,
             )
-        model = load_4bit(base, data.tokenizer, torch.bfloat16, device, attn_implementation=case.attn)
+        if fsdp:  # as scripts/trainer/sharded/fsdp_qlora.py: 4-bit stored in bf16, so FSDP can shard it
+            nf4 = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_quant_storage=torch.bfloat16,
+            )
+            model = load_model(base, data.tokenizer, dtype=torch.bfloat16, attn_implementation=case.attn, quantization_config=nf4)
+        else:
+            model = load_4bit(base, data.tokenizer, torch.bfloat16, device, attn_implementation=case.attn)
     else:
         with torch.device(device) if cuda and not deepspeed else torch.device("cpu"):  # random init on the GPU: seconds
             model = load_model(model_name, data.tokenizer, attn_implementation=case.attn)
     if case.adapter:
         from peft import LoraConfig, get_peft_model
 
-        if case.adapter == "qlora":
+        if case.adapter == "qlora" and not fsdp:  # (it casts the non-4-bit layers to float32, which FSDP cannot mix)
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -323,12 +347,12 @@ def launch(case: Case, args: Args, result: Path, port: int) -> list[str]:
     own = [str(SCRIPTS / "benchmark.py"), "--run_case", case.name, "--result", str(result)]
     own += ["--model", args.model, "--data_dir", args.data_dir, "--seq_len", str(args.seq_len)]
     own += ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
-    if case.gpus == 1:
+    if not case.launch:
         return [sys.executable, *own]
     config = case.launch.removesuffix("+deepspeed")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config)]
     cmd += ["--num_processes", str(case.gpus), "--main_process_port", str(port)]
-    if "fsdp" in config:  # the 1-GPU baseline keeps activations too; random init needs no rank-0 loading
+    if config == "accelerate_config_fsdp.yaml":  # as the 1-GPU baseline: no activation checkpointing
         cmd += ["--fsdp_activation_checkpointing", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
     return cmd + own
 
