@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -377,7 +378,11 @@ def run_matrix(args: Args, cases: list[Case], port: int = 29600) -> list[dict[st
                         row.update(json.loads(result.read_text()))
                     else:
                         lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not set(ln.strip()) <= set("=-^~")]
-                        row["error"] = " / ".join(lines[-3:])[-500:] or f"exit status {proc.returncode}"
+                        # the worker's own exception, not the launcher's ChildFailedError that follows it
+                        errors = [ln for ln in lines if re.search(r"\w(Error|Exception)\b", ln) and "ChildFailedError" not in ln]
+                        row["error"] = (errors[-1] if errors else " / ".join(lines[-3:]))[
+                            -500:
+                        ] or f"exit status {proc.returncode}"
                 except subprocess.TimeoutExpired:
                     row["error"] = f"stopped after {args.case_timeout} s"
                 row["wall_s"] = round(time.perf_counter() - start, 1)

@@ -68,6 +68,20 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def start_checkpoint(workdir: Path) -> str:
+    """One saved random-init tiny model, so that ZeRO-3 (which initialises partitioned) and the
+    single-process run start from the same weights."""
+    from hftrain.data import load_prepared
+    from hftrain.models import load_model
+
+    path = workdir / "tiny-init"
+    tok = load_prepared(str(workdir / "data/synthetic")).tokenizer
+    load_model("tiny", tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

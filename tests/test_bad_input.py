@@ -1,8 +1,12 @@
 """Mistakes a user can make stop before training with one sentence saying what to do."""
 
-import pytest
+import os
+import sys
 
-from conftest import run_script
+import pytest
+import torch
+
+from conftest import ROOT, SCRIPTS, run, run_script
 
 GS = "trainer/getting_started.py"
 
@@ -88,3 +92,77 @@ def test_prepare_refuses(tmp_path, make, args, message):
 def test_prepare_refuses_unreachable_hub_dataset(tmp_path):
     proc = run_script("prepare_datasets.py", "--dataset", "someorg/not-downloaded", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "could not load the Hub dataset 'someorg/not-downloaded'" in proc.stderr
+
+
+def test_data_longer_than_the_model_takes_is_refused(workdir, tmp_path):
+    from hftrain.data import load_prepared
+    from hftrain.models import load_model
+
+    data = load_prepared(str(workdir / "data/synthetic"))
+    short = load_model("tiny", data.tokenizer)
+    short.config.max_position_embeddings = 16  # a checkpoint trained on short sequences
+    short.save_pretrained(tmp_path / "short")
+    data.tokenizer.save_pretrained(tmp_path / "short")
+    proc = run_script(GS, "--model", str(tmp_path / "short"), cwd=workdir, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    message = (
+        f"error: the prepared data has examples of {data.max_length} tokens but the model {tmp_path / 'short'} takes at most 16"
+    )
+    assert message in proc.stderr and "--max_length 16" in proc.stderr
+
+
+def test_accelerate_config_with_more_processes_than_gpus_is_refused(workdir):
+    """accelerate_config.yaml asks for 2 processes. Without GPUs accelerate starts both, but each finds no
+    process group to join and would train alone, writing the same files; both stop with the sentence instead."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml")]
+    cmd += ["--main_process_port", str(29900 + os.getpid() % 90), str(SCRIPTS / GS), "--output_dir", "output/two"]
+    proc = run(cmd, cwd=workdir, check=False, CUDA_VISIBLE_DEVICES="")  # no GPU, wherever the test runs
+    assert proc.returncode != 0 and not (workdir / "output/two").exists()
+    message = "error: 2 processes were launched but only 1 joined the run, as with a multi-GPU config on a machine without GPUs"
+    assert message in proc.stderr and "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2" in proc.stderr
+
+
+def test_more_processes_per_machine_than_gpus_is_refused(monkeypatch):
+    """On a machine with 1 GPU accelerate would put both processes on it (local rank modulo the GPU count)."""
+    from hftrain.cli import check_launch
+    from hftrain.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(
+        UserError, match=r"2 processes were launched on this machine but it has 1 GPU\(s\); launch with --num_processes 1"
+    ):
+        check_launch(num_processes=2, device=torch.device("cuda", 0))
+    check_launch(num_processes=2, device=torch.device("cpu"))  # CPU processes (ACCELERATE_USE_CPU=true) need no GPU
+
+
+def test_corrupt_checkpoint_is_refused(workdir, tmp_path):
+    """What a crash during a save leaves (the Trainer writes trainer_state.json last), named explicitly: refused
+    before anything is loaded. One case end to end, the others where the script's check runs."""
+    from safetensors.torch import save_file
+
+    from hftrain.cli import resolve_checkpoint
+    from hftrain.errors import UserError
+
+    checkpoint = tmp_path / "checkpoint-10"
+    checkpoint.mkdir()
+    save_file({"w": torch.zeros(64, 64)}, checkpoint / "model.safetensors")
+    torch.save({"state": {}}, checkpoint / "optimizer.pt")
+    (checkpoint / "trainer_state.json").write_text("{}")
+    assert resolve_checkpoint(str(checkpoint), str(tmp_path)) == str(checkpoint)  # complete
+
+    os.truncate(checkpoint / "optimizer.pt", 100)
+    proc = run_script(GS, "--resume_from_checkpoint", str(checkpoint), "--output_dir", str(tmp_path), cwd=workdir, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    expected = (
+        f"error: --resume_from_checkpoint {checkpoint} is incomplete or damaged (optimizer.pt is cut short); pass an earlier"
+    )
+    assert expected in proc.stderr
+    for damage, problem in [
+        (lambda: os.truncate(checkpoint / "model.safetensors", 100), "model.safetensors is cut short or damaged"),
+        (lambda: (checkpoint / "trainer_state.json").unlink(), "it has no trainer_state.json"),
+    ]:
+        damage()
+        with pytest.raises(UserError, match=f"is incomplete or damaged \\({problem}\\)"):
+            resolve_checkpoint(str(checkpoint), str(tmp_path))

@@ -10,7 +10,7 @@ from conftest import run_script
 
 @pytest.fixture(scope="module")
 def smoke(workdir):
-    cases = "P1,P2,SDPA padding-free,FA2 padding-free,DDP x2"
+    cases = "P1,P2,FA2 padding-free,DDP x2"  # two that run on CPU, two that say why not
     proc = run_script("benchmark.py", "--smoke", "--cases", cases, "--output", "results/smoke/benchmark", cwd=workdir)
     return json.loads((workdir / "results/smoke/benchmark.json").read_text()), proc
 
@@ -21,11 +21,10 @@ def test_smoke_run_measures_every_case_it_can_and_says_why_not_for_the_rest(smok
     assert list(rows) == [
         "P1: padded + SDPA",
         "P2: 2048-token blocks + SDPA",
-        "SDPA padding-free (block-diagonal mask)",
         "FA2 padding-free",
         "DDP x2: blocks + Liger (big batch)",
     ]
-    for name in list(rows)[:3]:
+    for name in list(rows)[:2]:
         r = rows[name]
         assert r["tokens_per_s_per_gpu"] > 0 and r["step_time_s"] > 0 and r["loss"] > 0, r
         assert r["flops_per_token"] > 0 and r["gpus"] == 1

@@ -15,21 +15,6 @@ SHORT = ["--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1
 
 
 @pytest.fixture(scope="module")
-def start_checkpoint(workdir):
-    """One saved random-init tiny model, so that ZeRO-3 (which initialises partitioned) and the
-    single-process run start from the same weights."""
-    from hftrain.data import load_prepared
-    from hftrain.models import load_model
-
-    path = workdir / "tiny-init"
-    if not path.exists():
-        tok = load_prepared(str(workdir / "data/synthetic")).tokenizer
-        load_model("tiny", tok).save_pretrained(path)
-        tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def single_process(workdir, start_checkpoint):
     out = workdir / "output/sharded-single"
     run_script(

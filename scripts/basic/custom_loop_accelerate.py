@@ -15,6 +15,9 @@ nothing else differs. Plain `python` runs it on one device, like custom_loop.py.
         scripts/basic/custom_loop_accelerate.py --per_device_train_batch_size 16   # DDP on CPU (gloo)
     ... --resume_from_checkpoint latest                                     # continue a stopped run
 
+SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint after the current step and
+exits with status 143 or 130; the same command with `--resume_from_checkpoint latest` continues.
+
 Two processes with 16 examples each make the same global batch as one with 32: --per_device_*
 sizes are per process, so a step sees batch size x accumulation x processes examples.
 
@@ -34,11 +37,12 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
-from hftrain.cli import check_output_dir, resolve_checkpoint
+from hftrain.cli import ACCELERATE_CHECKPOINT, check_launch, check_output_dir, resolve_checkpoint
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
-from hftrain.loops import LogHistory, accumulation_groups, evaluate, num_targets, num_tokens, prune_checkpoints
+from hftrain.loops import LogHistory, accumulation_groups, evaluate, num_targets, num_tokens, publish_checkpoint
 from hftrain.metrics import Accuracy
-from hftrain.models import load_model
+from hftrain.models import check_max_length, load_model
+from hftrain.preemption import Preemption
 from hftrain.reporting import ThroughputMeter, flops_per_token, write_results
 
 
@@ -95,14 +99,16 @@ def main() -> None:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    check_launch(accelerator.num_processes, accelerator.device)  # every process the launcher started joins, one per GPU
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, ACCELERATE_CHECKPOINT)
     check_output_dir(args.output_dir, args.overwrite_output_dir, checkpoint is not None, accelerator.is_main_process)
     device = accelerator.device  # this process's device: cuda:<local rank>, or the CPU
 
-    with accelerator.main_process_first():  # the main process prepares the data once; the others then load it
+    with accelerator.local_main_process_first():  # each machine's main process prepares the data; the others then load it
         data = load_prepared(args.data_dir)
     set_seed(args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
+    check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
     meter = ThroughputMeter(flops_per_token(model, data.max_length), num_devices=accelerator.num_processes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
@@ -132,14 +138,19 @@ def main() -> None:
         step = int(os.path.basename(os.path.normpath(checkpoint)).removeprefix("checkpoint-"))
     resume_epoch, resume_steps = divmod(step, steps_per_epoch)
 
-    def save_checkpoint() -> None:  # every process calls save_state: each writes its own RNG state
-        accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
+    def save_checkpoint() -> str:  # every process calls save_state: each writes its own RNG state
+        # Written under a temporary name, renamed once complete: a crash mid-save leaves the earlier checkpoints usable.
+        path = os.path.join(args.output_dir, f"checkpoint-{step}")
+        accelerator.save_state(path + ".tmp")
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            prune_checkpoints(args.output_dir, args.save_total_limit)
+            publish_checkpoint(path + ".tmp", path, keep=args.save_total_limit)  # and delete all but the newest few
+        return path  # the checkpoint's folder, for the preemption message
 
     loss_since_log = torch.zeros((), device=device)  # summed token losses and their count since the last log row
     targets_since_log = torch.zeros((), device=device)
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    preemption = Preemption()  # from here on SIGTERM or Ctrl-C saves a checkpoint after the step, then exits
     meter.start()
     model.train()
     for epoch in range(resume_epoch, math.ceil(total_steps / steps_per_epoch)):
@@ -174,12 +185,16 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             progress.update()
-            if step % args.logging_steps == 0 or step == total_steps:
+            # SIGTERM or Ctrl-C: all processes (through an all-reduce) log, save a checkpoint and exit after this same step
+            stop_at_checkpoint = step < total_steps and preemption.requested(device)
+            if step % args.logging_steps == 0 or step == total_steps or stop_at_checkpoint:
                 loss = (accelerator.reduce(loss_since_log, "sum") / targets_since_log).item()  # every process's tokens
                 history.log(step, epoch=round(step / steps_per_epoch, 3), loss=loss, learning_rate=scheduler.get_last_lr()[0])
                 progress.set_postfix(loss=f"{loss:.4f}")
                 loss_since_log.zero_()
                 targets_since_log.zero_()
+            if stop_at_checkpoint:
+                preemption.exit(step, save_checkpoint(), accelerator.is_main_process)  # 143 after SIGTERM, 130 after Ctrl-C
             if args.checkpointing_steps > 0 and step % args.checkpointing_steps == 0:
                 save_checkpoint()
             if step == total_steps:  # --max_steps may end training mid-epoch
@@ -193,6 +208,7 @@ def main() -> None:
         )
         save_checkpoint()  # at every epoch end too, after the evaluation, so its row is in the saved history
     progress.close()
+    preemption.restore()  # Ctrl-C stops at once again: past the last step there is no checkpoint to wait for
     # Each process counted its own tokens; tokens/s is for all of them together.
     tokens_per_process = accelerator.gather(torch.tensor([meter.tokens], device=device))
     meter.tokens = int(tokens_per_process.sum())
@@ -216,6 +232,7 @@ def main() -> None:
             },
             history.rows,
         )
+    accelerator.end_training()  # every process leaves the process group before exiting
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """Checks shared by every script, run before any model is loaded."""
 
+import json
+import os
+import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
-from transformers.trainer_utils import get_last_checkpoint
+import torch
+from safetensors import safe_open
 
 from hftrain.errors import UserError
 
@@ -30,26 +35,92 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool, is_main_p
             shutil.rmtree(ckpt)
 
 
-def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
-    """`--resume_from_checkpoint latest` (or `true`) picks the newest checkpoint in the output directory."""
+# What a resumable checkpoint holds. The Trainer writes trainer_state.json last (after the weights, optimizer,
+# scheduler and RNG states), so a save cut short by a crash leaves a folder without it. The accelerate loops
+# save into a temporary folder and rename it when complete; these are the files their load_state reads.
+TRAINER_CHECKPOINT = ("trainer_state.json",)
+ACCELERATE_CHECKPOINT = ("model.safetensors", "optimizer.bin", "random_states_0.pkl")
+
+
+def checkpoint_problem(folder: Path, required: tuple[str, ...] = TRAINER_CHECKPOINT) -> str | None:
+    """Why `folder` cannot be resumed from (a file missing or cut short), or None. Reads the weights' headers, not
+    their tensors, and the ends of the pickles: fast at any model size."""
+    for name in required:
+        if not (folder / name).is_file():
+            return f"it has no {name}"
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":  # the header must parse and the tensors it lists must fit the file
+                with safe_open(path, "pt"):
+                    pass
+            elif path.suffix in (".bin", ".pt", ".pth", ".pkl") and not zipfile.is_zipfile(path):
+                return f"{path.name} is cut short"  # torch.save writes a zip archive, whose directory comes last
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception:
+            return f"{path.name} is cut short or damaged"
+    return None
+
+
+def resolve_checkpoint(
+    resume_from_checkpoint: str | None, output_dir: str, required: tuple[str, ...] = TRAINER_CHECKPOINT
+) -> str | None:
+    """`--resume_from_checkpoint latest` (or `true`) picks the newest complete checkpoint in the output directory,
+    skipping, with one line each, those a crash left incomplete; a named checkpoint that is incomplete is refused."""
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint.lower() in ("latest", "last", "true"):
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None:
+        found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+        if not found:
             raise UserError(
                 f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} holds no checkpoint-* folder to resume from"
             )
-        return last
+        for folder in sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True):
+            problem = checkpoint_problem(folder, required)
+            if problem is None:
+                return str(folder)
+            if os.environ.get("RANK", "0") == "0":  # once, not once per process
+                print(f"skipping {folder}: {problem} (a save that was interrupted); trying the previous checkpoint", flush=True)
+        raise UserError(
+            f"--resume_from_checkpoint {resume_from_checkpoint}: every checkpoint in {output_dir} is incomplete; "
+            "start again without --resume_from_checkpoint (and with --overwrite_output_dir)"
+        )
     if not Path(resume_from_checkpoint).is_dir():
         raise UserError(
             f"--resume_from_checkpoint {resume_from_checkpoint} does not exist; pass a checkpoint-* folder or 'latest'"
         )
+    problem = checkpoint_problem(Path(resume_from_checkpoint), required)
+    if problem is not None:
+        raise UserError(
+            f"--resume_from_checkpoint {resume_from_checkpoint} is incomplete or damaged ({problem}); "
+            "pass an earlier checkpoint-* folder, or 'latest' for the newest complete one"
+        )
     return resume_from_checkpoint
 
 
+def check_launch(num_processes: int, device: torch.device) -> None:
+    """The processes a launcher started must all join one run: refuse more per machine than it has GPUs, and a
+    multi-GPU launch on a machine without any (where each process would silently train alone)."""
+    started = int(os.environ.get("WORLD_SIZE", "1"))
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))  # torchrun; deepspeed
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0  # CPU processes (ACCELERATE_USE_CPU) need none
+    if gpus and per_machine > gpus:  # accelerate would put two processes on one GPU, which NCCL refuses mid-run
+        raise UserError(
+            f"{per_machine} processes were launched on this machine but it has {gpus} GPU(s); "
+            f"launch with --num_processes {gpus} (or set num_processes: {gpus} in the accelerate config)"
+        )
+    if started > num_processes:
+        raise UserError(
+            f"{started} processes were launched but only {num_processes} joined the run, as with a multi-GPU config on a "
+            f"machine without GPUs; run one process with plain python, or {started} CPU processes with "
+            f"ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {started}"
+        )
+
+
 def check_training_args(training_args: Any) -> None:
-    """Sizes TrainingArguments accepts but no run can use, refused before anything is loaded."""
+    """Sizes TrainingArguments accepts but no run can use, and a launch whose processes cannot all take part,
+    refused before anything is loaded."""
+    check_launch(training_args.world_size, training_args.device)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) < 1:
             raise UserError(f"--{name} is {getattr(training_args, name)}; it must be at least 1")

@@ -168,7 +168,9 @@ def prepare(
         if len(tokenized[split]) == 0:
             raise UserError(f"--dataset {dataset} gives an empty {split} split; add data or change --test_size")
 
-    # Write beside the target and rename, so a crash or a second process never leaves half a folder.
+    # Write beside the target and rename, so a crash or a second process never leaves half a folder. Several
+    # machines sharing a disk each prepare their own copy at once (main_process_first is per machine): the
+    # first rename wins, and the others find its complete copy and keep it.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tokenizer.save_pretrained(tmp / "tokenizer")
@@ -187,7 +189,12 @@ def prepare(
             shutil.rmtree(tmp)
             return out
         shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process renamed its copy in between: a directory cannot replace a non-empty one
+        if not (out / "info.json").exists():
+            raise
+        shutil.rmtree(tmp)
     return out
 
 

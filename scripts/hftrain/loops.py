@@ -8,10 +8,13 @@
   also across processes (pass `gather=accelerator.gather_for_metrics`).
 - `LogHistory`: the Trainer-style log rows, mirrored to TensorBoard; it has `state_dict` and
   `load_state_dict`, so `accelerator.register_for_checkpointing` saves it with each checkpoint.
+- `publish_checkpoint`: checkpoints are written under a temporary name and renamed once complete, so a
+  crash mid-save leaves the earlier ones usable; then only the newest few are kept.
 """
 
 import contextlib
 import itertools
+import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
@@ -133,6 +136,15 @@ class LogHistory:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = list(state["rows"])
+
+
+def publish_checkpoint(written: str, path: str, keep: int) -> None:
+    """Rename the completely written checkpoint folder `written` to `path` (replacing one of the same step from an
+    earlier attempt), then keep only the newest `keep` checkpoints. A rename is atomic: `path` is never half written."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(written, path)
+    prune_checkpoints(os.path.dirname(path), keep)
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> None:

@@ -104,6 +104,19 @@ def check_tokenizer_matches(model: str, config: Any, tokenizer: PreTrainedTokeni
             )
 
 
+def check_max_length(model: Any, max_length: int) -> None:
+    """The prepared data's longest example must fit the model's positions: beyond them, learned position
+    embeddings index out of range and rotary ones extrapolate to positions never trained."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        name = getattr(model, "name_or_path", "") or model.config.model_type
+        raise UserError(
+            f"the prepared data has examples of {max_length} tokens but the model {name} takes at most {limit} "
+            f"(max_position_embeddings); prepare the data with python scripts/prepare_datasets.py --max_length {limit} "
+            "(and --output_dir <new dir>), or use a model with more positions"
+        )
+
+
 def load_model(
     model: str,
     tokenizer: PreTrainedTokenizerBase,

@@ -14,6 +14,8 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, Prepared, load_prepared
 from hftrain.metrics import Accuracy
+from hftrain.models import check_max_length
+from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results
 from hftrain.sharding import check_deepspeed_config
 
@@ -70,7 +72,7 @@ def parse_args(
 
 
 def load_data(training_args: TrainingArguments, data_dir: str) -> Prepared:
-    with training_args.main_process_first():  # under DDP, rank 0 prepares the data once
+    with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
         data = load_prepared(data_dir)
     set_seed(training_args.seed)  # the presets' random weights depend on it
     return data
@@ -79,7 +81,9 @@ def load_data(training_args: TrainingArguments, data_dir: str) -> Prepared:
 def rating_trainer(
     model: Any, training_args: TrainingArguments, data: Prepared, trainer_class: type = Trainer, **kwargs: Any
 ) -> Trainer:
-    """A Trainer on the prepared data with the accuracy metric and the throughput callback."""
+    """A Trainer on the prepared data with the accuracy metric, the throughput callback and the preemption
+    callback (SIGTERM or Ctrl-C: save a checkpoint, then exit); refuses data longer than the model takes."""
+    check_max_length(model, data.max_length)
     accuracy = Accuracy(data.answer_token_ids)
     throughput = ThroughputCallback(seq_len=data.max_length)
     trainer = trainer_class(
@@ -92,7 +96,7 @@ def rating_trainer(
         processing_class=data.tokenizer,
         compute_metrics=accuracy.compute_metrics,
         preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        callbacks=[*kwargs.pop("callbacks", []), throughput],
+        callbacks=[*kwargs.pop("callbacks", []), throughput, PreemptionCallback()],
         **kwargs,
     )
     trainer.throughput = throughput
@@ -100,19 +104,22 @@ def rating_trainer(
 
 
 def finish(trainer: Trainer, train_result: Any, eval_metrics: dict[str, float], **extra: Any) -> dict[str, Any] | None:
-    """Write metrics.json, the PNG and the summary line from the main process."""
-    if not trainer.is_world_process_zero():
-        return None
-    return write_results(
-        trainer.args.output_dir,
-        {
-            "eval_accuracy": eval_metrics["eval_accuracy"],
-            "eval_loss": eval_metrics["eval_loss"],
-            "train_loss": train_result.training_loss,
-            "steps": trainer.state.global_step,
-            "distributed_type": str(trainer.accelerator.distributed_type.value),
-            **extra,
-            **trainer.throughput.metrics,
-        },
-        trainer.state.log_history,
-    )
+    """Write metrics.json, the PNG and the summary line from the main process; every process then leaves the
+    process group (a gloo process that exits without doing so can abort at exit and stall the launcher)."""
+    result = None
+    if trainer.is_world_process_zero():
+        result = write_results(
+            trainer.args.output_dir,
+            {
+                "eval_accuracy": eval_metrics["eval_accuracy"],
+                "eval_loss": eval_metrics["eval_loss"],
+                "train_loss": train_result.training_loss,
+                "steps": trainer.state.global_step,
+                "distributed_type": str(trainer.accelerator.distributed_type.value),
+                **extra,
+                **trainer.throughput.metrics,
+            },
+            trainer.state.log_history,
+        )
+    trainer.accelerator.end_training()
+    return result

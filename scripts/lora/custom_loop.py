@@ -40,7 +40,7 @@ from hftrain.cli import check_output_dir
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.loops import LogHistory, accumulation_groups, evaluate, num_targets, num_tokens
 from hftrain.metrics import Accuracy
-from hftrain.models import PRESETS, load_model
+from hftrain.models import PRESETS, check_max_length, load_model
 from hftrain.reporting import ThroughputMeter, flops_per_token, write_results
 
 
@@ -94,6 +94,7 @@ def main() -> None:
     data = load_prepared(args.data_dir)
     set_seed(args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
+    check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
     if args.model in PRESETS:  # random base weights exist nowhere else: save them beside the adapter
         base_dir = os.path.abspath(os.path.join(args.output_dir, "base"))
         model.save_pretrained(base_dir)

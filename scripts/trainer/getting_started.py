@@ -9,6 +9,10 @@ the embedded rating task (data prepared on first use) in about a minute on a lap
         scripts/trainer/getting_started.py --model small          # every GPU, one process each (DDP)
     python scripts/trainer/getting_started.py --help              # every flag, TrainingArguments' too
 
+SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint after the current step and
+exits with status 143 or 130; the same command plus `--resume_from_checkpoint latest` continues
+exactly where it stopped.
+
 Plain `python` on a machine with several GPUs makes the Trainer wrap the model in
 `torch.nn.DataParallel` (one process, batch split across GPUs); DDP through `accelerate
 launch` (or `torchrun`) is faster and is what to use in practice.
@@ -25,7 +29,8 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.metrics import Accuracy
-from hftrain.models import load_model
+from hftrain.models import check_max_length, load_model
+from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results
 
 
@@ -62,16 +67,17 @@ def main() -> None:
     )
     args, training_args = parser.parse_args_into_dataclasses()
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens, not padding
-    check_training_args(training_args)  # e.g. a batch size or step count of 0
+    check_training_args(training_args)  # e.g. a batch size or step count of 0, more processes than GPUs
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(
         training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
     )
 
-    with training_args.main_process_first():  # under DDP, rank 0 prepares the data once
+    with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
         data = load_prepared(args.data_dir)
     set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
+    check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
 
     accuracy = Accuracy(data.answer_token_ids)
     throughput = ThroughputCallback(seq_len=data.max_length)
@@ -84,7 +90,7 @@ def main() -> None:
         processing_class=data.tokenizer,  # saved beside the model
         compute_metrics=accuracy.compute_metrics,
         preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        callbacks=[throughput],
+        callbacks=[throughput, PreemptionCallback()],  # SIGTERM or Ctrl-C: save a checkpoint, then exit
     )
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
@@ -102,6 +108,7 @@ def main() -> None:
             },
             trainer.state.log_history,
         )
+    trainer.accelerator.end_training()  # every process leaves the process group (DDP) before exiting
 
 
 if __name__ == "__main__":
