@@ -28,6 +28,7 @@ Writes results/benchmark/benchmark.json (every row, device, versions, date), ben
 tables) and benchmark.png (tokens/s and memory per case).
 """
 
+import contextlib
 import datetime
 import json
 import math
@@ -199,11 +200,9 @@ def build_dataset(case: Case, data: Any, seq_len: int) -> Any:
         flat = [t for ids in docs["input_ids"] for t in ids]
         blocks = [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
         return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
-    from hftrain.packing import pack_documents
+    from hftrain.packing import packed_rows
 
-    ids = docs["input_ids"]
-    rows = pack_documents([len(x) for x in ids], seq_len)
-    return Dataset.from_dict({"documents": [[ids[i][:seq_len] for i in row] for row in rows]})
+    return packed_rows(docs, seq_len)
 
 
 def collator(case: Case, tokenizer: Any, seq_len: int) -> Any:
@@ -230,6 +229,12 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
     from hftrain.reporting import flops_per_token
 
     cuda = torch.cuda.is_available()
+    data = load_prepared(args.data_dir)
+    model_name = "tiny" if args.smoke else args.model
+    # FLOPs from the unquantized, unsharded shape, counted on a meta copy made before TrainingArguments: once
+    # those hold a ZeRO-3 config, every model created is partitioned by deepspeed.zero.Init (meta included).
+    with torch.device("meta"):
+        fpt = flops_per_token(AutoModelForCausalLM.from_config(preset_config(model_name, data.tokenizer)), args.seq_len)
     deepspeed = str(ROOT / "deepspeed_config.json") if case.launch.endswith("+deepspeed") else None
     training_args = TrainingArguments(  # before the model: ZeRO-3 partitions it while it is created
         output_dir=str(Path(args.result).with_suffix("")) if args.result else tempfile.mkdtemp(prefix="bench-"),
@@ -254,12 +259,8 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
         dataloader_drop_last=True,
         seed=0,
     )
-    data = load_prepared(args.data_dir)
     train = build_dataset(case, data, args.seq_len)
     set_seed(0)
-    model_name = "tiny" if args.smoke else args.model
-    with torch.device("meta"):  # FLOPs from the unquantized, unsharded shape
-        fpt = flops_per_token(AutoModelForCausalLM.from_config(preset_config(model_name, data.tokenizer)), args.seq_len)
     device = PartialState().device
     fsdp = "fsdp" in case.launch
     if case.adapter == "qlora":
@@ -289,7 +290,8 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
         else:
             model = load_4bit(base, data.tokenizer, torch.bfloat16, device, attn_implementation=case.attn)
     else:
-        with torch.device(device) if cuda and not deepspeed else torch.device("cpu"):  # random init on the GPU: seconds
+        # Random init on the GPU: seconds for 1B. ZeRO-3 places the partitions itself (zero.Init), so no device there.
+        with torch.device(device) if cuda and not deepspeed else contextlib.nullcontext():
             model = load_model(model_name, data.tokenizer, attn_implementation=case.attn)
     if case.adapter:
         from peft import LoraConfig, get_peft_model

@@ -58,6 +58,16 @@ def split_documents(values: torch.Tensor, position_ids: torch.Tensor) -> list[to
     return list(values.reshape(-1, *values.shape[2:]).split(document_lengths(position_ids)))
 
 
+def packed_rows(dataset: Any, capacity: int) -> Any:
+    """A dataset of rows (`documents`: token lists) made from the documents of `dataset` (`input_ids`),
+    each row at most `capacity` tokens, every document whole (longer ones are cut to `capacity`)."""
+    from datasets import Dataset
+
+    ids = dataset["input_ids"]
+    rows = pack_documents([len(x) for x in ids], capacity)
+    return Dataset.from_dict({"documents": [[ids[i][:capacity] for i in row] for row in rows]})
+
+
 def pack_documents(lengths: list[int], capacity: int) -> list[list[int]]:
     """Indices of documents grouped into rows of at most `capacity` tokens, first-fit decreasing.
 

@@ -27,6 +27,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from transformers import TrainingArguments, set_seed
 
 from hftrain.models import load_model
@@ -91,6 +92,7 @@ def main() -> None:
             f"{baseline['eval_accuracy']:.3f} without (baseline) | eval loss {noisy['eval_loss']:.4f} vs "
             f"{baseline['eval_loss']:.4f} | same data and seed"
         )
+    PartialState().destroy_process_group()  # every process leaves the group, as hftrain.trainer.finish does
 
 
 if __name__ == "__main__":
