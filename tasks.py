@@ -21,8 +21,8 @@ def code_check(c: Context, fix: bool = False) -> None:
 
 @task
 def test(c: Context, k: str = "", x: bool = False) -> None:
-    """The CPU test suite (GPU tests are skipped without CUDA); -k selects tests by name."""
-    c.run(f"pytest {'-x ' if x else ''}{f'-k {k!r}' if k else ''}", pty=False)
+    """The CPU test suite (GPU tests are skipped without CUDA), two test files at a time; -k selects tests by name."""
+    c.run(f"pytest -n 2 --dist loadfile {'-x ' if x else ''}{f'-k {k!r}' if k else ''}", pty=False)
 
 
 @task

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,13 @@ def run_script(script: str, *args: str, cwd: Path, **kwargs) -> subprocess.Compl
     return run([sys.executable, str(SCRIPTS / script), *args], cwd=cwd, **kwargs)
 
 
+def free_port() -> int:
+    """A port nothing listens on now: tests running side by side (pytest -n 2) never share a rendezvous port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_cpu(script: str, *args: str, cwd: Path, nproc: int = 2, **kwargs) -> subprocess.CompletedProcess:
     """DDP over gloo with `nproc` CPU processes, as the README shows."""
     cmd = [
@@ -43,7 +51,7 @@ def accelerate_cpu(script: str, *args: str, cwd: Path, nproc: int = 2, **kwargs)
         "--num_processes",
         str(nproc),
         "--main_process_port",
-        str(29500 + os.getpid() % 1000),
+        str(free_port()),
         str(SCRIPTS / script),
         *args,
     ]

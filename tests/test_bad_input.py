@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPTS, run, run_script
+from conftest import ROOT, SCRIPTS, free_port, run, run_script
 
 GS = "trainer/getting_started.py"
 
@@ -115,7 +115,7 @@ def test_accelerate_config_with_more_processes_than_gpus_is_refused(workdir):
     """accelerate_config.yaml asks for 2 processes. Without GPUs accelerate starts both, but each finds no
     process group to join and would train alone, writing the same files; both stop with the sentence instead."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml")]
-    cmd += ["--main_process_port", str(29900 + os.getpid() % 90), str(SCRIPTS / GS), "--output_dir", "output/two"]
+    cmd += ["--main_process_port", str(free_port()), str(SCRIPTS / GS), "--output_dir", "output/two"]
     proc = run(cmd, cwd=workdir, check=False, CUDA_VISIBLE_DEVICES="")  # no GPU, wherever the test runs
     assert proc.returncode != 0 and not (workdir / "output/two").exists()
     message = "error: 2 processes were launched but only 1 joined the run, as with a multi-GPU config on a machine without GPUs"

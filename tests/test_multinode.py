@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, SCRIPTS, read_metrics, run_script, script_env, train_losses
+from conftest import ROOT, SCRIPTS, free_port, read_metrics, run_script, script_env, train_losses
 
 STEPS = 60  # long enough that a kill after the first checkpoint (step 20) lands mid-run
 COMMON = ["--max_steps", str(STEPS), "--logging_steps", "5", "--eval_strategy", "no", "--save_strategy", "no"]
@@ -31,13 +30,6 @@ LAUNCH_TIMEOUT = 300
 # How long the surviving machine may take to stop after its peer was killed. Measured on this stack: ~2 s (gloo
 # sees the dead peer's connection reset at the next all-reduce); the margin is for a loaded CI machine.
 SURVIVOR_TIMEOUT = 60
-
-
-def free_port() -> int:
-    """A port nothing listens on now, so that parallel test runs do not meet each other's machines."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accelerate_machine(rank: int, port: int, script: str, *args: str) -> list[str]:

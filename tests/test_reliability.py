@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SCRIPTS, accelerate_cpu, read_metrics, run_script, script_env, train_losses
+from conftest import SCRIPTS, accelerate_cpu, free_port, read_metrics, run_script, script_env, train_losses
 
 GS = "trainer/getting_started.py"
 STEPS = 60
@@ -137,7 +137,7 @@ def loop_preempted(workdir):
     """SIGTERM to ONE of the two processes: the other must stop at the same step (they agree by all-reduce),
     or the checkpoint's save would wait for it forever."""
     out = workdir / "output/reliability/loop"
-    port = str(29800 + os.getpid() % 100)
+    port = str(free_port())
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     cmd += ["--main_process_port", port, str(SCRIPTS / "basic/custom_loop_accelerate.py"), *LOOP, "--output_dir", str(out)]
     ready = re.compile(rf"train: .*\| ([3-9]|[1-5][0-9])/{STEPS} ")  # the progress bar at step 3 or later

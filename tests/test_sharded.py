@@ -2,14 +2,13 @@
 code path in one process, and every config file checked against the model it is meant for."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, SCRIPTS, read_metrics, run, run_script, train_losses
+from conftest import ROOT, SCRIPTS, free_port, read_metrics, run, run_script, train_losses
 
 SHORT = ["--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "10"]
 
@@ -41,7 +40,7 @@ def deepspeed_cpu(script: str, *args: str, cwd: Path) -> None:
         "--num_gpus",
         "2",
         "--master_port",
-        str(29600 + os.getpid() % 300),
+        str(free_port()),
         str(SCRIPTS / script),
         *args,
     ]
@@ -68,7 +67,7 @@ def test_zero3_two_cpu_processes_learns_saves_and_matches_single_process(workdir
     if launcher == "deepspeed":
         deepspeed_cpu("trainer/sharded/zero.py", *args, cwd=workdir)
     else:  # without ACCELERATE_USE_CPU, which would make accelerate pick CPU DDP over DeepSpeed
-        port = str(29700 + os.getpid() % 300)
+        port = str(free_port())
         cmd = [
             sys.executable,
             "-m",
@@ -218,7 +217,7 @@ def test_fsdp2_lora_adapter_state_dict_is_complete_on_two_cpu_processes(tmp_path
     project's recipe) it does; with FSDP's checkpoint wrapper (fsdp_activation_checkpointing)
     PEFT keeps only the modules_to_save copies: the pitfall accelerate_config_fsdp_lora.yaml avoids."""
     out = tmp_path / "keys.json"
-    port = str(29800 + os.getpid() % 100)
+    port = str(free_port())
     cmd = [
         sys.executable,
         "-m",
