@@ -264,10 +264,8 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
     device = PartialState().device
     fsdp = "fsdp" in case.launch
     if case.adapter == "qlora":
-        from transformers import BitsAndBytesConfig
-
         from hftrain.models import save_preset_base
-        from hftrain.quantization import load_4bit
+        from hftrain.quantization import load_4bit, nf4_config
 
         with training_args.main_process_first():
             base = save_preset_base(
@@ -279,13 +277,7 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
                 device=device,
             )
         if fsdp:  # as scripts/trainer/sharded/fsdp_qlora.py: 4-bit stored in bf16, so FSDP can shard it
-            nf4 = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-                bnb_4bit_quant_storage=torch.bfloat16,
-            )
+            nf4 = nf4_config(torch.bfloat16, quant_storage=torch.bfloat16)
             model = load_model(base, data.tokenizer, dtype=torch.bfloat16, attn_implementation=case.attn, quantization_config=nf4)
         else:
             model = load_4bit(base, data.tokenizer, torch.bfloat16, device, attn_implementation=case.attn)
@@ -577,9 +569,9 @@ def main() -> None:
         "versions": versions(),
     }
     rows: list[dict[str, Any]] = []
+    order = {c.name: i for i, c in enumerate(CASES)}
     for name in wanted:  # the files are rewritten after every case: a stopped run keeps what it measured
         rows += run_matrix(args, [named[name]], port=29600 + len(rows))
-        order = {c.name: i for i, c in enumerate(CASES)}
         result["rows"] = sorted(kept + rows, key=lambda r: order.get(r["case"], len(order)))
         summarize(result)
         write_outputs(result, stem, quiet=name != wanted[-1])

@@ -19,14 +19,18 @@ from hftrain.models import load_model, skip_cpu_4bit_repacking
 BNB_4BIT_DEVICES = ("cuda", "cpu", "xpu")
 
 
-def nf4_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+def nf4_config(compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None) -> BitsAndBytesConfig:
     """The QLoRA paper's recipe: NormalFloat4 weights, the quantization scales quantized again
-    ("double quantization", ~0.4 bits per parameter saved), matmuls in `compute_dtype`."""
+    ("double quantization", ~0.4 bits per parameter saved), matmuls in `compute_dtype`. Under FSDP the
+    packed weights must be stored in the dtype the model is loaded in (`quant_storage`), so FSDP can
+    shard them with the other parameters; otherwise bitsandbytes' default (uint8)."""
+    storage = {} if quant_storage is None else {"bnb_4bit_quant_storage": quant_storage}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        **storage,
     )
 
 
