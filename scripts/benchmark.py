@@ -62,6 +62,7 @@ class Case:
     micro_batch: int = 8  # rows per GPU and step (a row holds up to 2048 tokens)
     liger: bool = False  # TrainingArguments(use_liger_kernel=True): RMSNorm, SwiGLU, RoPE, fused linear + loss
     compile: str = ""  # "model": TrainingArguments(torch_compile=True); "layers": each decoder layer compiled
+    fp8: bool = False  # torchao's Float8Linear for the decoder's linear layers (tensorwise scales)
     optim: str = "adamw_torch_fused"
     adapter: str = ""  # "lora" or "qlora"
     gpus: int = 1
@@ -88,6 +89,8 @@ CASES = [
     packed("FA2 padding-free + compiled layers", compile="layers"),
     packed("FA2 padding-free + compiled layers (big batch)", compile="layers", micro_batch=BIG),
     packed("FA2 padding-free + Liger + compiled layers (big batch)", liger=True, compile="layers", micro_batch=BIG),
+    packed("FA2 padding-free + float8 + compiled layers", fp8=True, compile="layers"),
+    packed("FA2 padding-free + float8 + compiled layers (big batch)", fp8=True, compile="layers", micro_batch=BIG),
     packed("LoRA (FA2 padding-free)", adapter="lora"),
     packed("QLoRA (FA2 padding-free)", adapter="qlora", optim="paged_adamw_8bit"),
     packed("GaLore (FA2 padding-free)", optim="galore_adamw"),
@@ -151,6 +154,11 @@ def skip_reason(case: Case, args: Args) -> str | None:
         return "benchmarked on CUDA only"
     if case.compile and not gpus:
         return "benchmarked on CUDA only"
+    if case.fp8:
+        from hftrain.quantization import has_float8_tensor_cores
+
+        if not (has_float8_tensor_cores() and find_spec("torchao")):
+            return "needs torchao and a GPU with float8 tensor cores (compute capability 8.9+)"
     return None
 
 
@@ -293,6 +301,10 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    if case.fp8:
+        from hftrain.quantization import float8_training
+
+        float8_training(model)
     if case.compile == "layers":  # regional compilation: one graph per decoder layer, reused by all of them
         for layer in model.get_decoder().layers:
             layer.compile()
@@ -365,8 +377,15 @@ def run_matrix(args: Args, cases: list[Case], port: int = 29600) -> list[dict[st
                 result = Path(tmp) / f"{i}.json"
                 start = time.perf_counter()
                 try:
+                    # A 1-GPU case is one plain process: give it one GPU (the Trainer would wrap the model in
+                    # DataParallel over all of them, and the rows would not be one GPU's).
+                    first = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
                     proc = subprocess.run(
-                        launch(case, args, result, port + i), capture_output=True, text=True, env=env, timeout=args.case_timeout
+                        launch(case, args, result, port + i),
+                        capture_output=True,
+                        text=True,
+                        env=env if case.launch else {**env, **first},
+                        timeout=args.case_timeout,
                     )
                     if proc.returncode == 0 and result.exists():
                         row.update(json.loads(result.read_text()))
@@ -397,6 +416,7 @@ def versions() -> dict[str, str]:
         "peft",
         "datasets",
         "flash-attn",
+        "torchao",
         "liger-kernel",
         "bitsandbytes",
         "deepspeed",

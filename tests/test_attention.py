@@ -211,3 +211,54 @@ def test_packed_rows_train_and_count_every_real_token(workdir):
 
     proc = run_script("sdpa/flash_attention.py", "--pack_rows", "256", "--padding_free", "false", cwd=workdir, check=False)
     assert proc.returncode == 1 and "error: --pack_rows builds padding-free batches" in proc.stderr
+
+
+def test_fp8_refuses_without_float8_tensor_cores(tmp_path):
+    from hftrain.quantization import has_float8_tensor_cores
+
+    if has_float8_tensor_cores():
+        pytest.skip("this GPU has float8 tensor cores")
+    proc = run_script("sdpa/flash_attention.py", "--attn_implementation", "sdpa", "--fp8", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: --fp8 needs float8 tensor cores (compute capability 8.9+" in proc.stderr
+    assert not (tmp_path / "data").exists()  # stopped before loading anything
+
+
+def test_float8_training_converts_the_decoder_trains_and_saves_a_plain_model(data, tmp_path):
+    """torchao's Float8Linear in emulation (the same casts and scales, without float8 hardware): the decoder's
+    linear layers are swapped, the output layer is not, training moves the loss, and the checkpoint is a
+    plain Llama with the same keys, which reloads to the same outputs."""
+    from torchao.float8.float8_linear import Float8Linear
+    from transformers import AutoModelForCausalLM
+
+    from hftrain.models import load_model
+    from hftrain.quantization import float8_training
+
+    torch.manual_seed(0)
+    model = load_model("tiny", data.tokenizer, attn_implementation="sdpa")
+    keys = set(model.state_dict())
+    float8_training(model, emulate=True)
+    swapped = [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
+    assert len(swapped) == 7 * model.config.num_hidden_layers and not isinstance(model.lm_head, Float8Linear)
+    batch = next(iter(torch.utils.data.DataLoader(data.train.select(range(16)), batch_size=16, collate_fn=_pad(data))))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    model.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert set(plain.state_dict()) == keys
+    with torch.no_grad():
+        # float8 (emulated) against full precision: the same function up to float8 rounding
+        torch.testing.assert_close(plain(**batch).loss, model(**batch).loss, rtol=0.05, atol=0)
+
+
+def _pad(data):
+    from hftrain.data import PadCollator
+
+    return PadCollator(data.tokenizer)

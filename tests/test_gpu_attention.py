@@ -110,6 +110,29 @@ def test_flash_attention_padded_and_padding_free_train_alike(workdir):
     assert train_losses(packed) == pytest.approx(train_losses(padded), rel=2e-2)
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_fastest_recipe_flags_learn_and_save(workdir, fp8):
+    """The benchmark's recipe as flags: rows of whole documents, compiled layers, and float8 matmuls."""
+    from hftrain.quantization import has_float8_tensor_cores
+
+    needs_flash_attn()
+    if fp8 and not has_float8_tensor_cores():
+        pytest.skip("needs float8 tensor cores (compute capability 8.9+)")
+    out = workdir / f"output/gpu_fa2_recipe_{'fp8' if fp8 else 'bf16'}"
+    args = ["--model", "small", "--pack_rows", "1024", "--compile_layers", *(["--fp8"] if fp8 else [])]
+    args += ["--per_device_train_batch_size", "2", "--learning_rate", "5e-4", "--num_train_epochs", "3"]
+    run_script("sdpa/flash_attention.py", *args, "--output_dir", str(out), cwd=workdir, **ONE_GPU)
+    m = read_metrics(out)
+    print(
+        f"recipe {'fp8' if fp8 else 'bf16'}, small:",
+        {k: m[k] for k in ("eval_accuracy", "train_tokens_per_second", "peak_memory_gib")},
+    )
+    assert m["eval_accuracy"] >= 0.9
+    # The saved model is a plain one (no float8 modules, no compiled wrappers): it reloads and scores the same.
+    proc = run_script("evaluate_model.py", "--model_dir", str(out), cwd=workdir, **ONE_GPU)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["eval_accuracy"] == pytest.approx(m["eval_accuracy"], abs=0.03)
+
+
 @pytest.mark.parametrize("backend", ["math", "flash", "efficient", "cudnn"])
 def test_math_kernel_each_backend(workdir, backend):
     out = workdir / f"output/gpu_sdpa_{backend}"

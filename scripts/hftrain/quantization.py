@@ -65,3 +65,28 @@ def load_4bit(
     # so training after the first evaluation would silently stop. See skip_cpu_4bit_repacking.
     skip_cpu_4bit_repacking(quantized)
     return quantized
+
+
+def has_float8_tensor_cores() -> bool:
+    """float8 matmuls (torch._scaled_mm) need compute capability 8.9 or newer: H100, H200, L40S, RTX 4090, B200."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def float8_training(model: torch.nn.Module, emulate: bool = False) -> torch.nn.Module:
+    """Swap the decoder's nn.Linear layers for torchao's Float8Linear, in place: each matmul of the forward and
+    backward runs in float8 (e4m3 inputs and weights, e5m2 gradients), with one dynamic scale per tensor
+    ("tensorwise", torchao's fastest recipe). The weights, the optimizer and the checkpoints stay exactly as
+    they were: a saved model is a plain one. Speed needs torch.compile around the layers, which fuses the
+    scaling casts into the neighbouring kernels; `emulate=True` runs the same code without float8 hardware
+    (tests only). The output layer keeps bf16, as torchao and torchtitan recommend for accuracy."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def wanted(module: torch.nn.Module, fqn: str) -> bool:  # float8 GEMMs need both dimensions divisible by 16
+        return (
+            isinstance(module, torch.nn.Linear)
+            and "lm_head" not in fqn
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
+
+    return convert_to_float8_training(model, config=Float8LinearConfig(emulate=emulate), module_filter_fn=wanted)

@@ -17,7 +17,8 @@ batch's loss up to float rounding (tests/test_attention.py checks it).
     python scripts/sdpa/flash_attention.py --attn_implementation sdpa   # no flash-attn (CPU too): same batches
     python scripts/sdpa/flash_attention.py --padding_free false     # padded batches, to compare
     CUDA_VISIBLE_DEVICES=0 python scripts/sdpa/flash_attention.py --model 1b --data_dir data/synthetic-long \
-        --pack_rows 2048 --compile_layers --per_device_train_batch_size 16   # the benchmark's fastest recipe
+        --pack_rows 2048 --compile_layers --per_device_train_batch_size 16   # the benchmark's fastest bf16 recipe
+    ... --pack_rows 2048 --compile_layers --fp8 --per_device_train_batch_size 16   # float8 matmuls (H100/H200)
 
 With sdpa or eager the same packed batches work too: transformers turns the restarting
 `position_ids` into a block-diagonal causal mask (see hftrain/packing.py for when it does not).
@@ -30,6 +31,7 @@ Docs: https://huggingface.co/docs/transformers/perf_infer_gpu_one#flashattention
 """
 
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from typing import Any
 
 import torch
@@ -40,6 +42,7 @@ from hftrain.data import PadCollator
 from hftrain.errors import UserError
 from hftrain.models import load_model
 from hftrain.packing import PackedRowsCollator, PaddingFreeCollator, packed_rows
+from hftrain.quantization import float8_training, has_float8_tensor_cores
 from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
 
 
@@ -66,6 +69,13 @@ class ScriptArguments(ModelArguments):
     compile_layers: bool = field(
         default=False,
         metadata={"help": "Compile each decoder layer with torch.compile (regional compilation: one graph, compiled once)."},
+    )
+    fp8: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the decoder's matmuls in float8 (torchao, tensorwise scales; needs an H100/H200-class GPU). "
+            "Pair it with --compile_layers, which fuses the float8 casts; the saved model is a plain bf16/fp32 one."
+        },
     )
 
 
@@ -95,6 +105,17 @@ def check_flash_attention(args: ScriptArguments, training_args: TrainingArgument
             f"a padding-free batch is one row, which DataParallel cannot split over {training_args.n_gpu} GPUs; run one "
             "process per GPU with `accelerate launch --config_file accelerate_config.yaml`, or pick one GPU with CUDA_VISIBLE_DEVICES=0"
         )
+    if args.fp8 and not has_float8_tensor_cores():
+        gpu = (
+            f"{torch.cuda.get_device_name()} has compute capability {torch.cuda.get_device_capability()}"
+            if torch.cuda.is_available()
+            else "this machine has no CUDA GPU"
+        )
+        raise UserError(
+            f"--fp8 needs float8 tensor cores (compute capability 8.9+: H100, H200, L40S, RTX 4090) and {gpu}; drop --fp8"
+        )
+    if args.fp8 and find_spec("torchao") is None:
+        raise UserError('--fp8 needs torchao: pip install -e ".[fp8]" (or pip install torchao)')
     if args.attn_implementation != "flash_attention_2" or (torch.cuda.is_available() and is_flash_attn_2_available()):
         return
     missing = "a CUDA GPU" if not torch.cuda.is_available() else "the flash-attn package (2.3.3 or newer)"
@@ -119,6 +140,8 @@ def main() -> None:
         args.model, data.tokenizer, attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code
     )
 
+    if args.fp8:  # before compiling, so the float8 casts are compiled with the layers
+        float8_training(model)
     if args.compile_layers:  # the layers share their code, so they share one compiled graph
         for layer in model.get_decoder().layers:
             layer.compile()
