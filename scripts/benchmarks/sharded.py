@@ -11,6 +11,7 @@ results/sharded/sharded.md.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,12 @@ CASES = {  # name: (accelerate config, script)
     "FSDP2 + LoRA": ("accelerate_config_fsdp_lora.yaml", "trainer/sharded/fsdp_lora.py"),
     "FSDP2 + QLoRA": ("accelerate_config_fsdp_qlora.yaml", "trainer/sharded/fsdp_qlora.py"),
 }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass
@@ -59,7 +66,7 @@ def main() -> None:
                 "--config_file",
                 str(ROOT / config),
                 "--main_process_port",
-                str(29500 + 10 * len(rows)),  # a fresh port per case: a lingering process cannot block the next
+                str(free_port()),  # a fresh port per case: a lingering process (or another job) cannot block it
                 "--num_processes",
                 str(args.num_processes),
                 str(ROOT / "scripts" / script),
