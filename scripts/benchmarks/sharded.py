@@ -11,6 +11,7 @@ results/sharded/sharded.md.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,10 +45,42 @@ class Args:
     model: str = field(default="1b", metadata={"help": "Preset or checkpoint, the same for every case."})
     data_dir: str = field(default="data/synthetic-long", metadata={"help": "Prepared data (long documents)."})
     num_processes: int = field(default=2, metadata={"help": "GPUs per case."})
-    batch_size: int = field(default=4, metadata={"help": "Per-GPU micro-batch, the same for every case."})
-    steps: int = field(default=20, metadata={"help": "Optimizer steps per case (the first includes warm-up)."})
+    batch_size: int = field(default=8, metadata={"help": "Per-GPU micro-batch, the same for every case."})
+    steps: int = field(default=40, metadata={"help": "Optimizer steps per case (the first includes warm-up)."})
     cases: str = field(default=",".join(CASES), metadata={"help": "Comma-separated subset of: " + ", ".join(CASES)})
     output: str = field(default="results/sharded/sharded", metadata={"help": "Path stem of the .json and .md written."})
+
+
+def write(args: Args, rows: list[dict]) -> None:
+    result = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "gpus": args.num_processes,
+        "model": args.model,
+        "data_dir": args.data_dir,
+        "per_gpu_batch": args.batch_size,
+        "steps": args.steps,
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": {p: version(p) for p in ("torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes")},
+        "rows": rows,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.output}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"{args.num_processes} x {result['device']}, `{args.model}` preset, {args.data_dir}, per-GPU batch {args.batch_size}, "
+        f"{args.steps} steps, {result['date']}; " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+        "| case | tokens/s per GPU | peak memory per GPU (GiB) | MFU | train loss |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | failed: {r['error']} | | | |")
+        else:
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+            lines.append(
+                f"| {r['case']} | {r['train_tokens_per_second_per_device']:,.0f} | {r['peak_memory_gib']:.1f} | {mfu} | {r['train_loss']:.3f} |"
+            )
+    Path(f"{args.output}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -95,8 +128,11 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             row = {"case": name, "config": config, "script": script, "wall_s": round(time.perf_counter() - start, 1)}
             if proc.returncode != 0:
-                lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not set(ln.strip()) <= set("=-")]
-                row["error"] = " / ".join(lines[-3:])[-600:]
+                lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not set(ln.strip()) <= set("=-^~")]
+                # the worker's own exception, not the launcher's ChildFailedError summary that follows it
+                errors = [ln for ln in lines if re.search(r"\w(Error|Exception)\b", ln) and "ChildFailedError" not in ln]
+                row["error"] = (errors[-1] if errors else " / ".join(lines[-3:]))[-600:]
+                print(proc.stderr[-6000:], file=sys.stderr)
             else:
                 m = json.loads((out / "metrics.json").read_text())
                 row.update(
@@ -115,36 +151,8 @@ def main() -> None:
                 )
             print(row, flush=True)
             rows.append(row)
-    result = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "gpus": args.num_processes,
-        "model": args.model,
-        "data_dir": args.data_dir,
-        "per_gpu_batch": args.batch_size,
-        "steps": args.steps,
-        "date": time.strftime("%Y-%m-%d"),
-        "versions": {p: version(p) for p in ("torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes")},
-        "rows": rows,
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.output}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [
-        f"{args.num_processes} x {result['device']}, `{args.model}` preset, {args.data_dir}, per-GPU batch {args.batch_size}, "
-        f"{args.steps} steps, {result['date']}; " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        "",
-        "| case | tokens/s per GPU | peak memory per GPU (GiB) | MFU | train loss |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['case']} | failed: {r['error']} | | | |")
-        else:
-            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-            lines.append(
-                f"| {r['case']} | {r['train_tokens_per_second_per_device']:,.0f} | {r['peak_memory_gib']:.1f} | {mfu} | {r['train_loss']:.3f} |"
-            )
-    Path(f"{args.output}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            write(args, rows)  # after every case: a run cut short keeps what it measured
+    print(Path(f"{args.output}.md").read_text())
 
 
 if __name__ == "__main__":

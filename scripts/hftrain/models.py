@@ -144,8 +144,17 @@ def load_model(
         raise _load_error(model, e)
 
 
+def full_numel(p: torch.nn.Parameter) -> int:
+    """A parameter's size in the model, not in this process's storage: ZeRO-3 leaves each process an empty
+    placeholder (the size is `ds_numel`), and a 4-bit weight packs two values per byte (`quant_state.shape`)."""
+    if hasattr(p, "ds_numel"):
+        return int(p.ds_numel)
+    quant_state = getattr(p, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else p.numel()
+
+
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    return sum(full_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def skip_cpu_4bit_repacking(model: Any) -> None:

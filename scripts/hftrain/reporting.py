@@ -44,10 +44,12 @@ def device_name() -> str:
 def flops_per_token(model: Any, seq_len: int) -> float:
     """6N + 12·L·d·T. N leaves out the input embedding (a lookup) unless it is tied to the output layer."""
     config = model.config
-    n = sum(p.numel() for p in model.parameters())
+    from hftrain.models import full_numel
+
+    n = sum(full_numel(p) for p in model.parameters())
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embed is not None and not getattr(config, "tie_word_embeddings", False):
-        n -= embed.weight.numel()
+        n -= full_numel(embed.weight)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 6 * n + 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
 
