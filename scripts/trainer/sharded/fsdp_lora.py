@@ -9,6 +9,10 @@ so nothing special is needed to train; saving is where adapters go wrong, twice 
   PEFT then finds no LoRA tensor in the gathered state dict: the adapter file would hold only
   the `modules_to_save` copies. So the config leaves it off and the script checkpoints with
   the model's own `gradient_checkpointing` (tests/test_sharded.py shows both on CPU).
+And loading: the config turns off `fsdp_cpu_ram_efficient_loading`, which moves the model to
+the meta device and re-ties its embeddings; a tied model (the `1b` preset, Llama 3.2) whose
+embeddings are in `modules_to_save` then fails with "KeyError: attribute 'weight' already
+exists" (accelerate 1.15, PEFT 0.21; tests/test_sharded.py reproduces it on CPU).
 The adapter then reloads with `PeftModel.from_pretrained` on its base (for a preset, saved
 beside it in `base/`).
 
@@ -37,7 +41,13 @@ class LoraArguments(ModelArguments):
 
 
 def main() -> None:
-    args, training_args, checkpoint = parse_args(LoraArguments, output_dir="output/trainer/sharded/fsdp_lora", learning_rate=1e-2)
+    args, training_args, checkpoint = parse_args(
+        LoraArguments,
+        output_dir="output/trainer/sharded/fsdp_lora",
+        learning_rate=1e-2,
+        gradient_checkpointing=True,  # not FSDP's (see above); non-reentrant: the frozen inputs need no grad
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
     data = load_data(training_args, args.data_dir)
     with training_args.main_process_first():
         base = save_preset_base(
