@@ -262,3 +262,20 @@ def _pad(data):
     from hftrain.data import PadCollator
 
     return PadCollator(data.tokenizer)
+
+
+def test_fp8_refuses_without_torchao(monkeypatch):
+    """On a float8-capable GPU without torchao, --fp8 says what to install (checked in-process: CI has neither)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from hftrain.errors import UserError
+
+    spec = importlib.util.spec_from_file_location("flash_attention_script", SCRIPTS / "sdpa/flash_attention.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "has_float8_tensor_cores", lambda: True)
+    monkeypatch.setattr(script, "find_spec", lambda name: None)
+    args = script.ScriptArguments(attn_implementation="sdpa", fp8=True)
+    with pytest.raises(UserError, match=r'--fp8 needs torchao: pip install -e "\.\[fp8\]"'):
+        script.check_flash_attention(args, SimpleNamespace(n_gpu=0))
