@@ -33,14 +33,12 @@ import datetime
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
-from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -408,8 +406,9 @@ def run_matrix(args: Args, cases: list[Case], port: int = 29600) -> list[dict[st
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for p in (
+    from hftrain.reporting import package_versions
+
+    return package_versions(
         "torch",
         "transformers",
         "accelerate",
@@ -421,12 +420,7 @@ def versions() -> dict[str, str]:
         "bitsandbytes",
         "deepspeed",
         "galore-torch",
-    ):
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            out[p] = "not installed"
-    return out
+    )
 
 
 def summarize(result: dict[str, Any]) -> None:

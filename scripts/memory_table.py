@@ -38,13 +38,11 @@ Docs: https://huggingface.co/docs/transformers/perf_train_gpu_one
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +51,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
-from hftrain.reporting import device_name, peak_memory_gib, reset_peak_memory
+from hftrain.reporting import device_name, package_versions, peak_memory_gib, reset_peak_memory
 
 # case: (TrainingArguments.optim, LoRA adapters?, 4-bit base?, runs on CPU?)
 CASES: dict[str, tuple[str, bool, bool, bool]] = {
@@ -342,8 +340,7 @@ def main() -> None:
         "dtype": "bf16" if cuda else "float32",
         "peak_memory_kind": "torch.cuda.max_memory_allocated while training" if cuda else "CPU peak resident set (smoke)",
         "versions": {
-            "python": platform.python_version(),
-            **{p: version(p) for p in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "galore-torch")},
+            **package_versions("torch", "transformers", "peft", "accelerate", "bitsandbytes", "galore-torch"),
             "cuda": torch.version.cuda or "none",
         },
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "base_dir", "result_file", "output_dir")},

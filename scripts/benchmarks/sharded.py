@@ -18,11 +18,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import HfArgumentParser
+
+from hftrain.reporting import package_versions
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = {  # name: (accelerate config, script)
@@ -52,7 +54,8 @@ class Args:
 
 
 def write(args: Args, rows: list[dict]) -> None:
-    result = {
+    versions = package_versions("torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes")
+    result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "gpus": args.num_processes,
         "model": args.model,
@@ -60,14 +63,14 @@ def write(args: Args, rows: list[dict]) -> None:
         "per_gpu_batch": args.batch_size,
         "steps": args.steps,
         "date": time.strftime("%Y-%m-%d"),
-        "versions": {p: version(p) for p in ("torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes")},
+        "versions": versions,
         "rows": rows,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.output}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"{args.num_processes} x {result['device']}, `{args.model}` preset, {args.data_dir}, per-GPU batch {args.batch_size}, "
-        f"{args.steps} steps, {result['date']}; " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        f"{args.steps} steps, {result['date']}; " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         "",
         "| case | tokens/s per GPU | peak memory per GPU (GiB) | MFU | train loss |",
         "|---|---|---|---|---|",

@@ -7,9 +7,11 @@ matmuls, L layers, d = heads x head size, T the sequence length) against the GPU
 
 import json
 import math
+import platform
 import resource
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,18 @@ def peak_flops(device_name: str) -> float | None:
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Python's and each named package's installed version ("not installed" if absent): what every results
+    file records beside its numbers."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def flops_per_token(model: Any, seq_len: int) -> float:

@@ -41,13 +41,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
 import transformers.integrations.sdpa_attention as hf_sdpa
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
@@ -57,6 +55,7 @@ from transformers.utils import is_flash_attn_2_available
 from hftrain.errors import UserError
 from hftrain.models import PRESETS
 from hftrain.packing import PaddingFreeCollator
+from hftrain.reporting import package_versions
 
 # name: (attn_implementation, SDPA kernel or None, padding-free)
 CASES: dict[str, tuple[str, SDPBackend | None, bool]] = {
@@ -211,13 +210,6 @@ def run_case(name: str, gqa: bool, model: Any, docs: list[list[int]], args: Argu
     return row
 
 
-def package_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
 def write_markdown(report: dict[str, Any], path: Path) -> None:
     seq_lens = report["seq_lens"]
     rows = report["results"]
@@ -225,7 +217,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"Forward+backward of one batch ({report['tokens_per_batch']:,} tokens, documents of T/4 to T tokens) "
         f"on {report['device']}, model `{report['model']}` ({report['parameters'] / 1e6:.1f}M parameters, {report['dtype']}); "
         f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}, "
-        f"flash-attn {report['versions']['flash_attn'] or 'not installed'}; {report['date'][:10]}. "
+        f"flash-attn {report['versions']['flash-attn']}; {report['date'][:10]}. "
         "Median time, peak memory; OOM: out of memory.",
         "",
         "| implementation | " + " | ".join(f"T={t}" for t in seq_lens) + " |",
@@ -303,12 +295,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
         "gpu_count": torch.cuda.device_count(),
         "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
+            **package_versions("torch", "transformers", "flash-attn"),
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-            "transformers": transformers.__version__,
-            "flash_attn": package_version("flash-attn"),
         },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": args.model,
