@@ -348,21 +348,23 @@ def matmul_tflops() -> float | None:
     return 2 * 8192**3 / best / 1e12
 
 
-def launch(case: Case, args: Args, result: Path, port: int) -> list[str]:
+def launch(case: Case, args: Args, result: Path) -> list[str]:
     own = [str(SCRIPTS / "benchmark.py"), "--run_case", case.name, "--result", str(result)]
     own += ["--model", args.model, "--data_dir", args.data_dir, "--seq_len", str(args.seq_len)]
     own += ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
     if not case.launch:
         return [sys.executable, *own]
+    from hftrain.cli import free_port
+
     config = case.launch.removesuffix("+deepspeed")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config)]
-    cmd += ["--num_processes", str(case.gpus), "--main_process_port", str(port)]
+    cmd += ["--num_processes", str(case.gpus), "--main_process_port", str(free_port())]
     if config == "accelerate_config_fsdp.yaml":  # as the 1-GPU baseline: no activation checkpointing
         cmd += ["--fsdp_activation_checkpointing", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
     return cmd + own
 
 
-def run_matrix(args: Args, cases: list[Case], port: int = 29600) -> list[dict[str, Any]]:
+def run_matrix(args: Args, cases: list[Case]) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = []
@@ -379,7 +381,7 @@ def run_matrix(args: Args, cases: list[Case], port: int = 29600) -> list[dict[st
                     # DataParallel over all of them, and the rows would not be one GPU's).
                     first = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
                     proc = subprocess.run(
-                        launch(case, args, result, port + i),
+                        launch(case, args, result),
                         capture_output=True,
                         text=True,
                         env=env if case.launch else {**env, **first},
@@ -585,7 +587,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     order = {c.name: i for i, c in enumerate(CASES)}
     for name in wanted:  # the files are rewritten after every case: a stopped run keeps what it measured
-        rows += run_matrix(args, [named[name]], port=29600 + len(rows))
+        rows += run_matrix(args, [named[name]])
         result["rows"] = sorted(kept + rows, key=lambda r: order.get(r["case"], len(order)))
         summarize(result)
         write_outputs(result, stem, quiet=name != wanted[-1])

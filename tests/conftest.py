@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
+from hftrain.cli import free_port  # noqa: E402  (the tests import it from here)
 
 # Under pytest-xdist (`-n 2` on 2 cores) each worker and each script it starts computes on one thread:
 # two workers with a thread pool per core each would spin-wait on each other's cores (measured: a
@@ -42,13 +42,6 @@ def run(args: list[str], cwd: Path, timeout: int = 600, check: bool = True, **en
 
 def run_script(script: str, *args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return run([sys.executable, str(SCRIPTS / script), *args], cwd=cwd, **kwargs)
-
-
-def free_port() -> int:
-    """A port nothing listens on now: tests running side by side (pytest -n 2) never share a rendezvous port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accelerate_cpu(script: str, *args: str, cwd: Path, nproc: int = 2, **kwargs) -> subprocess.CompletedProcess:

@@ -231,6 +231,7 @@ def test_float8_training_converts_the_decoder_trains_and_saves_a_plain_model(dat
     from torchao.float8.float8_linear import Float8Linear
     from transformers import AutoModelForCausalLM
 
+    from hftrain.data import PadCollator
     from hftrain.models import load_model
     from hftrain.quantization import float8_training
 
@@ -240,7 +241,7 @@ def test_float8_training_converts_the_decoder_trains_and_saves_a_plain_model(dat
     float8_training(model, emulate=True)
     swapped = [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
     assert len(swapped) == 7 * model.config.num_hidden_layers and not isinstance(model.lm_head, Float8Linear)
-    batch = next(iter(torch.utils.data.DataLoader(data.train.select(range(16)), batch_size=16, collate_fn=_pad(data))))
+    batch = PadCollator(data.tokenizer)([data.train[i] for i in range(16)])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(20):
@@ -256,12 +257,6 @@ def test_float8_training_converts_the_decoder_trains_and_saves_a_plain_model(dat
     with torch.no_grad():
         # float8 (emulated) against full precision: the same function up to float8 rounding
         torch.testing.assert_close(plain(**batch).loss, model(**batch).loss, rtol=0.05, atol=0)
-
-
-def _pad(data):
-    from hftrain.data import PadCollator
-
-    return PadCollator(data.tokenizer)
 
 
 def test_fp8_refuses_without_torchao(monkeypatch):

@@ -12,7 +12,6 @@ results/sharded/sharded.md.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser
 
+from hftrain.cli import free_port
 from hftrain.reporting import package_versions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,12 +34,6 @@ CASES = {  # name: (accelerate config, script)
     "FSDP2 + LoRA": ("accelerate_config_fsdp_lora.yaml", "trainer/sharded/fsdp_lora.py"),
     "FSDP2 + QLoRA": ("accelerate_config_fsdp_qlora.yaml", "trainer/sharded/fsdp_qlora.py"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

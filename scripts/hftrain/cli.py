@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,13 @@ def resolve_checkpoint(
             "pass an earlier checkpoint-* folder, or 'latest' for the newest complete one"
         )
     return resume_from_checkpoint
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a rendezvous: runs side by side (or a lingering process) never share one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_launch(num_processes: int, device: torch.device) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hftrain.models import count_parameters, full_numel
+
 # Dense bf16 tensor-core peak per GPU (vendor datasheets, no sparsity), matched by name, first hit wins.
 PEAK_BF16_FLOPS = [
     ("H100 PCIe", 756e12),
@@ -58,9 +60,7 @@ def package_versions(*names: str) -> dict[str, str]:
 def flops_per_token(model: Any, seq_len: int) -> float:
     """6N + 12·L·d·T. N leaves out the input embedding (a lookup) unless it is tied to the output layer."""
     config = model.config
-    from hftrain.models import full_numel
-
-    n = sum(full_numel(p) for p in model.parameters())
+    n = count_parameters(model)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embed is not None and not getattr(config, "tie_word_embeddings", False):
         n -= full_numel(embed.weight)
