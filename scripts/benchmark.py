@@ -299,6 +299,12 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    if deepspeed and case.liger:
+        # Liger's fused linear cross-entropy reads lm_head.weight itself, outside lm_head's forward, where ZeRO-3
+        # would hand it an empty partition: registered on the model, it is gathered for the model's whole forward.
+        from deepspeed.zero import register_external_parameter
+
+        register_external_parameter(model, model.get_output_embeddings().weight)
     if case.fp8:
         from hftrain.quantization import float8_training
 
@@ -396,6 +402,7 @@ def run_matrix(args: Args, cases: list[Case]) -> list[dict[str, Any]]:
                         row["error"] = (errors[-1] if errors else " / ".join(lines[-3:]))[
                             -500:
                         ] or f"exit status {proc.returncode}"
+                        print(f"--- {case.name} failed; the end of its stderr:", *lines[-40:], sep="\n", file=sys.stderr)
                 except subprocess.TimeoutExpired:
                     row["error"] = f"stopped after {args.case_timeout} s"
                 row["wall_s"] = round(time.perf_counter() - start, 1)
