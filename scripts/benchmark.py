@@ -302,7 +302,7 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
     if deepspeed and case.liger:
         # Liger's fused linear cross-entropy reads lm_head.weight itself, outside lm_head's forward, where ZeRO-3
         # would hand it an empty partition: registered on the model, it is gathered for the model's whole forward.
-        from deepspeed.zero import register_external_parameter
+        from deepspeed.runtime.zero import register_external_parameter
 
         register_external_parameter(model, model.get_output_embeddings().weight)
     if case.fp8:
