@@ -481,6 +481,7 @@ def write_outputs(result: dict[str, Any], stem: Path, quiet: bool = False) -> No
         f"{result['data_dir']}, T = {result['seq_len']}, {'bf16 mixed precision' if result['gpu_count'] else 'float32'}, {result['steps']} measured steps after "
         f"{result['warmup']} warm-up; measured bf16 matmul {fmt(result['matmul_tflops'], '.0f')} TFLOP/s; "
         + ", ".join(f"{k} {val}" for k, val in v.items()),
+        *([f"\n{result['note']}"] if result.get("note") else []),
         "",
         "| case | micro-batch (rows) | tokens/s per GPU | MFU (datasheet) | MFU (measured matmul) | step (s) "
         "| peak alloc / reserved (GiB) | scaling | loss |",
