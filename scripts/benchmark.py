@@ -299,12 +299,10 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    if deepspeed and case.liger:
-        # Liger's fused linear cross-entropy reads lm_head.weight itself, outside lm_head's forward, where ZeRO-3
-        # would hand it an empty partition: registered on the model, it is gathered for the model's whole forward.
-        from deepspeed.runtime.zero import register_external_parameter
+    if deepspeed:
+        from hftrain.sharding import gather_lm_head_for_liger
 
-        register_external_parameter(model, model.get_output_embeddings().weight)
+        gather_lm_head_for_liger(model, training_args)
     if case.fp8:
         from hftrain.quantization import float8_training
 

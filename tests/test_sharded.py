@@ -258,3 +258,23 @@ def test_fsdp2_lora_adapter_state_dict_is_complete_on_two_cpu_processes(tmp_path
     assert len(lora) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
     assert result["model_gradient_checkpointing"] == result["unsharded"]
     assert not [k for k in result["fsdp_checkpoint_wrapper"] if "lora_" in k]  # the pitfall, still present
+
+
+@pytest.mark.parametrize("liger, zero3", [(True, True), (True, False), (False, True)])
+def test_liger_under_zero3_gathers_the_lm_head_weight_with_the_model(workdir, monkeypatch, liger, zero3):
+    """Liger's fused loss reads lm_head.weight outside lm_head's forward: under ZeRO-3 only, the weight
+    must be registered with the model, or the loss sees an empty partition (seen on 2 and 4 GPUs)."""
+    from types import SimpleNamespace
+
+    import transformers.integrations
+
+    from hftrain.data import load_prepared
+    from hftrain.models import load_model
+    from hftrain.sharding import gather_lm_head_for_liger
+
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: zero3)
+    model = load_model("tiny", load_prepared(str(workdir / "data/synthetic")).tokenizer)
+    gather_lm_head_for_liger(model, SimpleNamespace(use_liger_kernel=liger))
+    external = list(getattr(model, "_external_params", {}).values())
+    weight = model.get_output_embeddings().weight
+    assert any(p is weight for p in external) == (liger and zero3)

@@ -54,6 +54,18 @@ def start_deepspeed_comm_on_cpu(use_cpu: bool) -> None:
         deepspeed.init_distributed(dist_backend="gloo")
 
 
+def gather_lm_head_for_liger(model: Any, training_args: Any) -> None:
+    """Under ZeRO-3 with `--use_liger_kernel`: Liger's fused linear cross-entropy reads `lm_head.weight`
+    itself, outside `lm_head`'s forward, where ZeRO-3 would hand it an empty partition. Registered as an
+    external parameter of the model, the weight is gathered for the model's whole forward."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if training_args.use_liger_kernel and is_deepspeed_zero3_enabled():
+        from deepspeed.runtime.zero import register_external_parameter
+
+        register_external_parameter(model, model.get_output_embeddings().weight)
+
+
 def save_full_state_dict_next(trainer: Any) -> None:
     """Under FSDP, make the next save gather one complete state dict on rank 0 (what
     `from_pretrained` and PEFT adapters need) instead of one shard per rank. Without it, an

@@ -25,7 +25,7 @@ Docs: https://huggingface.co/docs/transformers/deepspeed
 """
 
 from hftrain.models import load_model
-from hftrain.sharding import start_deepspeed_comm_on_cpu
+from hftrain.sharding import gather_lm_head_for_liger, start_deepspeed_comm_on_cpu
 from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
 
 
@@ -37,6 +37,7 @@ def main() -> None:
     start_deepspeed_comm_on_cpu(training_args.use_cpu)
     data = load_data(training_args, args.data_dir)
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)  # built partitioned
+    gather_lm_head_for_liger(model, training_args)  # only with --use_liger_kernel
 
     trainer = rating_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
