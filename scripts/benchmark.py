@@ -33,7 +33,6 @@ import datetime
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -233,6 +232,7 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
     from hftrain.data import load_prepared
     from hftrain.models import load_model, preset_config
     from hftrain.reporting import flops_per_token
+    from hftrain.sharding import gather_lm_head_for_liger
 
     cuda = torch.cuda.is_available()
     data = load_prepared(args.data_dir)
@@ -299,10 +299,7 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    if deepspeed:
-        from hftrain.sharding import gather_lm_head_for_liger
-
-        gather_lm_head_for_liger(model, training_args)
+    gather_lm_head_for_liger(model, training_args)  # ZeRO-3 + Liger only
     if case.fp8:
         from hftrain.quantization import float8_training
 
@@ -369,6 +366,8 @@ def launch(case: Case, args: Args, result: Path) -> list[str]:
 
 
 def run_matrix(args: Args, cases: list[Case]) -> list[dict[str, Any]]:
+    from hftrain.cli import first_gpu_only, worker_error
+
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = []
@@ -381,26 +380,19 @@ def run_matrix(args: Args, cases: list[Case]) -> list[dict[str, Any]]:
                 result = Path(tmp) / f"{i}.json"
                 start = time.perf_counter()
                 try:
-                    # A 1-GPU case is one plain process: give it one GPU (the Trainer would wrap the model in
-                    # DataParallel over all of them, and the rows would not be one GPU's).
-                    first = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
+                    # a 1-GPU case is one plain process, on one GPU: its rows must be one GPU's
                     proc = subprocess.run(
                         launch(case, args, result),
                         capture_output=True,
                         text=True,
-                        env=env if case.launch else {**env, **first},
+                        env=env if case.launch else first_gpu_only(env),
                         timeout=args.case_timeout,
                     )
                     if proc.returncode == 0 and result.exists():
                         row.update(json.loads(result.read_text()))
                     else:
-                        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not set(ln.strip()) <= set("=-^~")]
-                        # the worker's own exception, not the launcher's ChildFailedError that follows it
-                        errors = [ln for ln in lines if re.search(r"\w(Error|Exception)\b", ln) and "ChildFailedError" not in ln]
-                        row["error"] = (errors[-1] if errors else " / ".join(lines[-3:]))[
-                            -500:
-                        ] or f"exit status {proc.returncode}"
-                        print(f"--- {case.name} failed; the end of its stderr:", *lines[-40:], sep="\n", file=sys.stderr)
+                        row["error"] = worker_error(proc.stderr, proc.returncode)
+                        print(f"--- {case.name} failed; the end of its stderr:\n{proc.stderr[-6000:]}", file=sys.stderr)
                 except subprocess.TimeoutExpired:
                     row["error"] = f"stopped after {args.case_timeout} s"
                 row["wall_s"] = round(time.perf_counter() - start, 1)

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from hftrain.cli import first_gpu_only
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
 from hftrain.reporting import device_name, package_versions, peak_memory_gib, reset_peak_memory
@@ -307,7 +308,7 @@ def main() -> None:
 
     # Every case runs on the first visible GPU only: plain `python` on several GPUs would make the
     # Trainer use DataParallel, and the table is about what fits on one.
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
+    env = first_gpu_only(os.environ)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         base = build_base(args, tmp)

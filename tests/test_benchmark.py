@@ -65,3 +65,18 @@ def test_packing_keeps_documents_whole_and_rows_within_capacity():
     assert fixed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1, 2]]
     assert fixed["labels"][0, -3:].tolist() == [-100] * 3
     assert fixed["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 12] and fixed["max_length_q"] == 4
+
+
+def test_a_failed_launch_is_reported_by_the_workers_own_exception():
+    from hftrain.cli import worker_error
+
+    stderr = (
+        "[rank1]: Traceback (most recent call last):\n"
+        "[rank1]: KeyError: \"attribute 'weight' already exists\"\n"
+        "==================================================\n"
+        "    raise ChildFailedError(\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+    )
+    assert worker_error(stderr, 1) == "[rank1]: KeyError: \"attribute 'weight' already exists\""
+    assert worker_error("W1128 a warning\nsomething went wrong\n", 1) == "W1128 a warning / something went wrong"
+    assert worker_error("", -9) == "exit status -9"

@@ -11,7 +11,6 @@ results/sharded/sharded.md.
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser
 
-from hftrain.cli import free_port
+from hftrain.cli import free_port, worker_error
 from hftrain.reporting import package_versions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,10 +124,7 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             row = {"case": name, "config": config, "script": script, "wall_s": round(time.perf_counter() - start, 1)}
             if proc.returncode != 0:
-                lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not set(ln.strip()) <= set("=-^~")]
-                # the worker's own exception, not the launcher's ChildFailedError summary that follows it
-                errors = [ln for ln in lines if re.search(r"\w(Error|Exception)\b", ln) and "ChildFailedError" not in ln]
-                row["error"] = (errors[-1] if errors else " / ".join(lines[-3:]))[-600:]
+                row["error"] = worker_error(proc.stderr, proc.returncode)
                 print(proc.stderr[-6000:], file=sys.stderr)
             else:
                 m = json.loads((out / "metrics.json").read_text())

@@ -1,4 +1,4 @@
-"""Checks shared by every script, run before any model is loaded."""
+"""Checks shared by every script, run before any model is loaded, and what the scripts that launch others share."""
 
 import json
 import os
@@ -6,6 +6,7 @@ import re
 import shutil
 import socket
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def first_gpu_only(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` for a one-GPU case, seeing only the first visible GPU: a plain process that saw several would
+    have the Trainer wrap the model in DataParallel over all of them."""
+    return {**env, "CUDA_VISIBLE_DEVICES": env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
+
+
+def worker_error(stderr: str, returncode: int) -> str:
+    """A failed launch in one line, for a results table: the worker's own exception, not the launcher's
+    ChildFailedError summary that follows it (without one, the last lines; without output, the exit status)."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not set(ln.strip()) <= set("=-^~")]
+    errors = [ln for ln in lines if re.search(r"\w(Error|Exception)\b", ln) and "ChildFailedError" not in ln]
+    return (errors[-1] if errors else " / ".join(lines[-3:]))[-600:] or f"exit status {returncode}"
 
 
 def check_launch(num_processes: int, device: torch.device) -> None:
