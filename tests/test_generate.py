@@ -75,7 +75,7 @@ def test_adapter_and_merged_model_generate_the_same_text(tiny_adapter: Path, wor
 def test_chat_answers_with_the_fine_tuned_model(sft_tiny: Path, workdir: Path) -> None:
     chats = rating_conversations(5, 11)
     answers = [
-        generate(sft_tiny, "--chat", "--prompt", c["messages"][0]["content"], cwd=workdir).stdout.strip() for c in chats[:3]
+        generate(sft_tiny, "--chat", "--prompt", c["messages"][0]["content"], cwd=workdir).stdout.strip() for c in chats[:2]
     ]
     assert all(a in ("1", "2", "3", "4", "5") for a in answers), answers  # the digit, then the EOS token stops it
 
