@@ -109,7 +109,7 @@ def test_prompt_completion_file_with_packing(workdir: Path, tmp_path: Path) -> N
     assert metrics["data_format"] == "prompt_completion"
 
 
-BAD_ROWS = {
+BAD_ROWS: dict[str, tuple[list[dict], str]] = {
     "no_messages": ([{"text": "hello"}], "has no 'messages' column (nor 'prompt' and 'completion'); columns found: text"),
     "unknown_role": ([{"messages": [{"role": "bot", "content": "hi"}]}], "row 1 of"),
     "no_assistant": ([{"messages": [{"role": "user", "content": "hi"}]}], "has no assistant turn"),
