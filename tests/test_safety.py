@@ -320,21 +320,31 @@ def test_lock_is_taken_by_one_process_and_released_on_errors(tmp_path):
             ["--gradient_accumulation_steps", "0"],
             "--gradient_accumulation_steps is 0; it must be at least 1",
         ),
-        ("basic/custom_loop.py", ["--logging_steps", "0"], "--logging_steps is 0; it must be at least 1"),
-        ("basic/custom_loop.py", ["--learning_rate", "-1"], "--learning_rate is -1.0; it must be above 0"),
-        ("lora/custom_loop.py", ["--num_train_epochs", "0"], "nothing to train: --max_steps is 0 or --num_train_epochs"),
-        ("lora/custom_loop.py", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size is 0"),
-        (GS, ["--learning_rate", "0"], "--learning_rate is 0.0; it must be above 0"),
+        ("lora/custom_loop.py", ["--learning_rate", "-1"], "--learning_rate is -1.0; it must be above 0"),
         (GS, ["--max_steps", "-5"], "--max_steps is -5; pass a number of steps above 0, or -1"),
         (GS, ["--output_dir", "/proc/x"], "cannot write to --output_dir /proc/x"),
     ],
-    ids=["accumulation-0", "logging-0", "lr-negative", "lora-epochs-0", "lora-batch-0", "trainer-lr-0", "steps-negative", "proc"],
+    ids=["loop-accumulation-0", "lora-lr-negative", "trainer-steps-negative", "trainer-unwritable"],
 )
 def test_bad_arguments_stop_before_any_work(workdir, tmp_path, script, args, message):
     out = ["--output_dir", str(tmp_path / "out")] if "--output_dir" not in args else []
     proc = run_script(script, *args, *out, cwd=workdir, check=False)
     one_sentence(proc, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_trainer_argument_checks(tmp_path):
+    from transformers import TrainingArguments
+
+    from hftrain.cli import check_training_args
+
+    for field, value, message in [
+        ("learning_rate", 0.0, "--learning_rate is 0.0; it must be above 0"),
+        ("learning_rate", -1.0, "--learning_rate is -1.0; it must be above 0"),
+        ("max_steps", -5, "--max_steps is -5; pass a number of steps above 0, or -1"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            check_training_args(TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **{field: value}))
 
 
 def test_loop_argument_checks_cover_every_field():
@@ -353,7 +363,12 @@ def test_loop_argument_checks_cover_every_field():
     )
     check_loop_args(types.SimpleNamespace(**good))
     for field, value in [
+        ("per_device_train_batch_size", 0),
         ("per_device_eval_batch_size", 0),
+        ("gradient_accumulation_steps", 0),
+        ("logging_steps", 0),
+        ("learning_rate", 0.0),
+        ("num_train_epochs", 0),
         ("warmup_steps", -1),
         ("max_steps", -2),
         ("max_grad_norm", 0.0),
