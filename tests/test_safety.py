@@ -131,9 +131,14 @@ def test_verification_hashes_once_then_trusts_size_and_mtime(tmp_path, monkeypat
     info = json.loads((out / "info.json").read_text())
     arrow = str(train_arrow(out).relative_to(out))
     assert info["files"][arrow]["rows"] == 270 and len(info["files"][arrow]["sha256"]) == 64
-    hashed = []
+    hashed: list[Path] = []
     digest = hftrain.safety.file_digest
-    monkeypatch.setattr(hftrain.safety, "file_digest", lambda p: hashed.append(p) or digest(p))
+
+    def counting_digest(path: Path) -> str:
+        hashed.append(path)
+        return digest(path)
+
+    monkeypatch.setattr(hftrain.safety, "file_digest", counting_digest)
     load_prepared(str(out))
     assert hashed == []  # verified when prepared
     os.utime(out / arrow)  # touched: hashed again, once
@@ -436,12 +441,12 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(workdir, small_da
     from hftrain.cli import ACCELERATE_CHECKPOINT, TRAINER_CHECKPOINT, resolve_checkpoint
 
     out = tiny_disk / "out"
+    required: tuple[str, ...] = ACCELERATE_CHECKPOINT
+    args = LOOP_CKPT[:-2]
     if script == GS:
         args = ["--data_dir", SMALL_DATA, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
         args += ["--eval_strategy", "no", "--report_to", "none"]
         required = TRAINER_CHECKPOINT
-    else:
-        args, required = [*LOOP_CKPT[:-2]], ACCELERATE_CHECKPOINT
     proc = run_script(script, *args, "--output_dir", str(out), cwd=workdir, check=False)
     one_sentence(proc, f"no space left in {out}")
     assert "--resume_from_checkpoint latest" in proc.stderr
@@ -464,5 +469,6 @@ def test_full_disk_sentence_names_the_folder(tmp_path, monkeypatch):
         RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed"),
         Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'),
     ]:
-        assert full_disk_message(error, str(tmp_path)) is not None and str(tmp_path) in full_disk_message(error, str(tmp_path))
+        message = full_disk_message(error, str(tmp_path))
+        assert message is not None and message.startswith(f"no space left in {tmp_path} "), error
     assert full_disk_message(ValueError("a bug"), str(tmp_path)) is None
