@@ -118,9 +118,8 @@ def main() -> None:
     )
     check_launch(accelerator.num_processes, accelerator.device)  # every process the launcher started joins, one per GPU
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, ACCELERATE_CHECKPOINT)
-    check_output_dir(
-        args.output_dir, args.overwrite_output_dir, checkpoint is not None, accelerator.is_main_process
-    )  # and lock it
+    # The main process alone takes the output directory's run lock: a second run on the same folder stops.
+    check_output_dir(args.output_dir, args.overwrite_output_dir, checkpoint is not None, accelerator.is_main_process)
     device = accelerator.device  # this process's device: cuda:<local rank>, or the CPU
 
     with accelerator.local_main_process_first():  # each machine's main process prepares the data; the others then load it
