@@ -574,13 +574,18 @@ def summarize(result: dict[str, Any]) -> None:
     result["summary"] = summary
 
 
+def suffixed(stem: Path, suffix: str) -> Path:
+    """stem + suffix; not `with_suffix`, which would turn results/llama-3.2-1b into results/llama-3.json."""
+    return stem.with_name(stem.name + suffix)
+
+
 def fmt(v: Any, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
 def write_outputs(result: dict[str, Any], stem: Path, quiet: bool = False) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    suffixed(stem, ".json").write_text(json.dumps(result, indent=2) + "\n")
     v = result["versions"]
     lines = [
         f"{result['device']} ({result['gpu_count']} GPU(s) on the machine), {result['date']}; `{result['model']}` "
@@ -608,8 +613,8 @@ def write_outputs(result: dict[str, Any], stem: Path, quiet: bool = False) -> No
         lines.append(
             f"| {r['case']} | {r['micro_batch']} | {r['tokens_per_s_per_gpu']:,.0f} | {fmt(r.get('vs_fastest_peer'), '.2f')} "
             f"| {fmt(r['mfu'], '.1%')} "
-            f"| {fmt(r['mfu_of_measured_matmul'], '.1%')} | {r['step_time_s']:.3f} | {mem} "
-            f"| {fmt(r.get('scaling_efficiency'), '.1%')} | {fmt(r['loss'], '.3f')} |"
+            f"| {fmt(r['mfu_of_measured_matmul'], '.1%')} | {fmt(r.get('step_time_s'), '.3f')} | {mem} "
+            f"| {fmt(r.get('scaling_efficiency'), '.1%')} | {fmt(r.get('loss'), '.3f')} |"
         )
     s = result["summary"]
     if s.get("best_recipe"):
@@ -638,10 +643,10 @@ def write_outputs(result: dict[str, Any], stem: Path, quiet: bool = False) -> No
                 f"| {r['case']} | {p['step_ms']:.1f} | {buckets} "
                 f"| {p['gpu_idle_ms']:.1f} | {p['host_syncs']:g} | {p['data_loading_ms']:.1f} | {r.get('graph_breaks', '')} |"
             )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    suffixed(stem, ".md").write_text("\n".join(lines) + "\n")
     if not quiet:
         print("\n".join(lines))
-    plot(result, stem.with_suffix(".png"))
+    plot(result, suffixed(stem, ".png"))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -703,7 +708,7 @@ def main() -> None:
     if args.smoke:
         args.seq_len, args.steps, args.warmup = 256, 3, 1
     stem = Path(args.output)
-    previous = json.loads(stem.with_suffix(".json").read_text()) if args.append and stem.with_suffix(".json").exists() else None
+    previous = json.loads(suffixed(stem, ".json").read_text()) if args.append and suffixed(stem, ".json").exists() else None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if previous and previous["device"] != device:
         raise UserError(f"--append: {stem}.json was measured on {previous['device']}, this is {device}; ratios need one machine")
@@ -712,8 +717,8 @@ def main() -> None:
     from hftrain.data import load_prepared
 
     config = model_config(args.model, load_prepared(data_dir).tokenizer)
-    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    keys += ("num_key_value_heads", "head_dim", "tie_word_embeddings", "max_position_embeddings", "rope_parameters")
+    keys = ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+    keys += ["num_key_value_heads", "head_dim", "tie_word_embeddings", "max_position_embeddings", "rope_parameters"]
     kept = [r for r in (previous or {}).get("rows", []) if r["case"] not in wanted]
     result = {
         "device": device,

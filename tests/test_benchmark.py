@@ -85,7 +85,7 @@ def test_a_failed_launch_is_reported_by_the_workers_own_exception():
 def test_a_checkpoint_directory_is_benchmarked_and_its_config_recorded(workdir, start_checkpoint):
     """--model <checkpoint>: the FLOPs count reads the checkpoint's config (it used to look the name up in the
     presets and fail); the results record the model's config; --profile_steps adds where the time went."""
-    out = "results/smoke/checkpoint"
+    out = "results/smoke/tiny-0.1m"  # a dotted name keeps its dots: tiny-0.1m.json, not tiny-0.json
     run_script(
         "benchmark.py",
         "--smoke",
@@ -131,6 +131,7 @@ def load_script(path: str, name: str):
     from conftest import SCRIPTS
 
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -148,6 +148,24 @@ def check_tokenizer_matches(model: str, config: Any, tokenizer: PreTrainedTokeni
             )
 
 
+def check_weights_exist(model: str) -> None:
+    """A local checkpoint folder must hold safetensors weights: a config alone (save_pretrained of a config, a copy
+    cut short) or pickled *.bin weights, which this project never loads, would fail inside from_pretrained."""
+    folder = Path(model)
+    if not is_local_path(model) or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.glob("*.bin") if p.name != "training_args.bin")
+    if pickled:
+        raise UserError(
+            f"--model {model} has only pickled weights ({pickled[0]}), which this project does not load; convert them to "
+            "safetensors (from_pretrained then save_pretrained, once, on a model you trust)"
+        )
+    raise UserError(
+        f"--model {model} has a config.json but no weights (model.safetensors); pass a folder written by save_pretrained, "
+        f"or a preset ({', '.join(PRESETS)}) to start from random weights"
+    )
+
+
 def check_max_length(model: Any, max_length: int) -> None:
     """The prepared data's longest example must fit the model's positions: beyond them, learned position
     embeddings index out of range and rotary ones extrapolate to positions never trained."""
@@ -174,6 +192,7 @@ def load_model(
         config = preset_config(model, tokenizer)
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     config = load_config(model, trust_remote_code)
+    check_weights_exist(model)
     check_tokenizer_matches(model, config, tokenizer)
     try:
         return AutoModelForCausalLM.from_pretrained(

@@ -90,9 +90,11 @@ def breakdown(trace: dict[str, Any], steps: int, wall_s: float, vocab_size: int)
     launches: dict[Any, list[tuple[float, Any]]] = defaultdict(list)
     for corr, (tid, ts) in launch_at.items():
         launches[tid].append((ts, corr))
-    stacks = {}  # correlation id -> the CPU ops (outermost first) open when the launch happened
+    stacks: dict[Any, list[tuple[str, Any]]] = {}  # correlation id -> the CPU ops (outermost first) open when the launch happened
     for tid, todo in launches.items():
-        ops, stack, i = sorted(ops_by_thread.get(tid, []), key=lambda e: (e["ts"], -e["dur"])), [], 0
+        ops = sorted(ops_by_thread.get(tid, []), key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[dict[str, Any]] = []
+        i = 0
         for ts, corr in sorted(todo, key=lambda x: x[0]):
             while i < len(ops) and ops[i]["ts"] <= ts:  # one sweep over the thread's ops, which nest
                 while stack and stack[-1]["ts"] + stack[-1]["dur"] < ops[i]["ts"]:
@@ -108,8 +110,8 @@ def breakdown(trace: dict[str, Any], steps: int, wall_s: float, vocab_size: int)
     for e in events:
         if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
             continue
-        ops = stacks.get(e.get("args", {}).get("correlation"), [])
-        gpu_us[classify(e["name"], ops, vocab_size)] += e["dur"]
+        launched_under = stacks.get(e.get("args", {}).get("correlation"), [])
+        gpu_us[classify(e["name"], launched_under, vocab_size)] += e["dur"]
         kernel_us[e["name"]] += e["dur"]
         intervals.append((e["ts"], e["ts"] + e["dur"]))
     busy_ms = _busy(intervals) / 1e3 / steps
