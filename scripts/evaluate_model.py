@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, BitsAndBytesConfig, HfArgumentParser, Tr
 
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.errors import UserError
+from hftrain.extras import require_extra
 from hftrain.metrics import Accuracy
 from hftrain.models import check_tokenizer_matches, load_config, skip_cpu_4bit_repacking
 
@@ -36,6 +37,8 @@ class EvalArguments:
 
 def main() -> None:
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses()
+    if args.load_in_4bit:
+        require_extra("bitsandbytes", "--load_in_4bit")
     path = Path(args.model_dir)
     is_adapter = (path / "adapter_config.json").exists()
     if not is_adapter and not (path / "config.json").exists():

@@ -156,6 +156,7 @@ def main() -> None:
         accelerator.load_state(checkpoint)  # weights (safetensors), optimizer and RNG states (torch.load weights_only=True)
         load_loop_state(checkpoint, scheduler, history)  # the scheduler and the log history, from the checkpoint's JSON
         step = int(os.path.basename(os.path.normpath(checkpoint)).removeprefix("checkpoint-"))
+        accelerator.print(f"resuming from {checkpoint} at step {step}")
     resume_epoch, resume_steps = divmod(step, steps_per_epoch)
 
     def save_checkpoint() -> str:  # every process calls save_state: each writes its own RNG state
@@ -221,9 +222,15 @@ def main() -> None:
                 save_checkpoint()
             if step == total_steps:  # --max_steps may end training mid-epoch
                 break
-        eval_metrics = evaluate(
-            model, test_loader, accuracy, device, gather=accelerator.gather_for_metrics, show_progress=accelerator.is_main_process
-        )
+        with meter.paused():  # evaluation is not training: tokens/s counts the training steps alone
+            eval_metrics = evaluate(
+                model,
+                test_loader,
+                accuracy,
+                device,
+                gather=accelerator.gather_for_metrics,
+                show_progress=accelerator.is_main_process,
+            )
         history.log(step, epoch=round(step / steps_per_epoch, 3), **eval_metrics)
         accelerator.print(
             f"epoch {epoch + 1}: eval loss {eval_metrics['eval_loss']:.4f}, accuracy {eval_metrics['eval_accuracy']:.3f}"
@@ -249,6 +256,7 @@ def main() -> None:
                 "eval_samples": latest["eval_samples"],
                 "train_loss": latest["loss"],
                 "steps": step,
+                "distributed_type": accelerator.distributed_type.value,  # MULTI_GPU (DDP), MULTI_CPU, or NO
                 "train_tokens_per_process": tokens_per_process.tolist(),
                 **train_metrics,
             },

@@ -11,6 +11,8 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -82,7 +84,8 @@ def peak_memory_gib() -> float:
 
 
 class ThroughputMeter:
-    """Counts real (non-padding) tokens and wall time between `start()` and `stop()`."""
+    """Counts real (non-padding) tokens and wall time between `start()` and `stop()`, less the time spent
+    in evaluation (`with meter.paused():`), so tokens/s is the training's own."""
 
     def __init__(self, flops_per_token: float | None = None, num_devices: int = 1) -> None:
         self.flops_per_token = flops_per_token
@@ -90,10 +93,20 @@ class ThroughputMeter:
         self.tokens = 0
         self.t0 = 0.0
         self.elapsed = 0.0
+        self.excluded = 0.0  # seconds between start() and stop() that were not training (evaluation)
 
     def start(self) -> None:
         reset_peak_memory()
+        self.excluded = 0.0
         self.t0 = time.perf_counter()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
 
     def add_tokens(self, n: int) -> None:
         self.tokens += int(n)
@@ -101,7 +114,7 @@ class ThroughputMeter:
     def stop(self) -> dict[str, Any]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.elapsed = time.perf_counter() - self.t0
+        self.elapsed = time.perf_counter() - self.t0 - self.excluded
         tps = self.tokens / self.elapsed if self.elapsed > 0 else 0.0
         per_device = tps / self.num_devices
         peak = peak_flops(device_name())
@@ -127,17 +140,24 @@ class ThroughputCallback(TrainerCallback):
         self.meter = ThroughputMeter()
         self.metrics: dict[str, Any] = {}
         self.tokens_at_start = 0
+        self.training = False
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         # DDP runs one process per device; plain `python` on several GPUs runs DataParallel in one.
         self.meter.num_devices = args.world_size if args.world_size > 1 else max(1, args.n_gpu)
         self.meter.flops_per_token = flops_per_token(model, self.seq_len) if model is not None else None
         self.tokens_at_start = state.num_input_tokens_seen  # non-zero when resuming
+        self.training = True
         self.meter.start()
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
+        if self.training and metrics:  # the evaluations between epochs are not training time
+            self.meter.excluded += metrics.get("eval_runtime", 0.0)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.meter.tokens = state.num_input_tokens_seen - self.tokens_at_start
         self.metrics = self.meter.stop()
+        self.training = False
 
 
 def save_curves(log_history: list[dict[str, Any]], path: Path) -> None:

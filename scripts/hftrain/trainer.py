@@ -16,6 +16,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from hftrain.cli import check_batch_size, check_output_dir, check_training_args, resolve_checkpoint
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, Prepared, load_prepared
 from hftrain.errors import UserError
+from hftrain.extras import check_training_extras
 from hftrain.metrics import Accuracy
 from hftrain.models import check_max_length
 from hftrain.preemption import PreemptionCallback
@@ -62,7 +63,9 @@ def parse_args(
     A script that cannot resume passes `resumable=False`: the flag is then refused, not ignored."""
     parser = HfArgumentParser((script_args, TrainingArguments))
     parser.set_defaults(**{**DEFAULTS, **defaults})
-    check_deepspeed_config(parser.parse_known_args()[0].deepspeed)  # before TrainingArguments reads it
+    known = parser.parse_known_args()[0]
+    check_training_extras(known)  # deepspeed, liger-kernel, bitsandbytes, galore-torch: installed if asked for
+    check_deepspeed_config(known.deepspeed)  # before TrainingArguments reads it
     args, training_args = parser.parse_args_into_dataclasses()
     if not resumable and training_args.resume_from_checkpoint:
         raise UserError(
@@ -76,6 +79,8 @@ def parse_args(
     check_output_dir(
         training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
     )
+    if checkpoint and training_args.process_index == 0:
+        print(f"resuming from {checkpoint}")
     return args, training_args, checkpoint
 
 

@@ -178,7 +178,8 @@ def main() -> None:
                 targets_since_log.zero_()
             if step == total_steps:  # --max_steps may end training mid-epoch
                 break
-        eval_metrics = evaluate(model, test_loader, accuracy, device, autocast)
+        with meter.paused():  # evaluation is not training: tokens/s counts the training steps alone
+            eval_metrics = evaluate(model, test_loader, accuracy, device, autocast)
         history.log(step, epoch=round(step / steps_per_epoch, 3), **eval_metrics)
         progress.write(
             f"epoch {epoch + 1}: eval loss {eval_metrics['eval_loss']:.4f}, accuracy {eval_metrics['eval_accuracy']:.3f}"
@@ -201,6 +202,7 @@ def main() -> None:
             "eval_samples": latest["eval_samples"],
             "train_loss": latest["loss"],
             "steps": step,
+            "distributed_type": "NO",  # one process on one device
             **train_metrics,
         },
         history.rows,

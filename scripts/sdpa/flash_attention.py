@@ -145,7 +145,9 @@ def check_flash_attention(args: ScriptArguments, training_args: TrainingArgument
             f"--fp8 needs float8 tensor cores (compute capability 8.9+: H100, H200, L40S, RTX 4090) and {gpu}; drop --fp8"
         )
     if args.fused_loss and not (torch.cuda.is_available() and find_spec("liger_kernel")):
-        raise UserError("--fused_loss needs liger-kernel and a CUDA GPU: pip install liger-kernel, or drop --fused_loss")
+        raise UserError(
+            '--fused_loss needs liger-kernel and a CUDA GPU: pip install -e ".[liger]" on a CUDA machine, or drop --fused_loss'
+        )
     if args.fp8 and find_spec("torchao") is None:
         raise UserError('--fp8 needs torchao: pip install -e ".[fp8]" (or pip install torchao)')
     if args.attn_implementation != "flash_attention_2" or (torch.cuda.is_available() and is_flash_attn_2_available()):

@@ -28,6 +28,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hftrain.cli import check_batch_size, check_output_dir, check_training_args, resolve_checkpoint
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.extras import check_training_extras
 from hftrain.metrics import Accuracy
 from hftrain.models import check_max_length, load_model
 from hftrain.preemption import PreemptionCallback
@@ -65,6 +66,7 @@ def main() -> None:
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to=["tensorboard"],
     )
+    check_training_extras(parser.parse_known_args()[0])  # e.g. --deepspeed without deepspeed: which extra to install
     args, training_args = parser.parse_args_into_dataclasses()
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens, not padding
     check_training_args(training_args)  # e.g. a batch size or step count of 0, more processes than GPUs
@@ -72,6 +74,8 @@ def main() -> None:
     check_output_dir(  # and take its run lock: a second run on the same folder stops
         training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
     )
+    if checkpoint and training_args.process_index == 0:
+        print(f"resuming from {checkpoint}")
 
     with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
         data = load_prepared(args.data_dir)
@@ -105,6 +109,7 @@ def main() -> None:
                 "eval_loss": eval_metrics["eval_loss"],
                 "train_loss": train_result.training_loss,
                 "steps": trainer.state.global_step,
+                "distributed_type": trainer.accelerator.distributed_type.value,  # MULTI_GPU (DDP), MULTI_CPU, or NO
                 **throughput.metrics,
             },
             trainer.state.log_history,

@@ -41,6 +41,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainingArguments
 
 from hftrain.errors import UserError
+from hftrain.extras import require_extra
 from hftrain.models import count_parameters, save_preset_base
 from hftrain.quantization import check_4bit_device, load_4bit
 from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
@@ -70,6 +71,7 @@ def check_devices(args: ScriptArguments, training_args: TrainingArguments) -> No
 
 
 def main() -> None:
+    require_extra("bitsandbytes")  # the 4-bit layers and the 8-bit optimizer
     cuda = torch.cuda.is_available()
     args, training_args, checkpoint = parse_args(
         ScriptArguments,

@@ -42,6 +42,7 @@ from hftrain.chat import DEFAULT_CHAT_TEMPLATE, answer_accuracy, load_chat_data
 from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
+from hftrain.extras import check_training_extras
 from hftrain.models import PRESETS, load_config, load_model, save_preset_base
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results
@@ -75,6 +76,7 @@ class ModelArguments(ModelConfig):  # TRL's model flags: --use_peft, --lora_r, -
 def main() -> None:
     parser = HfArgumentParser((ScriptArguments, SFTConfig, ModelArguments))
     known = parser.parse_known_args()[0]
+    check_training_extras(known)  # --deepspeed, --use_liger_kernel, an 8-bit or GaLore --optim: installed?
     preset = known.model_name_or_path in PRESETS
     # A preset's random weights need a high learning rate, and LoRA on it must also train the embeddings and the
     # output layer; a pretrained checkpoint is fine-tuned gently and keeps them frozen (a few-MB adapter).
@@ -111,6 +113,8 @@ def main() -> None:
     check_output_dir(
         training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
     )
+    if checkpoint and training_args.process_index == 0:
+        print(f"resuming from {checkpoint}")
 
     # Every row is checked before anything is loaded or written.
     data, fmt = load_chat_data(

@@ -26,6 +26,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import BitsAndBytesConfig
 
 from hftrain.errors import UserError
+from hftrain.extras import require_extra
 from hftrain.models import PRESETS, count_parameters, load_model, save_preset_base
 from hftrain.sharding import check_fsdp_layer_classes, save_full_state_dict_next
 from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
@@ -38,6 +39,7 @@ class QLoraArguments(ModelArguments):
 
 
 def main() -> None:
+    require_extra("bitsandbytes")  # the 4-bit layers
     if not torch.cuda.is_available():
         raise UserError(
             "fsdp_qlora.py needs CUDA GPUs (4-bit layers under FSDP); on a CPU run scripts/trainer/qlora.py "
