@@ -8,6 +8,7 @@ by `save_state` hold the whole model, the frozen base included; the final save i
 alone, written by the main process from the unwrapped model. Diff it against either twin.
 
     accelerate launch --config_file accelerate_config.yaml scripts/lora/custom_loop_accelerate.py --model small
+    accelerate launch --config_file accelerate_config.yaml --num_processes 8 scripts/lora/custom_loop_accelerate.py
     python scripts/lora/custom_loop_accelerate.py                          # one GPU, or the CPU
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \\
         scripts/lora/custom_loop_accelerate.py --per_device_train_batch_size 16    # DDP on CPU (gloo)
