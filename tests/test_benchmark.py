@@ -11,7 +11,7 @@ from conftest import run_script
 @pytest.fixture(scope="module")
 def smoke(workdir):
     cases = "P1,P2,FA2 padding-free,DDP x2"  # two that run on CPU, two that say why not
-    proc = run_script("benchmark.py", "--smoke", "--cases", cases, "--output", "results/smoke/benchmark", cwd=workdir)
+    proc = run_script("benchmarks/throughput.py", "--smoke", "--cases", cases, "--output", "results/smoke/benchmark", cwd=workdir)
     return json.loads((workdir / "results/smoke/benchmark.json").read_text()), proc
 
 
@@ -40,7 +40,7 @@ def test_smoke_run_measures_every_case_it_can_and_says_why_not_for_the_rest(smok
 
 
 def test_unknown_case_is_refused(workdir):
-    proc = run_script("benchmark.py", "--smoke", "--cases", "P9", cwd=workdir, check=False)
+    proc = run_script("benchmarks/throughput.py", "--smoke", "--cases", "P9", cwd=workdir, check=False)
     assert proc.returncode == 1 and "error: unknown case(s) ['P9']" in proc.stderr
 
 
@@ -87,7 +87,7 @@ def test_a_checkpoint_directory_is_benchmarked_and_its_config_recorded(workdir, 
     presets and fail); the results record the model's config; --profile_steps adds where the time went."""
     out = "results/smoke/tiny-0.1m"  # a dotted name keeps its dots: tiny-0.1m.json, not tiny-0.json
     run_script(
-        "benchmark.py",
+        "benchmarks/throughput.py",
         "--smoke",
         "--model",
         start_checkpoint,
@@ -146,7 +146,7 @@ def test_the_script_and_the_benchmark_build_the_same_recipe(tmp_path, fp8):
 
     from transformers import HfArgumentParser, TrainingArguments
 
-    bench = load_script("benchmark.py", "benchmark_script")
+    bench = load_script("benchmarks/throughput.py", "throughput_script")
     script = load_script("sdpa/flash_attention.py", "flash_attention_script")
     line = next(ln for ln in script.__doc__.splitlines() if ("float8 (H100" in ln) == fp8 and "--compile_layers" in ln)
     flags = re.findall(r"--\w+(?: (?!--)\S+)?", line)
@@ -157,7 +157,7 @@ def test_the_script_and_the_benchmark_build_the_same_recipe(tmp_path, fp8):
     from_script = script.recipe(args, training_args)
 
     case = {c.name: c for c in bench.CASES}[bench.RECIPE_FP8 if fp8 else bench.RECIPE_BF16]
-    assert case.micro_batch == bench.BIG  # 16 rows on a GPU of 100 GiB or more, as the docstring's command
+    assert case.big_batch  # 16 rows on a GPU of 100 GiB or more, as the docstring's command
     case = replace(case, micro_batch=16)
     bench_args = bench.Args(model="llama-3.2-1b", seq_len=2048)
     from_bench = bench.recipe_of(case, bench_args.seq_len)
