@@ -67,6 +67,33 @@ def test_packing_keeps_documents_whole_and_rows_within_capacity():
     assert fixed["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 12] and fixed["max_length_q"] == 4
 
 
+def test_sharded_smoke_launches_the_example_itself_under_ddp_on_two_cpu_processes(workdir):
+    """The sharded harness's row is the example's own run: getting_started.py under accelerate_config.yaml, its
+    metrics.json read back (on CPU: gloo, 2 processes, tiny preset, 3 steps)."""
+    run_script("benchmarks/sharded.py", "--smoke", "--output", "results/smoke/sharded", cwd=workdir)
+    result = json.loads((workdir / "results/smoke/sharded.json").read_text())
+    (row,) = result["rows"]
+    assert (row["case"], row["script"], row["config"]) == ("DDP", "trainer/getting_started.py", "accelerate_config.yaml")
+    assert row["num_devices"] == 2 and row["steps"] == 3 and row["train_tokens_per_second_per_device"] > 0, row
+    assert result["device"] == "cpu" and result["model"] == "tiny" and result["versions"]["torch"] == torch.__version__
+    assert "| DDP |" in (workdir / "results/smoke/sharded.md").read_text()
+
+
+def test_every_harness_records_the_machine_the_same_way(workdir):
+    """One record of device, date and versions, and the GaLore modules galore.py trains, shared by the harnesses."""
+    from conftest import SCRIPTS
+    from hftrain.benchmarking import GALORE_TARGET_MODULES, machine
+
+    head = machine("torch")
+    assert head["device"] == "cpu" and head["gpu_count"] == 0 and head["versions"]["cuda"]
+    assert len(head["date"]) == 10 and head["versions"]["torch"] == torch.__version__
+    assert f'r"{GALORE_TARGET_MODULES}"' in (SCRIPTS / "trainer/galore.py").read_text()
+    for harness in ("throughput", "memory", "sharded", "attention"):
+        source = (SCRIPTS / "benchmarks" / f"{harness}.py").read_text()
+        assert "from hftrain.benchmarking import" in source and "machine(" in source, harness
+        assert "datetime" not in source and "get_device_name()" not in source, harness
+
+
 def test_a_failed_launch_is_reported_by_the_workers_own_exception():
     from hftrain.cli import worker_error
 
