@@ -42,8 +42,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 import transformers.integrations.sdpa_attention as hf_sdpa
@@ -52,7 +50,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaConfig, set_seed
 from transformers.utils import is_flash_attn_2_available
 
-from hftrain.benchmarking import machine, output_dir
+from hftrain.benchmarking import machine, output_dir, save_figure, subplots
 from hftrain.errors import UserError
 from hftrain.models import PRESETS
 from hftrain.packing import PaddingFreeCollator
@@ -253,8 +251,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
 
 
 def write_plot(report: dict[str, Any], path: Path) -> None:
-    matplotlib.use("Agg")  # files only, no window
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_t, ax_m) = subplots(1, 2, figsize=(11, 4))
     for name in CASES:
         ok = [r for r in report["results"] if r["case"] == name and r["status"] == "ok"]
         if ok:
@@ -266,9 +263,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xticks(report["seq_lens"], [str(t) for t in report["seq_lens"]])
     ax_t.legend(fontsize=8)
     fig.suptitle(f"{report['model']} on {report['device']}, {report['tokens_per_batch']:,} tokens per batch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -100,7 +100,7 @@ def main() -> None:
         raise UserError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     env = case_env(one_gpu=False)
     if args.smoke:
-        args.model, args.data_dir, args.num_processes, args.batch_size, args.steps = "tiny", DEFAULT_DATA_DIR, 2, 4, 3
+        args.model, args.data_dir, args.num_processes, args.batch_size, args.steps = "tiny", DEFAULT_DATA_DIR, 2, 32, 3
         names = ["DDP"]
         env |= {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}  # gloo DDP, one thread per process
     args.output = args.output or str(output_dir("sharded", args.smoke) / "sharded")

@@ -45,8 +45,6 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import torch
 from accelerate import PartialState
 from datasets import Dataset
@@ -69,6 +67,8 @@ from hftrain.benchmarking import (
     machine,
     output_dir,
     run_case,
+    save_figure,
+    subplots,
 )
 from hftrain.data import PadCollator, Prepared, load_prepared
 from hftrain.errors import UserError
@@ -486,8 +486,9 @@ def summarize(result: dict[str, Any]) -> None:
     best = max(ours, key=lambda r: r["tokens_per_s_per_gpu"], default=None)
     summary: dict[str, Any] = {"best_recipe": best["case"] if best else None}
     fastest_peer = max((r for r in peers.values() if r), key=lambda r: r["tokens_per_s_per_gpu"], default=None)
-    for r in ran if fastest_peer is not None else []:
-        r["vs_fastest_peer"] = r["tokens_per_s_per_gpu"] / fastest_peer["tokens_per_s_per_gpu"]
+    if fastest_peer is not None:
+        for r in ran:
+            r["vs_fastest_peer"] = r["tokens_per_s_per_gpu"] / fastest_peer["tokens_per_s_per_gpu"]
     if best:
         summary["best_mfu"] = best["mfu"]
         if fastest_peer:
@@ -582,22 +583,19 @@ def write_outputs(result: dict[str, Any], stem: Path, quiet: bool = False) -> No
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    matplotlib.use("Agg")  # files only, no window
     rows = [r for r in result["rows"] if "tokens_per_s_per_gpu" in r]
     if not rows:
         return
     names = [r["case"] for r in rows]
     colors = ["tab:grey" if r["peer"] else "tab:blue" if r["gpus"] == 1 else "tab:green" for r in rows]
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(14, 0.45 * len(rows) + 1.5), sharey=True)
+    fig, (ax_t, ax_m) = subplots(1, 2, figsize=(14, 0.45 * len(rows) + 1.5), sharey=True)
     ax_t.barh(names, [r["tokens_per_s_per_gpu"] for r in rows], color=colors)
     ax_t.set(xlabel="tokens/s per GPU (real tokens)")
     ax_m.barh(names, [r.get("peak_allocated_gib", 0) for r in rows], color=colors)
     ax_m.set(xlabel="peak allocated memory per GPU (GiB)")
     ax_t.invert_yaxis()
     fig.suptitle(f"{result['device']}, `{result['model']}`, T = {result['seq_len']} (grey: peers)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
 
 from hftrain.cli import first_gpu_only, free_port, worker_error
@@ -100,3 +102,15 @@ class CaseProcess:
 def run_case(name: str, cmd: list[str], env: dict[str, str], result_file: Path, timeout: int) -> dict[str, Any]:
     """`CaseProcess` started and waited for."""
     return CaseProcess(name, cmd, env, result_file, timeout).result()
+
+
+def subplots(*args: Any, **kwargs: Any) -> Any:
+    """`plt.subplots`, drawing for files only (the Agg backend: no window, no display needed)."""
+    matplotlib.use("Agg")
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
