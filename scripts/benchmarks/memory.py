@@ -48,6 +48,7 @@ from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArgum
 from hftrain.benchmarking import GALORE_TARGET_MODULES, CaseProcess, case_env, machine, output_dir
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
+from hftrain.extras import require_extra
 from hftrain.models import load_model, save_preset_base
 from hftrain.quantization import load_4bit
 from hftrain.reporting import ThroughputCallback
@@ -251,6 +252,8 @@ def main() -> None:
     if args.worker:  # the child: one case, result to a file
         Path(args.result_file).write_text(json.dumps(measure_case(args.worker, args)))
         return
+    for module in ("bitsandbytes", "galore_torch"):  # the 8-bit, GaLore and QLoRA rows
+        require_extra(module)
 
     cuda = torch.cuda.is_available()
     if args.smoke:
