@@ -173,6 +173,7 @@ def test_basic_single_device_learns(basic_single):
     losses = list(train_losses(metrics).values())
     assert losses[-1] < losses[0] / 4
     assert metrics["steps"] == 2 * steps_per_epoch() and metrics["num_devices"] == 1 and metrics["eval_samples"] == 301
+    assert metrics["distributed_type"] == "NO"
     evals = [row for row in metrics["log_history"] if "eval_loss" in row]
     assert [row["step"] for row in evals] == [85, 170]  # one evaluation per epoch
     for name in FILES:
@@ -218,9 +219,11 @@ def test_resume_from_checkpoint_ends_with_the_same_weights(workdir, basic_ddp):
     full, _ = basic_ddp
     out = workdir / "output/custom_loops/basic_resumed"
     shutil.copytree(full / "checkpoint-130", out / "checkpoint-130")  # what the stopped run left behind
-    accelerate_cpu(
+    proc = accelerate_cpu(
         "basic/custom_loop_accelerate.py", *DDP, "--resume_from_checkpoint", "latest", "--output_dir", str(out), cwd=workdir
     )
+    assert proc.stdout.count("resuming from") == 1  # from the main process alone
+    assert f"resuming from {out / 'checkpoint-130'} at step 130" in proc.stdout
     resumed, uninterrupted = load_file(out / "model.safetensors"), load_file(full / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
     # Same processes, same batches in the same order, same RNG: on CPU the result is bit-identical in practice;
@@ -229,6 +232,7 @@ def test_resume_from_checkpoint_ends_with_the_same_weights(workdir, basic_ddp):
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     m_resumed, m_full = read_metrics(out), read_metrics(full)
+    assert m_resumed["distributed_type"] == m_full["distributed_type"] == "MULTI_CPU"
     assert m_resumed["steps"] == 170 and m_resumed["train_tokens"] < 0.3 * m_full["train_tokens"]  # 40 of 170 steps
     assert train_losses(m_resumed) == pytest.approx(train_losses(m_full), rel=1e-5)  # history restored, then continued
     assert m_resumed["eval_accuracy"] == m_full["eval_accuracy"]

@@ -124,6 +124,7 @@ def test_resume_latest_skips_a_checkpoint_cut_short_by_a_crash(workdir, uninterr
     os.truncate(crashed / "optimizer.pt", (crashed / "optimizer.pt").stat().st_size // 2)
     proc = run_script(GS, *TRAINER, "--output_dir", str(out), "--resume_from_checkpoint", "latest", cwd=workdir)
     assert f"skipping {crashed}: it has no trainer_state.json" in proc.stdout
+    assert f"resuming from {out / 'checkpoint-50'}" in proc.stdout
     assert_same_run(out, uninterrupted)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-50", "checkpoint-60"]
     assert (crashed / "trainer_state.json").exists()  # written again, complete

@@ -105,3 +105,29 @@ def test_trainer_ddp_two_cpu_processes_matches_single_process(workdir):
     # Within the first epoch the two runs see identical batches; only the order of float sums differs.
     assert train_losses(ddp) == pytest.approx(train_losses(single), rel=1e-4)
     assert ddp["eval_accuracy"] >= 0.80
+
+
+def test_tokens_per_second_leaves_out_the_evaluations_between_epochs():
+    """The loops pause the meter around evaluation; the Trainer's callback subtracts each in-training eval_runtime.
+    The evaluation after train() ends is outside the clock anyway."""
+    from types import SimpleNamespace
+
+    from hftrain.reporting import ThroughputCallback, ThroughputMeter
+
+    meter = ThroughputMeter()
+    meter.start()
+    time.sleep(0.2)
+    with meter.paused():  # an evaluation
+        time.sleep(0.4)
+    assert 0.15 < meter.stop()["train_runtime_s"] < 0.35
+
+    callback = ThroughputCallback(seq_len=8)
+    args, state = SimpleNamespace(world_size=1, n_gpu=0), SimpleNamespace(global_step=0, num_input_tokens_seen=0)
+    callback.on_train_begin(args, state, None)
+    time.sleep(0.6)
+    callback.on_evaluate(args, state, None, metrics={"eval_runtime": 0.4})  # 0.4 of the 0.6 s were evaluation
+    state.global_step, state.num_input_tokens_seen = 10, 1000
+    callback.on_train_end(args, state, None)
+    callback.on_evaluate(args, state, None, metrics={"eval_runtime": 9.0})  # trainer.evaluate() after training
+    assert 0.15 < callback.metrics["train_runtime_s"] < 0.35
+    assert callback.metrics["train_tokens"] == 1000
