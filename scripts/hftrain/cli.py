@@ -149,3 +149,16 @@ def check_training_args(training_args: Any) -> None:
             raise UserError(f"--{name} is {getattr(training_args, name)}; it must be at least 1")
     if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.num_train_epochs <= 0):
         raise UserError("nothing to train: --max_steps is 0 or --num_train_epochs is not above 0; set one of them above 0")
+
+
+def set_model_defaults(parser: Any, model: str, adapter: bool = False) -> dict[str, Any]:
+    """Make the defaults that depend on what --model is (`hftrain.models.model_defaults`: learning_rate, and
+    modules_to_save for an adapter) the parser's defaults, so a flag given on the command line still wins; print them
+    once. `parser` already holds the script's own learning rate, the one a preset gets."""
+    from hftrain.models import describe_defaults, model_defaults
+
+    defaults = model_defaults(model, adapter, parser.get_default("learning_rate"))
+    parser.set_defaults(**defaults)
+    if os.environ.get("RANK", "0") == "0":
+        print(describe_defaults(model, defaults), flush=True)
+    return defaults

@@ -1,9 +1,10 @@
-"""Accuracy on the prepared data: the rating (chance is 20%) or, for plain text, the next token.
+"""Accuracy on the prepared data: the rating (chance is 20%) or, for plain text, the next token; and perplexity.
 
 For the rating task only the answer is scored: the logits just before the rating token,
 restricted to the five answers, so a model must pick a rating, not merely predict a digit.
 """
 
+import math
 from typing import Any
 
 import numpy as np
@@ -35,4 +36,7 @@ class Accuracy:
     def compute_metrics(self, eval_pred: Any) -> dict[str, float]:
         scored = np.asarray(eval_pred.predictions)
         scored = scored[scored >= 0]  # the Trainer pads with -100 across batches
-        return {"accuracy": float(scored.mean()) if scored.size else 0.0}
+        metrics = {"accuracy": float(scored.mean()) if scored.size else 0.0}
+        if eval_pred.losses is not None:  # TrainingArguments(include_for_metrics=["loss"]): exp(eval_loss), as run_clm reports
+            metrics["perplexity"] = math.exp(min(float(np.mean(eval_pred.losses)), 700.0))
+        return metrics

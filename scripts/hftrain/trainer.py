@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint
+from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, Prepared, load_prepared
 from hftrain.metrics import Accuracy
-from hftrain.models import check_max_length
+from hftrain.errors import UserError
+from hftrain.models import PRESETS, check_checkpoint_format, check_max_length
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results
 from hftrain.sharding import check_deepspeed_config
@@ -26,6 +27,14 @@ class ModelArguments:
     data_dir: str = field(
         default=DEFAULT_DATA_DIR,
         metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
+            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
+            "scripts/prepare_datasets.py."
+        },
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
     trust_remote_code: bool = field(
@@ -47,19 +56,29 @@ DEFAULTS: dict[str, Any] = dict(
     bf16=torch.cuda.is_available(),  # float32 on CPU, bf16 mixed precision on CUDA
     dataloader_pin_memory=torch.cuda.is_available(),
     report_to=["tensorboard"],
+    include_for_metrics=["loss"],  # compute_metrics gets the losses, to report perplexity beside accuracy
 )
 
 
 def parse_args(
-    script_args: type, check: Callable[[Any, TrainingArguments], None] | None = None, **defaults: Any
+    script_args: type, check: Callable[[Any, TrainingArguments], None] | None = None, adapter: bool = False, **defaults: Any
 ) -> tuple[Any, TrainingArguments, str | None]:
-    """Parse (script_args, TrainingArguments) with the project's defaults, run the script's own
+    """Parse (script_args, TrainingArguments) with the project's defaults (the learning rate, and modules_to_save for
+    an `adapter`, chosen by what --model is: `hftrain.models.model_defaults`), run the script's own
     `check(args, training_args)`, check the output directory and resolve --resume_from_checkpoint,
     all before anything is loaded or written; returns (args, training_args, checkpoint)."""
     parser = HfArgumentParser((script_args, TrainingArguments))
     parser.set_defaults(**{**DEFAULTS, **defaults})
-    check_deepspeed_config(parser.parse_known_args()[0].deepspeed)  # before TrainingArguments reads it
+    known = parser.parse_known_args()[0]
+    check_deepspeed_config(known.deepspeed)  # before TrainingArguments reads it
+    check_checkpoint_format(known.model)
+    set_model_defaults(parser, known.model, adapter)
     args, training_args = parser.parse_args_into_dataclasses()
+    if training_args.push_to_hub and args.model in PRESETS:
+        raise UserError(
+            f"--push_to_hub shares a fine-tuned model, but --model {args.model} is a preset with random weights; "
+            "train a pretrained checkpoint (--model <Hub id or folder>) to share, or drop --push_to_hub"
+        )
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
     check_training_args(training_args)
     if check is not None:
@@ -71,9 +90,11 @@ def parse_args(
     return args, training_args, checkpoint
 
 
-def load_data(training_args: TrainingArguments, data_dir: str) -> Prepared:
+def load_data(training_args: TrainingArguments, args: Any) -> Prepared:
+    """args.data_dir, or args.dataset prepared for args.model first (see `load_prepared`)."""
     with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
-        data = load_prepared(data_dir)
+        data = load_prepared(args.data_dir, args.dataset, args.model)
+    data.model = args.model
     set_seed(training_args.seed)  # the presets' random weights depend on it
     return data
 
@@ -100,6 +121,7 @@ def rating_trainer(
         **kwargs,
     )
     trainer.throughput = throughput
+    trainer.prepared = data  # its task, source and model, for finish()
     return trainer
 
 
@@ -116,10 +138,23 @@ def finish(trainer: Trainer, train_result: Any, eval_metrics: dict[str, float], 
                 "train_loss": train_result.training_loss,
                 "steps": trainer.state.global_step,
                 "distributed_type": str(trainer.accelerator.distributed_type.value),
+                "base_model": trainer.prepared.model,
+                "dataset": trainer.prepared.source,
+                "task": trainer.prepared.task,
                 **extra,
                 **trainer.throughput.metrics,
             },
             trainer.state.log_history,
         )
+        if trainer.args.push_to_hub:  # the folder as it is, with the card written above (the repository was created at start)
+            from huggingface_hub import upload_folder
+
+            upload_folder(
+                repo_id=trainer.hub_model_id,
+                folder_path=trainer.args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**"],
+                token=trainer.args.hub_token,
+            )
     trainer.accelerator.end_training()
     return result

@@ -134,7 +134,7 @@ def main() -> None:
         # computes in bf16/fp16 only; the weights stay fp32 and autocast feeds it bf16.
         per_device_train_batch_size=32,
     )
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
     # FA2 warns that these fp32 weights are not bf16: expected, the Trainer's bf16 autocast hands it bf16 tensors.
     model = load_model(
         args.model, data.tokenizer, attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code

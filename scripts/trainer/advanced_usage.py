@@ -91,7 +91,7 @@ def main() -> None:
         dataloader_num_workers=1,  # collate the next batches in a worker process while the model trains
         remove_unused_columns=False,  # keep `prompt_len` for CompletionOnlyTrainer
     )
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
 
     trainer = rating_trainer(

@@ -78,7 +78,7 @@ def main() -> None:
         # down, so the rate sits above the 3e-3 that plain AdamW uses on this task).
         learning_rate=1e-2,
     )
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
 
     # The Trainer builds the GaLore optimizer from optim, optim_target_modules and optim_args.

@@ -8,6 +8,8 @@ the embedded rating task (data prepared on first use) in about a minute on a lap
     accelerate launch --config_file accelerate_config.yaml \\
         scripts/trainer/getting_started.py --model small          # every GPU, one process each (DDP)
     python scripts/trainer/getting_started.py --help              # every flag, TrainingArguments' too
+    python scripts/trainer/getting_started.py --model path/to/checkpoint --dataset corpus.txt \
+        --eval_on_start                                           # your model and text: perplexity before and after
 
 SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint after the current step and
 exits with status 143 or 130; the same command plus `--resume_from_checkpoint latest` continues
@@ -26,10 +28,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint
+from huggingface_hub import upload_folder
+
+from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.errors import UserError
 from hftrain.metrics import Accuracy
-from hftrain.models import check_max_length, load_model
+from hftrain.models import PRESETS, check_max_length, load_model
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results
 
@@ -40,6 +45,14 @@ class ScriptArguments:
     data_dir: str = field(
         default=DEFAULT_DATA_DIR,
         metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
+            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
+            "scripts/prepare_datasets.py."
+        },
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
     trust_remote_code: bool = field(
@@ -64,8 +77,13 @@ def main() -> None:
         bf16=torch.cuda.is_available(),  # float32 on CPU, bf16 mixed precision on CUDA
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to=["tensorboard"],
+        include_for_metrics=["loss"],  # compute_metrics gets the losses: perplexity beside accuracy
     )
+    # A pretrained checkpoint is fine-tuned with a lower learning rate than a preset's random weights (printed).
+    set_model_defaults(parser, parser.parse_known_args()[0].model)
     args, training_args = parser.parse_args_into_dataclasses()
+    if training_args.push_to_hub and args.model in PRESETS:
+        raise UserError(f"--push_to_hub shares a fine-tuned model, but --model {args.model} is a preset with random weights")
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens, not padding
     check_training_args(training_args)  # e.g. a batch size or step count of 0, more processes than GPUs
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -74,7 +92,7 @@ def main() -> None:
     )
 
     with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
-        data = load_prepared(args.data_dir)
+        data = load_prepared(args.data_dir, args.dataset, args.model)  # --dataset: prepared for --model first
     set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
@@ -104,10 +122,15 @@ def main() -> None:
                 "eval_loss": eval_metrics["eval_loss"],
                 "train_loss": train_result.training_loss,
                 "steps": trainer.state.global_step,
+                "base_model": args.model,  # these three go into the model card (README.md) too
+                "dataset": data.source,
+                "task": data.task,
                 **throughput.metrics,
             },
             trainer.state.log_history,
         )
+        if training_args.push_to_hub:  # the folder with its card; the Trainer created the repository at start
+            upload_folder(repo_id=trainer.hub_model_id, folder_path=training_args.output_dir, ignore_patterns=["checkpoint-*"])
     trainer.accelerator.end_training()  # every process leaves the process group (DDP) before exiting
 
 

@@ -65,7 +65,7 @@ def main() -> None:
         num_train_epochs=2,  # two short runs instead of one long one
         save_strategy="no",  # the final model is still saved
     )
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
 
     alpha = training_args.neftune_noise_alpha
     # dataclasses.replace builds a fresh TrainingArguments: only these two fields differ between the runs.

@@ -21,7 +21,7 @@ switches that repacking off (tests/test_memory_efficient.py proves the gradients
 
     python scripts/trainer/qlora.py                                   # tiny on CPU, ~1 min
     python scripts/trainer/qlora.py --model small                     # one GPU
-    python scripts/trainer/qlora.py --model /path/to/checkpoint --modules_to_save ""
+    python scripts/trainer/qlora.py --model /path/to/checkpoint --dataset corpus.txt   # lr 2e-4, no modules_to_save
     python scripts/evaluate_model.py --model_dir output/trainer/qlora --load_in_4bit
     accelerate launch --config_file accelerate_config.yaml scripts/trainer/qlora.py --model small  # DDP
 
@@ -54,8 +54,9 @@ class ScriptArguments(ModelArguments):
     modules_to_save: str = field(
         default="embed_tokens,lm_head",
         metadata={
-            "help": "Comma-separated modules trained in full beside the adapters (saved with them). The presets' "
-            "random embeddings mean nothing, so they must learn; with a pretrained base pass '' (plain QLoRA)."
+            "help": "Comma-separated modules trained in full beside the adapters (saved with them). Default by --model: "
+            "embed_tokens,lm_head for a preset (its random embeddings mean nothing, so they must learn), none for a "
+            "pretrained checkpoint (plain QLoRA)."
         },
     )
 
@@ -75,12 +76,13 @@ def main() -> None:
         ScriptArguments,
         check=check_devices,
         output_dir="output/trainer/qlora",
-        learning_rate=1e-2,  # see "Why these settings" below
+        adapter=True,  # the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
+        learning_rate=1e-2,  # for a preset: see "Why these settings" below
         # (eval_strategy "epoch": evaluating between epochs is exactly what the CPU repacking trap breaks)
         optim="paged_adamw_8bit" if cuda else "adamw_bnb_8bit",  # see the header: paging needs CUDA
     )
     optim = training_args.optim.value  # TrainingArguments turns the name into an enum
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
     compute_dtype = torch.bfloat16 if cuda else torch.float32
     with training_args.main_process_first():  # under DDP, rank 0 writes the base checkpoint once
         base = save_preset_base(

@@ -23,7 +23,7 @@ from hftrain.trainer import ModelArguments, finish, load_data, parse_args, ratin
 
 def main() -> None:
     args, training_args, checkpoint = parse_args(ModelArguments, output_dir="output/trainer/sharded/fsdp")
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
     check_fsdp_layer_classes(model)  # a config naming a layer this model lacks fails here, in one sentence
 

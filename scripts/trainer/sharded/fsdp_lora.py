@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig, get_peft_model
 
-from hftrain.models import PRESETS, count_parameters, load_model, save_preset_base
+from hftrain.models import count_parameters, load_model, save_preset_base
 from hftrain.sharding import check_fsdp_layer_classes, save_full_state_dict_next
 from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
 
@@ -38,17 +38,25 @@ class LoraArguments(ModelArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank: the adapter's size and capacity."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    modules_to_save: str = field(
+        default="embed_tokens,lm_head",
+        metadata={
+            "help": "Comma-separated modules trained in full beside the adapters (saved with them). Default by --model: "
+            "embed_tokens,lm_head for a preset (random, they must learn), none for a pretrained checkpoint."
+        },
+    )
 
 
 def main() -> None:
     args, training_args, checkpoint = parse_args(
         LoraArguments,
         output_dir="output/trainer/sharded/fsdp_lora",
-        learning_rate=1e-2,
+        adapter=True,  # LoRA: the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
+        learning_rate=1e-2,  # for a preset
         gradient_checkpointing=True,  # not FSDP's (see above); non-reentrant: the frozen inputs need no grad
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
     with training_args.main_process_first():
         base = save_preset_base(
             args.model,
@@ -67,7 +75,7 @@ def main() -> None:
         target_modules="all-linear",  # every projection in attention and MLP (not lm_head)
         # The presets start from random weights, so the embeddings and output layer must learn too;
         # with a pretrained base, drop modules_to_save and train the adapter alone.
-        modules_to_save=["embed_tokens", "lm_head"] if args.model in PRESETS else None,
+        modules_to_save=[m for m in args.modules_to_save.split(",") if m] or None,  # default by --model
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)

@@ -26,7 +26,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import BitsAndBytesConfig
 
 from hftrain.errors import UserError
-from hftrain.models import PRESETS, count_parameters, load_model, save_preset_base
+from hftrain.models import count_parameters, load_model, save_preset_base
 from hftrain.sharding import check_fsdp_layer_classes, save_full_state_dict_next
 from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
 
@@ -35,6 +35,13 @@ from hftrain.trainer import ModelArguments, finish, load_data, parse_args, ratin
 class QLoraArguments(ModelArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is scaled by alpha / r."})
+    modules_to_save: str = field(
+        default="embed_tokens,lm_head",
+        metadata={
+            "help": "Comma-separated modules trained in full beside the adapters (saved with them). Default by --model: "
+            "embed_tokens,lm_head for a preset (random, they must learn), none for a pretrained checkpoint."
+        },
+    )
 
 
 def main() -> None:
@@ -46,12 +53,13 @@ def main() -> None:
     args, training_args, checkpoint = parse_args(
         QLoraArguments,
         output_dir="output/trainer/sharded/fsdp_qlora",
-        learning_rate=1e-2,
+        adapter=True,  # LoRA: the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
+        learning_rate=1e-2,  # for a preset
         bf16=True,
         gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
     with training_args.main_process_first():
         base = save_preset_base(
             args.model,
@@ -78,7 +86,7 @@ def main() -> None:
         target_modules="all-linear",
         # A preset's random base cannot be quantised into anything useful to adapt, so its
         # embeddings and output layer (kept in bf16, not 4-bit) train too; drop this for a pretrained base.
-        modules_to_save=["embed_tokens", "lm_head"] if args.model in PRESETS else None,
+        modules_to_save=[m for m in args.modules_to_save.split(",") if m] or None,  # default by --model
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)

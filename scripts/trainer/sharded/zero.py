@@ -35,7 +35,7 @@ def main() -> None:
         ModelArguments, output_dir="output/trainer/sharded/zero", deepspeed="deepspeed_config.json"
     )
     start_deepspeed_comm_on_cpu(training_args.use_cpu)
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)  # built partitioned
     gather_lm_head_for_liger(model, training_args)  # only with --use_liger_kernel
 
