@@ -65,7 +65,9 @@ class PrepareArguments:
     train_split: str | None = field(default=None, metadata={"help": "The split to train on (default: train)."})
     eval_split: str | None = field(
         default=None,
-        metadata={"help": "The split to evaluate on (default: test or validation if there is one, else the end of --train_split)."},
+        metadata={
+            "help": "The split to evaluate on (default: test or validation if there is one, else the end of --train_split)."
+        },
     )
     block_size: int | None = field(
         default=None,

@@ -21,21 +21,35 @@ from datasets import Dataset, DatasetDict, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 # File extension -> the datasets library's packaged loader.
-LOADERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+LOADERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 DEFAULT_BLOCK_SIZE = 1024
 
 
 def read_file(path: Path, sample_by: str = "line") -> Any:
     """A DatasetDict with a "train" split read from `path` by its extension (other extensions are read as text)."""
     loader = LOADERS.get(path.suffix.lower(), "text")
-    kwargs = {"sample_by": sample_by, "keep_linebreaks": True} if loader == "text" else {}
+    # A line is one document without its line break; paragraphs and documents keep theirs inside.
+    kwargs = {"sample_by": sample_by, "keep_linebreaks": sample_by != "line"} if loader == "text" else {}
     return load_dataset(loader, data_files=str(path), **kwargs)
 
 
-def split_tail(documents: Dataset, test_size: float) -> DatasetDict:
+def split_tail(documents: Dataset, test_size: float, whole_documents: bool = False) -> DatasetDict:
     """Train on the first (1 - test_size) of the corpus's text, hold out the rest: one contiguous tail. The
-    document it starts in is cut in two at a line break (or a space) near that point and its first part
-    marked `cut`, so that no EOS is put where the document does not end. Nothing held out is trained on."""
+    document it starts in is cut in two at a space or line break near that point and its first part
+    marked `cut`, so that no EOS is put where the document does not end. Nothing held out is trained on.
+    `whole_documents`: the last test_size of the documents instead, none cut."""
+    if whole_documents:
+        n_test = max(1, round(len(documents) * test_size))
+        rows = documents.add_column("cut", [False] * len(documents))
+        return DatasetDict(train=rows.select(range(len(rows) - n_test)), test=rows.select(range(len(rows) - n_test, len(rows))))
     texts = documents["text"]
     lengths = [len(t) for t in texts]
     cut = round(sum(lengths) * (1 - test_size))  # character where the held-out tail starts

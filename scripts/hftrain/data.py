@@ -138,10 +138,19 @@ def _read_source(
                 f"--dataset {dataset} has no column '{text_column}' (it has: {', '.join(split.column_names)}); pass --text_column"
             )
         if split.features[text_column].dtype not in ("string", "large_string"):
-            raise UserError(f"--dataset {dataset}: column '{text_column}' holds {split.features[text_column]}, not text; pass --text_column")
+            raise UserError(
+                f"--dataset {dataset}: column '{text_column}' holds {split.features[text_column]}, not text; pass --text_column"
+            )
     if "test" not in splits and len(splits["train"]) < 1:
         raise UserError(f"--dataset {dataset} holds no examples")
-    return DatasetDict({s: d.select_columns([text_column]).rename_columns({text_column: "text"}) if text_column != "text" else d.select_columns(["text"]) for s, d in splits.items()})
+    return DatasetDict(
+        {
+            s: d.select_columns([text_column]).rename_columns({text_column: "text"})
+            if text_column != "text"
+            else d.select_columns(["text"])
+            for s, d in splits.items()
+        }
+    )
 
 
 def _read_file(path: Path, dataset: str, sample_by: str) -> Any:
@@ -153,7 +162,9 @@ def _read_file(path: Path, dataset: str, sample_by: str) -> Any:
         if isinstance(e.__cause__, UnicodeDecodeError) or "codec can't decode" in str(e):
             raise UserError(f"--dataset {dataset} is not UTF-8 text; convert it (e.g. iconv -t UTF-8) and re-run")
         if path.suffix.lower() in LOADERS and LOADERS[path.suffix.lower()] != "text":
-            raise UserError(f"--dataset {dataset} could not be read as {path.suffix} ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+            raise UserError(
+                f"--dataset {dataset} could not be read as {path.suffix} ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            )
         raise
 
 
@@ -212,16 +223,28 @@ def prepare(
     block_size = block_size or min(DEFAULT_BLOCK_SIZE, positions or DEFAULT_BLOCK_SIZE)
 
     raw = _read_source(
-        dataset, text_column, num_examples, seed, test_size, dataset_config_name, train_split or "train", eval_split, sample_by or "document"
+        dataset,
+        text_column,
+        num_examples,
+        seed,
+        test_size,
+        dataset_config_name,
+        train_split or "train",
+        eval_split,
+        sample_by or "document",
     )
-    is_rating = all(RATING_TEXT.search(t) for t in raw["train"]["text"][:200] + (raw["test"]["text"][:200] if "test" in raw else []))
+    is_rating = all(
+        RATING_TEXT.search(t) for t in raw["train"]["text"][:200] + (raw["test"]["text"][:200] if "test" in raw else [])
+    )
     if "test" not in raw:  # held out from the training split
         if len(raw["train"]) < 2 and (is_rating or not group_texts):
-            raise UserError(f"--dataset {dataset} holds {len(raw['train'])} non-empty examples; it needs at least 2 (train and test)")
+            raise UserError(
+                f"--dataset {dataset} holds {len(raw['train'])} non-empty examples; it needs at least 2 (train and test)"
+            )
         if is_rating:  # independent examples: a random split, as before
             raw = raw["train"].train_test_split(test_size=test_size, seed=seed)
         else:  # text: the end of the corpus, never random lines of it
-            raw = split_tail(raw["train"], test_size)
+            raw = split_tail(raw["train"], test_size, whole_documents=not group_texts)
     if tokenizer_name is None:
         tokenizer: PreTrainedTokenizerBase = train_tokenizer(raw["train"]["text"], vocab_size)
     else:

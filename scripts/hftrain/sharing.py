@@ -77,7 +77,9 @@ def write_model_card(output_dir: str, metrics: dict[str, Any]) -> Path:
         ("eval accuracy" + (" (next token)" if metrics.get("task") == "text" else ""), "eval_accuracy_before", "eval_accuracy"),
     ]
     table = "\n".join(
-        f"| {name} | {_fmt(metrics.get(before))} | {_fmt(metrics.get(after))} |" for name, before, after in rows if after in metrics
+        f"| {name} | {_fmt(metrics.get(before))} | {_fmt(metrics.get(after))} |"
+        for name, before, after in rows
+        if after in metrics
     )
     load = (
         "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"

@@ -13,8 +13,8 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, Prepared, load_prepared
-from hftrain.metrics import Accuracy
 from hftrain.errors import UserError
+from hftrain.metrics import Accuracy
 from hftrain.models import PRESETS, check_checkpoint_format, check_max_length
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results

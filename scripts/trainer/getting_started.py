@@ -26,9 +26,8 @@ Docs: https://huggingface.co/docs/transformers/main_classes/trainer
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
-
 from huggingface_hub import upload_folder
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
