@@ -55,6 +55,11 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **SPECIAL_TOKENS)
 
 
+def is_rating_task(texts: list[str]) -> bool:
+    """Examples of the rating task: one line each, ending in "Rating: n"."""
+    return all(RATING_TEXT.search(t) and "\n" not in t.strip() for t in texts)
+
+
 def add_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     """Many base tokenizers (GPT-2's, Llama 3's) ship without a pad token: pad with EOS, as the Hugging Face examples
     do. Padding is found by the attention mask (see `PadCollator`), so real EOS tokens are still learned."""
@@ -100,13 +105,13 @@ def _read_source(
     path = Path(dataset)
     if path.is_file():
         if path.stat().st_size == 0:
-            raise UserError(f"--dataset {dataset} is empty; give a file with at least two documents or lines of text")
+            raise UserError(f"--dataset {dataset} is empty; give a UTF-8 text file (or a table) with some text in it")
         raw: Any = _read_file(path, dataset, "line")
         if LOADERS.get(path.suffix.lower(), "text") == "text":
             raw = raw.filter(lambda ex: bool(ex["text"].strip()))
             # Lines that each end in a rating are the rating task's examples; any other text is a corpus,
             # read as whole documents (or paragraphs) so that the model sees text in its context.
-            if sample_by != "line" and not all(RATING_TEXT.search(t) for t in raw["train"]["text"][:200]):
+            if sample_by != "line" and not is_rating_task(raw["train"]["text"][:200]):
                 raw = _read_file(path, dataset, sample_by).filter(lambda ex: bool(ex["text"].strip()))
             text_column = "text"
     elif path.is_dir():
@@ -233,9 +238,7 @@ def prepare(
         eval_split,
         sample_by or "document",
     )
-    is_rating = all(
-        RATING_TEXT.search(t) for t in raw["train"]["text"][:200] + (raw["test"]["text"][:200] if "test" in raw else [])
-    )
+    is_rating = is_rating_task(raw["train"]["text"][:200] + (raw["test"]["text"][:200] if "test" in raw else []))
     if "test" not in raw:  # held out from the training split
         if len(raw["train"]) < 2 and (is_rating or not group_texts):
             raise UserError(
