@@ -24,7 +24,6 @@ from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.errors import UserError
 from hftrain.metrics import Accuracy
 from hftrain.models import check_tokenizer_matches, load_config, skip_cpu_4bit_repacking
-from hftrain.reporting import perplexity
 from hftrain.sharing import adapter_base
 
 
@@ -93,7 +92,7 @@ def main() -> None:
                 "load_in_4bit": args.load_in_4bit,
                 "eval_accuracy": metrics["eval_accuracy"],
                 "eval_loss": metrics["eval_loss"],
-                "perplexity": perplexity(metrics["eval_loss"]),
+                "perplexity": metrics["eval_perplexity"],  # exp of the loss per target token (hftrain.metrics)
                 "num_examples": len(data.test),
             }
         )

@@ -173,15 +173,15 @@ def perplexity(loss: float) -> float:
 
 
 def language_model_metrics(metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    """perplexity after training, and eval loss, perplexity and accuracy before it (an evaluation at step 0, from
-    --eval_on_start); each eval row of the history gets its eval_perplexity too."""
-    for row in log_history:
-        if "eval_loss" in row and "eval_perplexity" not in row:
-            row["eval_perplexity"] = perplexity(row["eval_loss"])
-    out = {"perplexity": perplexity(metrics["eval_loss"])}
-    first = next((row for row in log_history if "eval_loss" in row), None)
+    """perplexity after training (exp of the loss per target token), and eval loss, perplexity and accuracy before it
+    (an evaluation at step 0, from --eval_on_start); each eval row of the history gets its eval_perplexity too."""
+    evals = [row for row in log_history if "eval_loss" in row]
+    for row in evals:  # the loops' eval_loss is per target token; the Trainer's rows have it from Accuracy already
+        row.setdefault("eval_perplexity", perplexity(row["eval_loss"]))
+    out = {"perplexity": evals[-1]["eval_perplexity"] if evals else perplexity(metrics["eval_loss"])}
+    first = evals[0] if evals else None
     if first is not None and first.get("step") == 0:
-        out.update(eval_loss_before=first["eval_loss"], perplexity_before=perplexity(first["eval_loss"]))
+        out.update(eval_loss_before=first["eval_loss"], perplexity_before=first["eval_perplexity"])
         if "eval_accuracy" in first:
             out["eval_accuracy_before"] = first["eval_accuracy"]
     return out

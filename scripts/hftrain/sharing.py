@@ -18,6 +18,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from hftrain.errors import UserError
 from hftrain.models import PRESETS, is_local_path
 
 
@@ -45,7 +46,14 @@ def adapter_base(adapter_dir: str) -> str:
     folder is resolved against it, a Hub id (or an absolute path, as older adapters have) is returned as it is."""
     base = json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
     beside = Path(adapter_dir, base)
-    return str(beside.resolve()) if not os.path.isabs(base) and beside.exists() else base
+    if not os.path.isabs(base) and beside.exists():
+        return str(beside.resolve())
+    if base.startswith(".") or os.path.isabs(base) and not Path(base).exists():
+        raise UserError(
+            f"the adapter in {adapter_dir} names its base {base} (relative to its folder), which is not there; "
+            "put the base model there, or edit base_model_name_or_path in its adapter_config.json"
+        )
+    return base
 
 
 def write_model_card(output_dir: str, metrics: dict[str, Any]) -> Path:

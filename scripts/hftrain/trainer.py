@@ -56,7 +56,6 @@ DEFAULTS: dict[str, Any] = dict(
     bf16=torch.cuda.is_available(),  # float32 on CPU, bf16 mixed precision on CUDA
     dataloader_pin_memory=torch.cuda.is_available(),
     report_to=["tensorboard"],
-    include_for_metrics=["loss"],  # compute_metrics gets the losses, to report perplexity beside accuracy
 )
 
 

@@ -76,7 +76,6 @@ def main() -> None:
         bf16=torch.cuda.is_available(),  # float32 on CPU, bf16 mixed precision on CUDA
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to=["tensorboard"],
-        include_for_metrics=["loss"],  # compute_metrics gets the losses: perplexity beside accuracy
     )
     # A pretrained checkpoint is fine-tuned with a lower learning rate than a preset's random weights (printed).
     set_model_defaults(parser, parser.parse_known_args()[0].model)

@@ -49,6 +49,9 @@ def train_once(args: ModelArguments, training_args: TrainingArguments, data: Any
         "eval_loss": eval_metrics["eval_loss"],
         "train_loss": train_result.training_loss,
         "steps": trainer.state.global_step,
+        "base_model": args.model,  # these three go into the model card (README.md) too
+        "dataset": data.source,
+        "task": data.task,
         "log_history": trainer.state.log_history,
         **trainer.throughput.metrics,
     }
