@@ -7,6 +7,7 @@ import math
 import shutil
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from datasets import Dataset, DatasetDict
@@ -136,7 +137,7 @@ def test_named_splits_of_a_saved_dataset(tmp_path, corpus):
     DatasetDict(
         {"main": Dataset.from_dict({"body": paragraphs[:-1]}), "heldout": Dataset.from_dict({"body": paragraphs[-1:]})}
     ).save_to_disk(str(tmp_path / "saved"))
-    args = dict(text_column="body", vocab_size=400, block_size=32, train_split="main")
+    args: dict[str, Any] = dict(text_column="body", vocab_size=400, block_size=32, train_split="main")
     data = load_prepared(str(prepare(str(tmp_path / "saved"), str(tmp_path / "a"), eval_split="heldout", **args)))
     held_out = "".join(data.tokenizer.decode(x, skip_special_tokens=True) for x in data.test["input_ids"])
     assert held_out == paragraphs[-1]
@@ -264,7 +265,7 @@ def test_chance_line_only_on_rating_data(tmp_path, monkeypatch):
 
 
 def test_bad_block_size_and_columns_are_refused_before_anything_is_written(tmp_path, corpus, padless_checkpoint):
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         (dict(block_size=0), "--block_size 0 is below 2 tokens"),
         (dict(block_size=2048), "--block_size 2048 is above the 1024 positions of the model tiny"),
         (dict(block_size=512, model=str(padless_checkpoint)), "--block_size 512 is above the 256 positions of the model"),

@@ -84,7 +84,7 @@ def group_texts(documents: Dataset, block_size: int) -> Dataset:
     def group(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
         ids = [t for doc in batch["input_ids"] for t in doc]
         positions = [p for doc in batch["input_ids"] for p in range(len(doc))]
-        blocks = {"input_ids": [], "position_ids": [], "prompt_len": []}
+        blocks: dict[str, list[Any]] = {"input_ids": [], "position_ids": [], "prompt_len": []}
         for start in range(0, len(ids), block_size):
             block = positions[start : start + block_size]
             offset = block[0]  # a block that starts inside a document counts its positions from there
