@@ -147,7 +147,7 @@ def _read_source(
                 f"--dataset {dataset}: column '{text_column}' holds {split.features[text_column]}, not text; pass --text_column"
             )
     if "test" not in splits and len(splits["train"]) < 1:
-        raise UserError(f"--dataset {dataset} holds no examples")
+        raise UserError(f"--dataset {dataset} holds 0 non-empty examples; it needs at least 2 (train and test)")
     return DatasetDict(
         {
             s: d.select_columns([text_column]).rename_columns({text_column: "text"})

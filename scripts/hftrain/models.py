@@ -177,7 +177,7 @@ def check_max_length(model: Any, max_length: int) -> None:
         raise UserError(
             f"the prepared data has examples of {max_length} tokens but the model {name} takes at most {limit} "
             f"(max_position_embeddings); prepare the data with python scripts/prepare_datasets.py --max_length {limit} "
-            "(and --output_dir <new dir>), or use a model with more positions"
+            f"(text in blocks: --block_size {min(limit, 1024)}) and --output_dir <new dir>, or use a model with more positions"
         )
 
 

@@ -74,7 +74,7 @@ def main() -> None:
         lora_dropout=args.lora_dropout,
         target_modules="all-linear",  # every projection in attention and MLP (not lm_head)
         # The presets start from random weights, so the embeddings and output layer must learn too;
-        # with a pretrained base, drop modules_to_save and train the adapter alone.
+        # a pretrained base's stay frozen and the adapter trains alone (the default by --model).
         modules_to_save=[m for m in args.modules_to_save.split(",") if m] or None,  # default by --model
         task_type="CAUSAL_LM",
     )

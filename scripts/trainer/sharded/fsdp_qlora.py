@@ -85,7 +85,7 @@ def main() -> None:
         lora_alpha=args.lora_alpha,
         target_modules="all-linear",
         # A preset's random base cannot be quantised into anything useful to adapt, so its
-        # embeddings and output layer (kept in bf16, not 4-bit) train too; drop this for a pretrained base.
+        # embeddings and output layer (kept in bf16, not 4-bit) train too; not a pretrained base's (default by --model).
         modules_to_save=[m for m in args.modules_to_save.split(",") if m] or None,  # default by --model
         task_type="CAUSAL_LM",
     )
