@@ -1,9 +1,10 @@
 """Benchmark: tokens/s per GPU, MFU and peak memory of every technique, beside what people use instead.
 
 Every case is one Trainer run in a fresh process on the same data (documents of 256-2048 tokens),
-the same model (the `1b` preset, bf16 mixed precision) and sequence length (2048). Only the case's
-own settings change: how batches are built, the attention implementation, Liger kernels,
-`torch.compile`, the micro-batch, the optimizer, an adapter, the number of GPUs.
+the same model (`--model`: a preset, e.g. `llama-3.2-1b`, the exact Llama-3.2-1B shape with its
+128,256-token vocabulary, or a checkpoint directory; bf16 mixed precision) and sequence length (2048).
+Only the case's own settings change: how batches are built, the attention implementation, Liger
+kernels, `torch.compile`, float8, the micro-batch, the optimizer, an adapter, the number of GPUs.
 
 Peers, built the way people use the Hugging Face stack:
 - P1: padded batches from a padding collator, SDPA: what a new Trainer user gets.
@@ -12,7 +13,8 @@ Peers, built the way people use the Hugging Face stack:
 - P3: P2 tuned as far as the stack goes without changing what it computes: Liger kernels,
   `torch.compile`, the largest micro-batch that fits.
 The project's cases keep documents isolated (padding-free rows, FlashAttention-2's varlen kernel
-attending within each document) and add Liger, regional compilation and the large micro-batch.
+attending within each document) and add Liger, regional compilation and the large micro-batch; the
+recipe cases are built from `hftrain.recipe.Recipe`, the class behind scripts/sdpa/flash_attention.py's flags.
 
 Numbers: tokens/s counts real tokens only (no padding) over the steps after the warm-up; MFU uses
 nanoGPT's 6N + 12·L·H·T FLOPs per token with T = 2048 for every case, against the GPU's datasheet
@@ -23,9 +25,12 @@ after the warm-up. A case whose package or hardware is missing is reported as sk
     python scripts/benchmark.py                      # every case the GPUs here can run (invoke bench)
     python scripts/benchmark.py --cases P1,P2,P3     # a subset: names or prefixes (--list shows them)
     python scripts/benchmark.py --smoke              # CPU, seconds: the tiny preset, to check the harness
+    python scripts/benchmark.py --model llama-3.2-1b --profile_steps 2 --output results/benchmark/llama-3.2-1b
 
-Writes results/benchmark/benchmark.json (every row, device, versions, date), benchmark.md (the
-tables) and benchmark.png (tokens/s and memory per case).
+Writes results/benchmark/benchmark.json (every row, the model's config, device, versions, date),
+benchmark.md (the tables) and benchmark.png (tokens/s and memory per case). `--profile_steps N`
+profiles N steps after the measured ones (torch.profiler) and adds where the GPU time went
+(hftrain.profiling: attention, matmuls, output layer + loss, optimizer, idle, syncs, graph breaks).
 """
 
 import contextlib
@@ -45,6 +50,8 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainerCallback
 
+from hftrain.recipe import Recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 BIG = 0  # micro_batch placeholder: the largest that fits, from --big_batch
@@ -58,6 +65,7 @@ class Case:
     attn: str = "sdpa"
     micro_batch: int = 8  # rows per GPU and step (a row holds up to 2048 tokens)
     liger: bool = False  # TrainingArguments(use_liger_kernel=True): RMSNorm, SwiGLU, RoPE, fused linear + loss
+    fused_loss: bool = False  # Liger's fused linear + cross-entropy alone (hftrain.recipe.FUSED_LOSS_ONLY)
     compile: str = ""  # "model": TrainingArguments(torch_compile=True); "layers": each decoder layer compiled
     fp8: bool = False  # torchao's Float8Linear for the decoder's linear layers (tensorwise scales)
     optim: str = "adamw_torch_fused"
@@ -70,7 +78,21 @@ class Case:
 
 def packed(name: str, **kwargs: Any) -> Case:
     """The project's batches: whole documents, padding-free, isolated by FlashAttention-2's varlen kernel."""
-    return Case(name, "packed", attn="flash_attention_2", **kwargs)
+    return Case(name, "packed", **{"attn": "flash_attention_2", **kwargs})
+
+
+def recipe_of(case: Case, seq_len: int) -> Recipe | None:
+    """The `Recipe` a packed case runs (None for the others)."""
+    if case.batches != "packed":
+        return None
+    return Recipe(
+        attn_implementation=case.attn,
+        pack_rows=seq_len,
+        rows=case.micro_batch,
+        compile_layers=case.compile == "layers",
+        fp8=case.fp8,
+        fused_loss=case.fused_loss,
+    )
 
 
 CASES = [
@@ -79,6 +101,17 @@ CASES = [
     Case("P3: blocks + Liger (big batch)", "blocks", liger=True, micro_batch=BIG, peer="P3"),
     Case("P3: blocks + torch.compile", "blocks", compile="model", peer="P3"),
     Case("P3: blocks + Liger + torch.compile (big batch)", "blocks", liger=True, compile="model", micro_batch=BIG, peer="P3"),
+    Case("P3: blocks + Liger + compiled layers (big batch)", "blocks", liger=True, compile="layers", micro_batch=BIG, peer="P3"),
+    Case(
+        "P3: blocks + compiled layers + fused loss (big batch)",
+        "blocks",
+        fused_loss=True,
+        compile="layers",
+        micro_batch=BIG,
+        peer="P3",
+    ),
+    Case("P3: blocks + Liger (24 rows)", "blocks", liger=True, micro_batch=24, peer="P3"),
+    Case("P3: blocks + Liger (32 rows)", "blocks", liger=True, micro_batch=32, peer="P3"),
     Case("SDPA padding-free (block-diagonal mask)", "packed"),
     Case("FA2 padded", "padded", attn="flash_attention_2"),
     packed("FA2 padding-free"),
@@ -88,11 +121,39 @@ CASES = [
     packed("FA2 padding-free + Liger + compiled layers (big batch)", liger=True, compile="layers", micro_batch=BIG),
     packed("FA2 padding-free + float8 + compiled layers", fp8=True, compile="layers"),
     packed("FA2 padding-free + float8 + compiled layers (big batch)", fp8=True, compile="layers", micro_batch=BIG),
+    # The recipe (hftrain.recipe.Recipe: flash_attention.py --pack_rows 2048 --compile_layers --fused_loss):
+    # compiled layers, Liger's fused linear + loss alone, so the 128k-vocabulary logits never exist whole
+    packed("FA2 padding-free + compiled layers + fused loss (big batch)", compile="layers", fused_loss=True, micro_batch=BIG),
+    packed(
+        "FA2 padding-free + float8 + compiled layers + fused loss (big batch)",
+        fp8=True,
+        compile="layers",
+        fused_loss=True,
+        micro_batch=BIG,
+    ),
+    packed("FA2 padding-free + compiled layers + fused loss (24 rows)", compile="layers", fused_loss=True, micro_batch=24),
+    packed(
+        "FA2 padding-free + float8 + compiled layers + fused loss (24 rows)",
+        fp8=True,
+        compile="layers",
+        fused_loss=True,
+        micro_batch=24,
+    ),
+    packed(
+        "Flex padding-free + compiled layers + fused loss (big batch)",
+        attn="flex_attention",
+        compile="layers",
+        fused_loss=True,
+        micro_batch=BIG,
+    ),
     packed("LoRA (FA2 padding-free)", adapter="lora"),
     packed("QLoRA (FA2 padding-free)", adapter="qlora", optim="paged_adamw_8bit"),
     packed("GaLore (FA2 padding-free)", optim="galore_adamw"),
     packed("8-bit AdamW (FA2 padding-free)", optim="adamw_bnb_8bit"),
 ]
+# The recipe as scripts/sdpa/flash_attention.py's docstring gives it (tests/test_benchmark.py compares the two)
+RECIPE_BF16 = "FA2 padding-free + compiled layers + fused loss (big batch)"
+RECIPE_FP8 = "FA2 padding-free + float8 + compiled layers + fused loss (big batch)"
 # Several GPUs: the recipe of `DIST_BASELINE` on 1 GPU, so the per-GPU ratio is the scaling efficiency.
 # FSDP2 + QLoRA is measured against itself on 1 GPU (its bf16-stored 4-bit base exists only under FSDP).
 DIST_BASELINE = "P3: blocks + Liger (big batch)"
@@ -120,7 +181,13 @@ GALORE_MODULES = r".*\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
 
 @dataclass
 class Args:
-    model: str = field(default="1b", metadata={"help": "Preset or checkpoint, the same for every case."})
+    model: str = field(
+        default="",
+        metadata={
+            "help": "Preset (e.g. 1b, llama-3.2-1b, qwen2.5-0.5b) or checkpoint directory, the same for every case "
+            "(default: 1b; tiny with --smoke)."
+        },
+    )
     data_dir: str = field(default="data/synthetic-long", metadata={"help": "Prepared long documents (see above)."})
     seq_len: int = field(default=2048, metadata={"help": "Row length of blocks and packed rows; T in the MFU formula."})
     cases: str = field(default="", metadata={"help": "Comma-separated case names (default: all); --list shows them."})
@@ -130,6 +197,9 @@ class Args:
         default=0, metadata={"help": "The 'big batch' rows per GPU; 0: 16 on GPUs of 100 GiB or more, else 12."}
     )
     smoke: bool = field(default=False, metadata={"help": "CPU check of the harness: tiny preset, default data, 3 cases."})
+    profile_steps: int = field(
+        default=0, metadata={"help": "Profile this many steps after the measured ones (torch.profiler): where the time goes."}
+    )
     output: str = field(default="results/benchmark/benchmark", metadata={"help": "Path stem of the .json, .md and .png."})
     append: bool = field(default=False, metadata={"help": "Keep the rows already in <output>.json (same device) and add these."})
     case_timeout: int = field(default=600, metadata={"help": "Seconds before a case is stopped and reported as failed."})
@@ -145,7 +215,7 @@ def skip_reason(case: Case, args: Args) -> str | None:
         return f"needs {case.gpus} GPUs, {gpus} here"
     if case.attn == "flash_attention_2" and not (gpus and find_spec("flash_attn")):
         return "needs flash-attn and a CUDA GPU"
-    if case.liger and not (gpus and find_spec("liger_kernel")):
+    if (case.liger or case.fused_loss) and not (gpus and find_spec("liger_kernel")):
         return "needs liger-kernel and a CUDA GPU"
     if (case.adapter == "qlora" or "bnb" in case.optim or "paged" in case.optim) and not gpus:
         return "benchmarked on CUDA only"
@@ -163,10 +233,10 @@ def skip_reason(case: Case, args: Args) -> str | None:
 
 
 class Window(TrainerCallback):
-    """Time and real tokens between the end of the warm-up and the end of training; peak memory in between."""
+    """Time and real tokens between the end of the warm-up and the end of the measured steps; peak memory in between."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.t0, self.tokens0 = warmup, 0.0, 0
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps, self.t0, self.tokens0 = warmup, steps, 0.0, 0
         self.result: dict[str, Any] = {}
 
     def _sync(self) -> None:
@@ -178,8 +248,10 @@ class Window(TrainerCallback):
             self._sync()
             torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
             self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+        elif state.global_step == self.warmup + self.steps:  # steps after this one are profiled, not measured
+            self.measure(state)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def measure(self, state: Any) -> None:
         self._sync()
         elapsed = time.perf_counter() - self.t0
         steps = state.global_step - self.warmup
@@ -189,6 +261,7 @@ class Window(TrainerCallback):
             "step_time_s": elapsed / steps,
             "tokens_per_step": (state.num_input_tokens_seen - self.tokens0) / steps,
             "loss": losses[-1] if losses else None,
+            "loss_curve": [[r["step"], r["loss"]] for r in state.log_history if "loss" in r],
         }
         if torch.cuda.is_available():
             self.result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -214,49 +287,49 @@ def collator(case: Case, tokenizer: Any, seq_len: int) -> Any:
     from transformers import default_data_collator
 
     from hftrain.data import PadCollator
-    from hftrain.packing import PackedRowsCollator
 
     if case.batches == "padded":
         return PadCollator(tokenizer, pad_to_multiple_of=8)
     if case.batches == "blocks":
         return default_data_collator
-    # compiled cases get one fixed shape (padding to micro-batch x T), else each new length recompiles
-    pad_to = case.micro_batch * seq_len if case.compile else None
-    return PackedRowsCollator(case.attn, pad_to=pad_to, pad_token_id=tokenizer.pad_token_id)
+    return recipe_of(case, seq_len).collator(tokenizer.pad_token_id)  # type: ignore[union-attr]
 
 
-def run_case(case: Case, args: Args) -> dict[str, Any]:
-    from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+def model_config(model: str, tokenizer: Any) -> Any:
+    """The config of a preset (with its vocabulary) or of a checkpoint directory."""
+    from hftrain.models import PRESETS, load_config, preset_config
 
-    from hftrain.data import load_prepared
-    from hftrain.models import load_model, preset_config
-    from hftrain.reporting import flops_per_token
-    from hftrain.sharding import gather_lm_head_for_liger
+    return preset_config(model, tokenizer) if model in PRESETS else load_config(model)
+
+
+def training_arguments(case: Case, args: Args, output_dir: str) -> Any:
+    """The case's TrainingArguments; a recipe case takes its fields from its `Recipe`."""
+    from transformers import TrainingArguments
+
+    from hftrain.recipe import FUSED_LOSS_ONLY
 
     cuda = torch.cuda.is_available()
-    data = load_prepared(args.data_dir)
-    model_name = "tiny" if args.smoke else args.model
-    # FLOPs from the unquantized, unsharded shape, counted on a meta copy made before TrainingArguments: once
-    # those hold a ZeRO-3 config, every model created is partitioned by deepspeed.zero.Init (meta included).
-    with torch.device("meta"):
-        fpt = flops_per_token(AutoModelForCausalLM.from_config(preset_config(model_name, data.tokenizer)), args.seq_len)
     deepspeed = str(ROOT / "deepspeed_config.json") if case.launch.endswith("+deepspeed") else None
-    training_args = TrainingArguments(  # before the model: ZeRO-3 partitions it while it is created
-        output_dir=str(Path(args.result).with_suffix("")) if args.result else tempfile.mkdtemp(prefix="bench-"),
+    own: dict[str, Any] = dict(
         per_device_train_batch_size=case.micro_batch,
-        max_steps=args.warmup + args.steps,
+        optim=case.optim,
+        use_liger_kernel=case.liger or case.fused_loss,
+        liger_kernel_config=FUSED_LOSS_ONLY if case.fused_loss and not case.liger else None,
+        remove_unused_columns=False,  # packed rows carry `documents`, which the model does not take
+    )
+    if (recipe := recipe_of(case, args.seq_len)) and not case.liger:
+        own.update(recipe.training_arguments())
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=args.warmup + args.steps + args.profile_steps,
         learning_rate=1e-4 if not case.adapter else 1e-3,
         lr_scheduler_type="constant",
         bf16=cuda,
         use_cpu=not cuda,
-        optim=case.optim,
         optim_target_modules=GALORE_MODULES if "galore" in case.optim else None,
         optim_args="rank=128,update_proj_gap=200,scale=0.25" if "galore" in case.optim else None,
-        use_liger_kernel=case.liger,
         torch_compile=case.compile == "model",
         deepspeed=deepspeed,
-        remove_unused_columns=False,  # packed rows carry `documents`, which the model does not take
         include_num_input_tokens_seen="non_padding",
         logging_steps=min(5, args.steps),
         save_strategy="no",
@@ -264,7 +337,31 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
         report_to=[],
         dataloader_drop_last=True,
         seed=0,
+        **own,
     )
+
+
+def run_case(case: Case, args: Args) -> dict[str, Any]:
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, Trainer, set_seed
+
+    from hftrain.data import load_prepared
+    from hftrain.models import load_model
+    from hftrain.profiling import ProfileSteps, compile_counters
+    from hftrain.reporting import flops_per_token
+    from hftrain.sharding import gather_lm_head_for_liger
+
+    cuda = torch.cuda.is_available()
+    data = load_prepared(args.data_dir)
+    model_name = args.model
+    # FLOPs from the unquantized, unsharded shape, counted on a meta copy made before TrainingArguments: once
+    # those hold a ZeRO-3 config, every model created is partitioned by deepspeed.zero.Init (meta included).
+    config = model_config(model_name, data.tokenizer)
+    with torch.device("meta"):
+        fpt = flops_per_token(AutoModelForCausalLM.from_config(config), args.seq_len)
+    output_dir = str(Path(args.result).with_suffix("")) if args.result else tempfile.mkdtemp(prefix="bench-")
+    training_args = training_arguments(case, args, output_dir)  # before the model: ZeRO-3 partitions it while it is created
+    deepspeed = training_args.deepspeed
     train = build_dataset(case, data, args.seq_len)
     set_seed(0)
     device = PartialState().device
@@ -300,26 +397,32 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     gather_lm_head_for_liger(model, training_args)  # ZeRO-3 + Liger only
-    if case.fp8:
-        from hftrain.quantization import float8_training
+    if recipe := recipe_of(case, args.seq_len):
+        recipe.prepare_model(model)
+    else:
+        if case.fp8:
+            from hftrain.quantization import float8_training
 
-        float8_training(model)
-    if case.compile == "layers":  # regional compilation: one graph per decoder layer, reused by all of them
-        for layer in model.get_decoder().layers:
-            layer.compile()
-    window = Window(args.warmup)
+            float8_training(model)
+        if case.compile == "layers":  # regional compilation: one graph per decoder layer, reused by all of them
+            for layer in model.get_decoder().layers:
+                layer.compile()
+    window = Window(args.warmup, args.steps)
+    profile = ProfileSteps(args.warmup + args.steps, args.profile_steps, config.vocab_size)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train,
         data_collator=collator(case, data.tokenizer, args.seq_len),
         processing_class=data.tokenizer,
-        callbacks=[window],
+        callbacks=[window, profile] if args.profile_steps else [window],
     )
     trainer.train()
     world = training_args.world_size
     row = {
         **window.result,
+        **compile_counters(),
+        **({"profile": profile.result} if profile.result else {}),
         "tokens_per_s_per_gpu": window.result["tokens_per_s"] / world,
         "gpus": world,
         "flops_per_token": fpt,
@@ -352,7 +455,8 @@ def matmul_tflops() -> float | None:
 def launch(case: Case, args: Args, result: Path) -> list[str]:
     own = [str(SCRIPTS / "benchmark.py"), "--run_case", case.name, "--result", str(result)]
     own += ["--model", args.model, "--data_dir", args.data_dir, "--seq_len", str(args.seq_len)]
-    own += ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
+    own += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--profile_steps", str(args.profile_steps)]
+    own += ["--smoke"] if args.smoke else []
     if not case.launch:
         return [sys.executable, *own]
     from hftrain.cli import free_port
@@ -447,15 +551,32 @@ def summarize(result: dict[str, Any]) -> None:
     ]
     best = max(ours, key=lambda r: r["tokens_per_s_per_gpu"], default=None)
     summary: dict[str, Any] = {"best_recipe": best["case"] if best else None}
+    fastest_peer = max((r for r in peers.values() if r), key=lambda r: r["tokens_per_s_per_gpu"], default=None)
+    for r in ran if fastest_peer else []:
+        r["vs_fastest_peer"] = r["tokens_per_s_per_gpu"] / fastest_peer["tokens_per_s_per_gpu"]  # type: ignore[index]
     if best:
         summary["best_mfu"] = best["mfu"]
-        fastest_peer = max((r for r in peers.values() if r), key=lambda r: r["tokens_per_s_per_gpu"], default=None)
         if fastest_peer:
             summary["fastest_peer"] = fastest_peer["case"]
             summary["best_vs_fastest_peer"] = best["tokens_per_s_per_gpu"] / fastest_peer["tokens_per_s_per_gpu"]
         if peers["P1"]:
             summary["best_vs_P1"] = best["tokens_per_s_per_gpu"] / peers["P1"]["tokens_per_s_per_gpu"]
+        if fastest_peer:  # bf16 and float8 apart: each against the fastest peer, in speed and in memory
+            for kind, fp8 in (("bf16", False), ("float8", True)):
+                top = max((r for r in ours if r["fp8"] == fp8), key=lambda r: r["tokens_per_s_per_gpu"], default=None)
+                if top:
+                    summary[f"best_{kind}"] = top["case"]
+                    summary[f"best_{kind}_vs_fastest_peer"] = top["vs_fastest_peer"]
+                    if "peak_allocated_gib" in top and "peak_allocated_gib" in fastest_peer:
+                        summary[f"best_{kind}_memory_vs_fastest_peer"] = (
+                            top["peak_allocated_gib"] / fastest_peer["peak_allocated_gib"]
+                        )
     result["summary"] = summary
+
+
+def suffixed(stem: Path, suffix: str) -> Path:
+    """stem + suffix; not `with_suffix`, which would turn results/llama-3.2-1b into results/llama-3.json."""
+    return stem.with_name(stem.name + suffix)
 
 
 def fmt(v: Any, spec: str) -> str:
@@ -464,23 +585,24 @@ def fmt(v: Any, spec: str) -> str:
 
 def write_outputs(result: dict[str, Any], stem: Path, quiet: bool = False) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    suffixed(stem, ".json").write_text(json.dumps(result, indent=2) + "\n")
     v = result["versions"]
     lines = [
-        f"{result['device']} ({result['gpu_count']} GPU(s) on the machine), {result['date']}; `{result['model']}` preset, "
+        f"{result['device']} ({result['gpu_count']} GPU(s) on the machine), {result['date']}; `{result['model']}` "
+        f"(vocabulary {result.get('vocab_size', '?')}), "
         f"{result['data_dir']}, T = {result['seq_len']}, {'bf16 mixed precision' if result['gpu_count'] else 'float32'}, {result['steps']} measured steps after "
         f"{result['warmup']} warm-up; measured bf16 matmul {fmt(result['matmul_tflops'], '.0f')} TFLOP/s; "
         + ", ".join(f"{k} {val}" for k, val in v.items()),
         *([f"\n{result['note']}"] if result.get("note") else []),
         "",
-        "| case | micro-batch (rows) | tokens/s per GPU | MFU (datasheet) | MFU (measured matmul) | step (s) "
-        "| peak alloc / reserved (GiB) | scaling | loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | micro-batch (rows) | tokens/s per GPU | vs fastest peer | MFU (datasheet) | MFU (measured matmul) "
+        "| step (s) | peak alloc / reserved (GiB) | scaling | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if "tokens_per_s_per_gpu" not in r:
             lines.append(
-                f"| {r['case']} | | {'skipped: ' + r['skipped'] if 'skipped' in r else 'failed: ' + r.get('error', '')} | | | | | | |"
+                f"| {r['case']} | | {'skipped: ' + r['skipped'] if 'skipped' in r else 'failed: ' + r.get('error', '')} | | | | | | | |"
             )
             continue
         mem = (
@@ -489,9 +611,10 @@ def write_outputs(result: dict[str, Any], stem: Path, quiet: bool = False) -> No
             else "n/a (CPU)"
         )
         lines.append(
-            f"| {r['case']} | {r['micro_batch']} | {r['tokens_per_s_per_gpu']:,.0f} | {fmt(r['mfu'], '.1%')} "
-            f"| {fmt(r['mfu_of_measured_matmul'], '.1%')} | {r['step_time_s']:.3f} | {mem} "
-            f"| {fmt(r.get('scaling_efficiency'), '.1%')} | {fmt(r['loss'], '.3f')} |"
+            f"| {r['case']} | {r['micro_batch']} | {r['tokens_per_s_per_gpu']:,.0f} | {fmt(r.get('vs_fastest_peer'), '.2f')} "
+            f"| {fmt(r['mfu'], '.1%')} "
+            f"| {fmt(r['mfu_of_measured_matmul'], '.1%')} | {fmt(r.get('step_time_s'), '.3f')} | {mem} "
+            f"| {fmt(r.get('scaling_efficiency'), '.1%')} | {fmt(r.get('loss'), '.3f')} |"
         )
     s = result["summary"]
     if s.get("best_recipe"):
@@ -501,10 +624,29 @@ def write_outputs(result: dict[str, Any], stem: Path, quiet: bool = False) -> No
             f"{fmt(s.get('best_vs_fastest_peer'), '.2f')}x the fastest peer ({s.get('fastest_peer')}), "
             f"{fmt(s.get('best_vs_P1'), '.2f')}x P1.",
         ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    profiled = [r for r in result["rows"] if r.get("profile")]
+    if profiled:
+        from hftrain.profiling import BUCKETS
+
+        lines += [
+            "",
+            "Where a step's time goes (ms per step, torch.profiler over the steps after the measured ones; GPU kernel "
+            "time by bucket, GPU idle = step - GPU busy; syncs: host-device synchronisations per step):",
+            "",
+            f"| case | step | {' | '.join(BUCKETS)} | GPU idle | syncs | data loading | graph breaks |",
+            "|---|" + "---|" * (len(BUCKETS) + 5),
+        ]
+        for r in profiled:
+            p = r["profile"]
+            buckets = " | ".join(f"{p['gpu_ms'][b]:.1f}" for b in BUCKETS)
+            lines.append(
+                f"| {r['case']} | {p['step_ms']:.1f} | {buckets} "
+                f"| {p['gpu_idle_ms']:.1f} | {p['host_syncs']:g} | {p['data_loading_ms']:.1f} | {r.get('graph_breaks', '')} |"
+            )
+    suffixed(stem, ".md").write_text("\n".join(lines) + "\n")
     if not quiet:
         print("\n".join(lines))
-    plot(result, stem.with_suffix(".png"))
+    plot(result, suffixed(stem, ".png"))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -532,6 +674,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
+    args.model = args.model or ("tiny" if args.smoke else "1b")
     if args.list:
         print("\n".join(c.name for c in CASES))
         return
@@ -565,15 +708,24 @@ def main() -> None:
     if args.smoke:
         args.seq_len, args.steps, args.warmup = 256, 3, 1
     stem = Path(args.output)
-    previous = json.loads(stem.with_suffix(".json").read_text()) if args.append and stem.with_suffix(".json").exists() else None
+    previous = json.loads(suffixed(stem, ".json").read_text()) if args.append and suffixed(stem, ".json").exists() else None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if previous and previous["device"] != device:
         raise UserError(f"--append: {stem}.json was measured on {previous['device']}, this is {device}; ratios need one machine")
+    if previous and previous["model"] != args.model:
+        raise UserError(f"--append: {stem}.json was measured on the model {previous['model']}, not {args.model}")
+    from hftrain.data import load_prepared
+
+    config = model_config(args.model, load_prepared(data_dir).tokenizer)
+    keys = ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+    keys += ["num_key_value_heads", "head_dim", "tie_word_embeddings", "max_position_embeddings", "rope_parameters"]
     kept = [r for r in (previous or {}).get("rows", []) if r["case"] not in wanted]
     result = {
         "device": device,
         "gpu_count": torch.cuda.device_count(),
-        "model": "tiny" if args.smoke else args.model,
+        "model": args.model,
+        "vocab_size": config.vocab_size,
+        "model_config": {k: getattr(config, k, None) for k in keys},
         "data_dir": args.data_dir,
         "seq_len": args.seq_len,
         "steps": args.steps,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -104,6 +105,44 @@ def real_checkpoint() -> Path:
         return real_checkpoint_dir()
     except CheckpointUnavailable as err:
         pytest.skip(f"no real checkpoint: {err}")
+
+
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, FileLock]:
+    """A folder that every pytest-xdist worker of this session sees, and a lock: a run that several test files use
+    is made once, by whichever worker gets there first."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if XDIST else root
+    return root / name, FileLock(str(root / f"{name}.lock"))
+
+
+@pytest.fixture(scope="session")
+def sft_tiny(tmp_path_factory: pytest.TempPathFactory, workdir: Path) -> Path:
+    """scripts/trainer/sft.py on its default (the tiny preset, the rating task as chats), shortened."""
+    out, lock = shared_dir(tmp_path_factory, "sft-tiny")
+    with lock:
+        if not (out / "metrics.json").exists():
+            run_script(
+                "trainer/sft.py", "--num_examples", "1500", "--num_train_epochs", "2", "--output_dir", str(out), cwd=workdir
+            )
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_sft(tmp_path_factory: pytest.TempPathFactory, real_checkpoint: Path) -> Path:
+    """LoRA with sft.py on the real checkpoint: a few steps on rating chats, evaluated before and after."""
+    from hftrain.chat import rating_conversations
+
+    out, lock = shared_dir(tmp_path_factory, "sft-real")
+    with lock:
+        if not (out / "metrics.json").exists():
+            data = out.parent / "sft-real-chats.jsonl"
+            data.write_text("".join(json.dumps(row) + "\n" for row in rating_conversations(40, 5)))
+            # SmolLM2's own template has no {% generation %} markers: the project's ChatML one renders the same turns.
+            args = ["--model", str(real_checkpoint), "--dataset", str(data), "--chat_template", "default", "--use_peft"]
+            args += ["--max_steps", "4", "--warmup_steps", "0", "--per_device_train_batch_size", "4"]
+            args += ["--eval_size", "0.2", "--per_device_eval_batch_size", "8", "--output_dir", str(out)]
+            run_script("trainer/sft.py", *args, cwd=out.parent)
+    return out
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -267,6 +267,7 @@ def test_fp8_refuses_without_torchao(monkeypatch):
     from hftrain.errors import UserError
 
     spec = importlib.util.spec_from_file_location("flash_attention_script", SCRIPTS / "sdpa/flash_attention.py")
+    assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     monkeypatch.setattr(script, "has_float8_tensor_cores", lambda: True)

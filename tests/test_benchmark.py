@@ -80,3 +80,143 @@ def test_a_failed_launch_is_reported_by_the_workers_own_exception():
     assert worker_error(stderr, 1) == "[rank1]: KeyError: \"attribute 'weight' already exists\""
     assert worker_error("W1128 a warning\nsomething went wrong\n", 1) == "W1128 a warning / something went wrong"
     assert worker_error("", -9) == "exit status -9"
+
+
+def test_a_checkpoint_directory_is_benchmarked_and_its_config_recorded(workdir, start_checkpoint):
+    """--model <checkpoint>: the FLOPs count reads the checkpoint's config (it used to look the name up in the
+    presets and fail); the results record the model's config; --profile_steps adds where the time went."""
+    out = "results/smoke/tiny-0.1m"  # a dotted name keeps its dots: tiny-0.1m.json, not tiny-0.json
+    run_script(
+        "benchmark.py",
+        "--smoke",
+        "--model",
+        start_checkpoint,
+        "--cases",
+        "P2",
+        "--profile_steps",
+        "1",
+        "--output",
+        out,
+        cwd=workdir,
+    )
+    result = json.loads((workdir / f"{out}.json").read_text())
+    (row,) = result["rows"]
+    assert result["model"] == start_checkpoint and row["tokens_per_s_per_gpu"] > 0 and row["flops_per_token"] > 0
+    assert result["vocab_size"] == result["model_config"]["vocab_size"] == 640
+    assert result["model_config"]["model_type"] == "llama" and result["model_config"]["num_hidden_layers"] == 2
+    assert row["profile"]["steps"] == 1 and row["profile"]["step_ms"] > 0 and row["graph_breaks"] == 0
+    assert "Where a step's time goes" in (workdir / f"{out}.md").read_text()
+
+
+def test_real_model_presets_keep_their_vocabulary():
+    """llama-3.2-1b and qwen2.5-0.5b are the real configs: their vocabularies are not cut to the data's tokenizer."""
+    from hftrain.models import preset_config
+
+    tok = type("Tok", (), {"__len__": lambda self: 640, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})()
+    llama = preset_config("llama-3.2-1b", tok)
+    assert (llama.model_type, llama.vocab_size, llama.hidden_size, llama.num_hidden_layers) == ("llama", 128256, 2048, 16)
+    assert (llama.num_attention_heads, llama.num_key_value_heads, llama.intermediate_size) == (32, 8, 8192)
+    assert llama.tie_word_embeddings and llama.max_position_embeddings == 131072
+    assert llama.rope_parameters["rope_type"] == "llama3" and llama.rope_parameters["rope_theta"] == 500000.0
+    qwen = preset_config("qwen2.5-0.5b", tok)
+    assert (qwen.model_type, qwen.vocab_size, qwen.hidden_size, qwen.num_hidden_layers) == ("qwen2", 151936, 896, 24)
+    assert (qwen.num_attention_heads, qwen.num_key_value_heads, qwen.intermediate_size) == (14, 2, 4864)
+    assert qwen.tie_word_embeddings and qwen.rope_parameters["rope_theta"] == 1e6
+    assert preset_config("1b", tok).vocab_size == 640  # the toy presets still take the tokenizer's
+
+
+def load_script(path: str, name: str):
+    import importlib.util
+
+    from conftest import SCRIPTS
+
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "float8"])
+def test_the_script_and_the_benchmark_build_the_same_recipe(tmp_path, fp8):
+    """The command in flash_attention.py's docstring and the benchmark's recipe case hand the Trainer the same
+    settings: both are a `hftrain.recipe.Recipe`, here compared field by field, Trainer argument by argument."""
+    import re
+    from dataclasses import replace
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    bench = load_script("benchmark.py", "benchmark_script")
+    script = load_script("sdpa/flash_attention.py", "flash_attention_script")
+    line = next(ln for ln in script.__doc__.splitlines() if ("float8 (H100" in ln) == fp8 and "--compile_layers" in ln)
+    flags = re.findall(r"--\w+(?: (?!--)\S+)?", line)
+    argv = [part for flag in flags for part in flag.split(" ")]
+    args, training_args = HfArgumentParser((script.ScriptArguments, TrainingArguments)).parse_args_into_dataclasses(
+        args=[*argv, "--output_dir", str(tmp_path)]
+    )
+    from_script = script.recipe(args, training_args)
+
+    case = {c.name: c for c in bench.CASES}[bench.RECIPE_FP8 if fp8 else bench.RECIPE_BF16]
+    assert case.micro_batch == bench.BIG  # 16 rows on a GPU of 100 GiB or more, as the docstring's command
+    case = replace(case, micro_batch=16)
+    bench_args = bench.Args(model="llama-3.2-1b", seq_len=2048)
+    from_bench = bench.recipe_of(case, bench_args.seq_len)
+    assert from_script == from_bench and from_bench.fp8 == fp8 and from_bench.fused_loss and from_bench.compile_layers
+    bench_training = bench.training_arguments(case, bench_args, str(tmp_path))
+    for key in ("per_device_train_batch_size", "use_liger_kernel", "liger_kernel_config", "remove_unused_columns", "optim"):
+        assert getattr(training_args, key) == getattr(bench_training, key), key
+    assert bench_training.liger_kernel_config == {
+        "fused_linear_cross_entropy": True,
+        "cross_entropy": False,
+        "rms_norm": False,
+        "swiglu": False,
+        "rope": False,
+    }
+    tokenizer = type("Tok", (), {"pad_token_id": 0})()
+    ours, theirs = from_script.collator(0), bench.collator(case, tokenizer, bench_args.seq_len)
+    assert type(ours) is type(theirs) and ours.pad_to == theirs.pad_to == 16 * 2048
+    assert ours.flatten.return_flash_attn_kwargs and theirs.flatten.return_flash_attn_kwargs
+
+
+def test_profile_breakdown_buckets_kernels_by_what_launched_them():
+    """A hand-made Chrome trace: each kernel is traced to its launching ops through the correlation id."""
+    from hftrain.profiling import breakdown
+
+    ev = []
+
+    def op(name, ts, dur, dims=None, tid=1, cat="cpu_op"):
+        ev.append({"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": {"Input Dims": dims or []}})
+
+    def kernel(name, ts, dur, corr, launch_ts, tid=1):
+        ev.append(
+            {
+                "ph": "X",
+                "cat": "cuda_runtime",
+                "name": "cudaLaunchKernel",
+                "ts": launch_ts,
+                "dur": 1,
+                "tid": tid,
+                "args": {"correlation": corr},
+            }
+        )
+        ev.append({"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": 7, "args": {"correlation": corr}})
+
+    op("aten::linear", 0, 10, [[8, 64], [128256, 64]])  # the output layer: a vocabulary-sized dimension
+    op("aten::mm", 1, 8, [[8, 64], [64, 128256]])
+    kernel("sm90_xmma_gemm_bf16bf16", 100, 40, 1, 2)
+    op("aten::mm", 20, 5, [[8, 64], [64, 256]])  # a decoder matmul
+    kernel("nvjet_tst_128x256", 140, 20, 2, 21)
+    op("flash_attn::_flash_attn_varlen_forward", 30, 5)
+    kernel("flash_fwd_kernel", 160, 30, 3, 31)
+    op("Optimizer.step#AdamW.step", 40, 10, cat="user_annotation")
+    op("aten::_fused_adam_", 41, 5)
+    kernel("multi_tensor_apply_kernel", 190, 10, 4, 42)
+    op("aten::add", 60, 2, tid=2)  # backward thread
+    kernel("vectorized_elementwise_kernel", 250, 10, 5, 61, tid=2)
+    op("aten::_local_scalar_dense", 70, 1)
+    ev.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 70, "dur": 50, "tid": 1, "args": {}})
+    p = breakdown({"traceEvents": ev}, steps=1, wall_s=300e-6, vocab_size=128256)
+    ms = p["gpu_ms"]
+    assert ms["output layer + loss"] == 0.04 and ms["matmuls (decoder)"] == 0.02 and ms["attention"] == 0.03
+    assert ms["optimizer + grad clipping"] == 0.01 and ms["norms, activations, residuals, other"] == 0.01
+    assert p["gpu_busy_ms"] == 0.11 and p["gpu_idle_ms"] == 0.19 and p["host_syncs"] == 2 and p["sync_wait_ms"] == 0.05

@@ -201,6 +201,7 @@ def test_loop_checkpoints_are_renamed_into_place_and_latest_skips_damaged_ones(t
         save_file({"w": torch.zeros(8)}, written / "model.safetensors")
         torch.save({}, written / "optimizer.bin")
         torch.save({}, written / "random_states_0.pkl")
+        (written / "loop_state.json").write_text("{}")
         publish_checkpoint(str(written), str(tmp_path / f"checkpoint-{step}"), keep=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-30", "checkpoint-40"]
     shutil.copytree(tmp_path / "checkpoint-40", tmp_path / "checkpoint-50.tmp")  # a save in progress

@@ -32,11 +32,12 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
-from hftrain.cli import check_output_dir, set_model_defaults
+from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.loops import LogHistory, accumulation_groups, evaluate, num_targets, num_tokens
 from hftrain.metrics import Accuracy
 from hftrain.models import check_max_length, load_model
+from hftrain.preemption import StopWithoutSaving
 from hftrain.reporting import ThroughputMeter, flops_per_token, write_results
 
 
@@ -88,7 +89,8 @@ def main() -> None:
     # A pretrained checkpoint is fine-tuned with a lower learning rate than a preset's random weights (printed).
     set_model_defaults(parser, parser.parse_known_args()[0].model)
     (args,) = parser.parse_args_into_dataclasses()
-    check_output_dir(args.output_dir, args.overwrite_output_dir, resuming=False)
+    check_loop_args(args)  # sizes, steps and rates no run can use, refused as the Trainer scripts refuse them
+    check_output_dir(args.output_dir, args.overwrite_output_dir, resuming=False)  # and take its run lock
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # "cuda": the current GPU, no hard-coded index
     # bf16 autocast on CUDA: matmuls run in bf16 while weights, gradients and AdamW's state stay float32.
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -97,6 +99,7 @@ def main() -> None:
     set_seed(args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
+    check_batch_size(args.per_device_train_batch_size, 1, len(data.train))
     meter = ThroughputMeter(flops_per_token(model, data.max_length))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
@@ -120,6 +123,7 @@ def main() -> None:
     loss_since_log = torch.zeros((), device=device)  # summed token losses and their count since the last log row
     targets_since_log = torch.zeros((), device=device)
     progress = tqdm(total=total_steps, desc="train")
+    StopWithoutSaving()  # SIGTERM or Ctrl-C: stop at once with status 1, saying so (this loop writes no checkpoints)
     if args.eval_on_start:  # the "before" row: metrics.json reports it beside the final one
         history.log(0, epoch=0.0, **evaluate(model, test_loader, accuracy, device, autocast))
     meter.start()

@@ -37,9 +37,26 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
-from hftrain.cli import ACCELERATE_CHECKPOINT, check_launch, check_output_dir, resolve_checkpoint, set_model_defaults
+from hftrain.cli import (
+    ACCELERATE_CHECKPOINT,
+    check_batch_size,
+    check_launch,
+    check_loop_args,
+    check_output_dir,
+    resolve_checkpoint,
+    set_model_defaults,
+)
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
-from hftrain.loops import LogHistory, accumulation_groups, evaluate, num_targets, num_tokens, publish_checkpoint
+from hftrain.loops import (
+    LogHistory,
+    accumulation_groups,
+    evaluate,
+    load_loop_state,
+    num_targets,
+    num_tokens,
+    publish_checkpoint,
+    save_loop_state,
+)
 from hftrain.metrics import Accuracy
 from hftrain.models import check_max_length, load_model
 from hftrain.preemption import Preemption
@@ -80,7 +97,7 @@ class LoopArguments:
         default=None,
         metadata={
             "help": "A checkpoint-<step> folder to continue from, or 'latest' for the newest in --output_dir. "
-            "It holds pickled RNG and scheduler states: resume only from checkpoints you wrote."
+            "Only a checkpoint inside --output_dir; nothing in it is unpickled (see the README)."
         },
     )
     seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
@@ -106,6 +123,7 @@ def main() -> None:
     # A pretrained checkpoint is fine-tuned with a lower learning rate than a preset's random weights (printed).
     set_model_defaults(parser, parser.parse_known_args()[0].model)
     (args,) = parser.parse_args_into_dataclasses()
+    check_loop_args(args)  # sizes, steps and rates no run can use, refused as the Trainer scripts refuse them
     # One process per device (accelerate launch starts them); bf16 autocast on CUDA, float32 on CPU. The seedable
     # sampler shuffles with seed + epoch on every process, so a resumed run replays the same order.
     accelerator = Accelerator(
@@ -115,6 +133,7 @@ def main() -> None:
     )
     check_launch(accelerator.num_processes, accelerator.device)  # every process the launcher started joins, one per GPU
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, ACCELERATE_CHECKPOINT)
+    # The main process alone takes the output directory's run lock: a second run on the same folder stops.
     check_output_dir(args.output_dir, args.overwrite_output_dir, checkpoint is not None, accelerator.is_main_process)
     device = accelerator.device  # this process's device: cuda:<local rank>, or the CPU
 
@@ -123,6 +142,7 @@ def main() -> None:
     set_seed(args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
+    check_batch_size(args.per_device_train_batch_size, accelerator.num_processes, len(data.train))
     meter = ThroughputMeter(flops_per_token(model, data.max_length), num_devices=accelerator.num_processes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
@@ -144,11 +164,12 @@ def main() -> None:
 
     accuracy = Accuracy(data.answer_token_ids)
     history = LogHistory(args.output_dir if accelerator.is_main_process else None)
-    # Not passed to prepare(): it would step the schedule once per process. Registered, it is saved with each checkpoint.
-    accelerator.register_for_checkpointing(scheduler, history)
+    # The scheduler is not passed to prepare(): it would step the schedule once per process. Nor registered for
+    # checkpointing: accelerate would pickle it and unpickle it on resume; its state and the history go in JSON instead.
     step = 0
     if checkpoint:
-        accelerator.load_state(checkpoint)  # weights, optimizer, RNG states, scheduler and log history
+        accelerator.load_state(checkpoint)  # weights (safetensors), optimizer and RNG states (torch.load weights_only=True)
+        load_loop_state(checkpoint, scheduler, history)  # the scheduler and the log history, from the checkpoint's JSON
         step = int(os.path.basename(os.path.normpath(checkpoint)).removeprefix("checkpoint-"))
     resume_epoch, resume_steps = divmod(step, steps_per_epoch)
 
@@ -156,6 +177,8 @@ def main() -> None:
         # Written under a temporary name, renamed once complete: a crash mid-save leaves the earlier checkpoints usable.
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         accelerator.save_state(path + ".tmp")
+        if accelerator.is_main_process:
+            save_loop_state(path + ".tmp", scheduler, history)  # loop_state.json beside accelerate's checkpoint files
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             publish_checkpoint(path + ".tmp", path, keep=args.save_total_limit)  # and delete all but the newest few

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -14,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from hftrain.errors import UserError
+from hftrain.safety import RunLock, report_full_disk
 
 RUN_MARKERS = ("metrics.json", "config.json", "adapter_config.json", "model.safetensors")
 
@@ -24,7 +26,11 @@ def holds_run(output_dir: str) -> bool:
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resuming: bool, is_main_process: bool = True) -> None:
-    """Refuse to write into another run's folder unless asked; with --overwrite_output_dir drop its checkpoints."""
+    """Take the output directory's run lock (main process; one run per folder, released at exit), turn a full disk
+    into one sentence, and refuse to write into another run's folder unless asked; with --overwrite_output_dir drop
+    its checkpoints."""
+    RunLock(output_dir, is_main_process).acquire()
+    report_full_disk(output_dir, is_main_process)
     if resuming or not holds_run(output_dir):
         return
     if not overwrite:
@@ -41,7 +47,31 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool, is_main_p
 # scheduler and RNG states), so a save cut short by a crash leaves a folder without it. The accelerate loops
 # save into a temporary folder and rename it when complete; these are the files their load_state reads.
 TRAINER_CHECKPOINT = ("trainer_state.json",)
-ACCELERATE_CHECKPOINT = ("model.safetensors", "optimizer.bin", "random_states_0.pkl")
+ACCELERATE_CHECKPOINT = ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "loop_state.json")
+# Files that the resume paths read with torch.load(weights_only=True); a Trainer checkpoint's training_args.bin
+# is a pickle too, but nothing reads it back.
+NOT_LOADED = ("training_args.bin",)
+
+
+def unpicklable_file(folder: Path) -> str | None:
+    """A file in `folder` that only unpickling arbitrary objects could load, or None. The accelerate loops of earlier
+    versions pickled their scheduler and history (custom_checkpoint_*.pkl, loaded by accelerate with
+    weights_only=False); any other pickle must load with weights_only=True, as the resume paths load it. Memory-mapped,
+    so only the pickled structure is read, whatever the size of the tensors."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        if path.name.startswith("custom_checkpoint_"):
+            return path.name
+        if path.suffix in (".bin", ".pt", ".pth", ".pkl") and path.name not in NOT_LOADED and zipfile.is_zipfile(path):
+            try:
+                with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):  # numpy's RNG state, as accelerate allows
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                return path.name
+            except Exception:
+                pass  # cut short or damaged: checkpoint_problem says so
+    return None
 
 
 def checkpoint_problem(folder: Path, required: tuple[str, ...] = TRAINER_CHECKPOINT) -> str | None:
@@ -71,6 +101,16 @@ def resolve_checkpoint(
     skipping, with one line each, those a crash left incomplete; a named checkpoint that is incomplete is refused."""
     if not resume_from_checkpoint:
         return None
+
+    def refuse_unpickling(folder: Path) -> None:
+        name = unpicklable_file(folder)
+        if name is not None:
+            raise UserError(
+                f"--resume_from_checkpoint {resume_from_checkpoint}: {folder} holds {name}, which only unpickling "
+                "arbitrary objects could load (it was written by an earlier version of this script, or by something else), "
+                "so nothing was loaded; resume from a checkpoint this version wrote, or start again with --overwrite_output_dir"
+            )
+
     if resume_from_checkpoint.lower() in ("latest", "last", "true"):
         found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
         if not found:
@@ -78,6 +118,7 @@ def resolve_checkpoint(
                 f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} holds no checkpoint-* folder to resume from"
             )
         for folder in sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True):
+            refuse_unpickling(folder)
             problem = checkpoint_problem(folder, required)
             if problem is None:
                 return str(folder)
@@ -91,6 +132,15 @@ def resolve_checkpoint(
         raise UserError(
             f"--resume_from_checkpoint {resume_from_checkpoint} does not exist; pass a checkpoint-* folder or 'latest'"
         )
+    if Path(resume_from_checkpoint).resolve().parent != Path(output_dir).resolve():
+        # Resuming writes into --output_dir: into another run's folder it would overwrite that run's model and
+        # metrics and rotate its checkpoints away.
+        raise UserError(
+            f"--resume_from_checkpoint {resume_from_checkpoint} is not inside --output_dir {output_dir}; a run continues "
+            f"in its own folder: copy the checkpoint there first (mkdir -p {output_dir} && cp -r {resume_from_checkpoint} "
+            f"{output_dir}/) and resume from the copy"
+        )
+    refuse_unpickling(Path(resume_from_checkpoint))
     problem = checkpoint_problem(Path(resume_from_checkpoint), required)
     if problem is not None:
         raise UserError(
@@ -144,10 +194,30 @@ def check_training_args(training_args: Any) -> None:
     """Sizes TrainingArguments accepts but no run can use, and a launch whose processes cannot all take part,
     refused before anything is loaded."""
     check_launch(training_args.world_size, training_args.device)
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(training_args, name) < 1:
-            raise UserError(f"--{name} is {getattr(training_args, name)}; it must be at least 1")
-    if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.num_train_epochs <= 0):
+    _check_sizes(training_args, ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"))
+
+
+def check_loop_args(args: Any) -> None:
+    """The custom loops' arguments, checked as the Trainer's are (and the fields only a loop has), before any work."""
+    _check_sizes(
+        args, ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps")
+    )
+    for name in ("warmup_steps", "checkpointing_steps", "save_total_limit"):
+        if getattr(args, name, 0) < 0:
+            raise UserError(f"--{name} is {getattr(args, name)}; it must be 0 or more")
+    if args.max_grad_norm <= 0:
+        raise UserError(f"--max_grad_norm is {args.max_grad_norm}; it must be above 0")
+
+
+def _check_sizes(args: Any, at_least_one: tuple[str, ...]) -> None:
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} is {getattr(args, name)}; it must be at least 1")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate is {args.learning_rate}; it must be above 0 (e.g. 3e-3 for tiny, 5e-4 for small)")
+    if args.max_steps < -1:
+        raise UserError(f"--max_steps is {args.max_steps}; pass a number of steps above 0, or -1 to train for --num_train_epochs")
+    if args.max_steps == 0 or (args.max_steps < 0 and args.num_train_epochs <= 0):
         raise UserError("nothing to train: --max_steps is 0 or --num_train_epochs is not above 0; set one of them above 0")
 
 
@@ -162,3 +232,14 @@ def set_model_defaults(parser: Any, model: str, adapter: bool = False) -> dict[s
     if os.environ.get("RANK", "0") == "0":
         print(describe_defaults(model, defaults), flush=True)
     return defaults
+
+
+def check_batch_size(per_device_batch_size: int, num_processes: int, num_train: int) -> None:
+    """A batch larger than the data would make every epoch one short batch (per process, under DDP)."""
+    per_process = num_train // num_processes
+    if per_device_batch_size > per_process:
+        each = f" each of the {num_processes} processes gets" if num_processes > 1 else ""
+        raise UserError(
+            f"--per_device_train_batch_size {per_device_batch_size} is larger than the {per_process} training examples{each}; "
+            f"use at most {per_process}, or prepare more data"
+        )

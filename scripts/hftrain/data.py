@@ -4,11 +4,10 @@
 splits (`save_to_disk`) and info.json; every training script reads it with `load_prepared()`.
 """
 
+import inspect
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from hftrain.corpus import DEFAULT_BLOCK_SIZE, LOADERS, read_file, split_tail, t
 from hftrain.corpus import group_texts as group_texts_
 from hftrain.errors import UserError
 from hftrain.models import PRESETS, check_checkpoint_format, model_positions
+from hftrain.safety import check_prepare_target, publish_folder, rebuild_command, record_files, temporary_folder, verify_files
 
 DEFAULT_DATA_DIR = "data/synthetic"
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
@@ -202,6 +202,7 @@ def prepare(
     request = {k: v for k, v in locals().items() if k not in ("output_dir", "force", "out")}
     # Arguments added later are recorded only when set, so folders prepared before them still match.
     request = {k: v for k, v in request.items() if k not in NEWER_ARGUMENTS or v != NEWER_ARGUMENTS[k]}
+    check_prepare_target(dataset, output_dir, force)  # never over the source, nor over a folder prepare() did not make
     info_path = out / "info.json"
     if info_path.exists() and not force:
         if json.loads(info_path.read_text())["request"] == request:
@@ -281,35 +282,25 @@ def prepare(
         if len(tokenized[split]) == 0:
             raise UserError(f"--dataset {dataset} gives an empty {split} split; add data or change --test_size")
 
-    # Write beside the target and rename, so a crash or a second process never leaves half a folder. Several
-    # machines sharing a disk each prepare their own copy at once (main_process_first is per machine): the
-    # first rename wins, and the others find its complete copy and keep it.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    tokenized.save_to_disk(str(tmp / "dataset"))
-    info = {
-        "task": "rating" if is_rating else "text",
-        "answer_token_ids": answers,
-        "num_train": len(tokenized["train"]),
-        "num_test": len(tokenized["test"]),
-        "max_length": max(max(len(x) for x in tokenized[s]["input_ids"]) for s in ("train", "test")),
-        **({"block_size": block_size} if "position_ids" in tokenized["train"].column_names else {}),
-        "source": dataset if dataset.startswith("synthetic") or not Path(dataset).exists() else Path(dataset).name,
-        "request": request,
-    }
-    (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        if not force and (out / "info.json").exists():  # another process finished first: keep its copy
-            shutil.rmtree(tmp)
-            return out
-        shutil.rmtree(out)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process renamed its copy in between: a directory cannot replace a non-empty one
-        if not (out / "info.json").exists():
-            raise
-        shutil.rmtree(tmp)
+    # Write beside the target and rename, so a crash or a second process never leaves half a folder (the temporary
+    # one is deleted if anything fails). Several machines sharing a disk each prepare their own copy at once
+    # (main_process_first is per machine): the first rename wins, and the others find its complete copy and keep it.
+    with temporary_folder(out) as tmp:
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        tokenized.save_to_disk(str(tmp / "dataset"))
+        info = {
+            "task": "rating" if is_rating else "text",
+            "answer_token_ids": answers,
+            "num_train": len(tokenized["train"]),
+            "num_test": len(tokenized["test"]),
+            "max_length": max(max(len(x) for x in tokenized[s]["input_ids"]) for s in ("train", "test")),
+            **({"block_size": block_size} if "position_ids" in tokenized["train"].column_names else {}),
+            "source": dataset if dataset.startswith("synthetic") or not Path(dataset).exists() else Path(dataset).name,
+            "request": request,
+            "files": record_files(tmp),  # size, rows and SHA-256 of each file, checked by load_prepared
+        }
+        (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+        publish_folder(tmp, out, replace=force)  # a replaced folder is deleted only once the new one is in place
     return out
 
 
@@ -353,7 +344,19 @@ def load_prepared(data_dir: str = DEFAULT_DATA_DIR, dataset: str | None = None, 
             )
         prepare()
     info = json.loads((path / "info.json").read_text())
-    splits = load_from_disk(str(path / "dataset"))
+    rebuild = rebuild_command(data_dir, info["request"], lambda key: inspect.signature(prepare).parameters[key].default)
+    if "files" in info:  # hashed when prepared; hashed again only when a file's size or mtime changed
+        verify_files(path, info["files"], rebuild)
+    try:
+        splits = load_from_disk(str(path / "dataset"))
+        rows = (len(splits["train"]), len(splits["test"]))
+    except Exception as e:  # data prepared before the hashes were recorded: unreadable files, or missing rows
+        raise UserError(f"the prepared data in {data_dir} is damaged ({type(e).__name__}); rebuild it: {rebuild}")
+    if rows != (info["num_train"], info["num_test"]):
+        raise UserError(
+            f"the prepared data in {data_dir} is damaged ({rows[0]} train / {rows[1]} test rows instead of "
+            f"{info['num_train']} / {info['num_test']}); rebuild it: {rebuild}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     add_pad_token(tokenizer)  # folders prepared before the tokenizer got one
     return Prepared(

@@ -6,14 +6,18 @@
   `num_tokens`: the real input tokens, for tokens/s.
 - `evaluate`: eval loss per target token and accuracy, every test example counted exactly once,
   also across processes (pass `gather=accelerator.gather_for_metrics`).
-- `LogHistory`: the Trainer-style log rows, mirrored to TensorBoard; it has `state_dict` and
-  `load_state_dict`, so `accelerator.register_for_checkpointing` saves it with each checkpoint.
+- `LogHistory`: the Trainer-style log rows, mirrored to TensorBoard.
+- `save_loop_state` / `load_loop_state`: the scheduler's state and the log rows as JSON in each checkpoint
+  (loop_state.json), beside what `accelerator.save_state` writes. Not `register_for_checkpointing`: accelerate
+  would pickle them and load them back with `torch.load(weights_only=False)`, which runs whatever code a
+  planted file holds.
 - `publish_checkpoint`: checkpoints are written under a temporary name and renamed once complete, so a
   crash mid-save leaves the earlier ones usable; then only the newest few are kept.
 """
 
 import contextlib
 import itertools
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -131,11 +135,20 @@ class LogHistory:
             merged.update(row)
         return merged
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rows = list(state["rows"])
+LOOP_STATE = "loop_state.json"
+
+
+def save_loop_state(checkpoint: str, scheduler: Any, history: LogHistory) -> None:
+    """The learning-rate scheduler's state (numbers and lists) and the log rows, as JSON in the checkpoint folder."""
+    state = {"scheduler": scheduler.state_dict(), "log_history": history.rows}
+    Path(checkpoint, LOOP_STATE).write_text(json.dumps(state, indent=1) + "\n")
+
+
+def load_loop_state(checkpoint: str, scheduler: Any, history: LogHistory) -> None:
+    state = json.loads(Path(checkpoint, LOOP_STATE).read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    history.rows = list(state["log_history"])
 
 
 def publish_checkpoint(written: str, path: str, keep: int) -> None:

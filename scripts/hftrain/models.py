@@ -1,7 +1,8 @@
 """Model presets built from a config with random weights, and loading of real checkpoints.
 
-`--model` takes a preset name (`tiny`, `small`, `1b`), a local checkpoint directory or a Hub id;
-the last two go through the library's own `from_pretrained`.
+`--model` takes a preset name (`tiny`, `small`, `1b`, or a real model's exact shape: `llama-3.2-1b`,
+`qwen2.5-0.5b`), a local checkpoint directory or a Hub id; the last two go through the library's own
+`from_pretrained`.
 """
 
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from hftrain.errors import UserError
 
@@ -45,7 +46,46 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
     ),
+    # The exact shape of meta-llama/Llama-3.2-1B (its config.json), random weights: 1.24B parameters, a
+    # fifth of them the 128,256 x 2048 tied embedding / output layer. Its vocabulary is kept (PRESET_VOCAB).
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    # The shape of Qwen/Qwen2.5-0.5B (Qwen2 architecture: biases on q/k/v), random weights: 0.49B parameters,
+    # 0.14B of them the 151,936-token tied embedding / output layer.
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
 }
+# Presets of real models keep their own vocabulary and architecture; the others take the data's
+# tokenizer's vocabulary and Llama's architecture. Token ids of a smaller tokenizer are valid rows of
+# a larger embedding, so the synthetic data trains these shapes as it is.
+PRESET_VOCAB = {"llama-3.2-1b": 128256, "qwen2.5-0.5b": 151936}
+PRESET_TYPE = {"qwen2.5-0.5b": "qwen2"}
 
 
 def is_local_path(name: str) -> bool:
@@ -54,10 +94,14 @@ def is_local_path(name: str) -> bool:
     )
 
 
-def preset_config(name: str, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
-    """The preset's config with the vocabulary of `tokenizer`, rounded up to a multiple of 64 for fast matmuls."""
-    vocab = -(-len(tokenizer) // 64) * 64
-    return LlamaConfig(
+def preset_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The preset's config: a real model's own vocabulary, else the vocabulary of `tokenizer` rounded up to a
+    multiple of 64 for fast matmuls."""
+    vocab = PRESET_VOCAB.get(name) or -(-len(tokenizer) // 64) * 64
+    if vocab < len(tokenizer):
+        raise UserError(f"the preset {name} has {vocab} embeddings but the data's tokenizer has {len(tokenizer)} tokens")
+    return AutoConfig.for_model(
+        PRESET_TYPE.get(name, "llama"),
         vocab_size=vocab,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -168,6 +212,24 @@ def check_tokenizer_matches(model: str, config: Any, tokenizer: PreTrainedTokeni
             )
 
 
+def check_weights_exist(model: str) -> None:
+    """A local checkpoint folder must hold safetensors weights: a config alone (save_pretrained of a config, a copy
+    cut short) or pickled *.bin weights, which this project never loads, would fail inside from_pretrained."""
+    folder = Path(model)
+    if not is_local_path(model) or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.glob("*.bin") if p.name != "training_args.bin")
+    if pickled:
+        raise UserError(
+            f"--model {model} has only pickled weights ({pickled[0]}), which this project does not load; convert them to "
+            "safetensors (from_pretrained then save_pretrained, once, on a model you trust)"
+        )
+    raise UserError(
+        f"--model {model} has a config.json but no weights (model.safetensors); pass a folder written by save_pretrained, "
+        f"or a preset ({', '.join(PRESETS)}) to start from random weights"
+    )
+
+
 def check_max_length(model: Any, max_length: int) -> None:
     """The prepared data's longest example must fit the model's positions: beyond them, learned position
     embeddings index out of range and rotary ones extrapolate to positions never trained."""
@@ -194,6 +256,7 @@ def load_model(
         config = preset_config(model, tokenizer)
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     config = load_config(model, trust_remote_code)
+    check_weights_exist(model)
     check_tokenizer_matches(model, config, tokenizer)
     try:
         return AutoModelForCausalLM.from_pretrained(

@@ -7,7 +7,8 @@ optimizer step every process stops (they agree through an all-reduce, so all of 
 step), the checkpoint is written, and each process exits with status 128 + the signal number: 143
 after SIGTERM, 130 after Ctrl-C, what a shell reports for a process the signal killed. So
 `train && evaluate` does not go on, and a job script tells "preempted: resume" (143, 130) from
-"failed" (1) and "done" (0).
+"failed" (1) and "done" (0). The plain loops, which write no checkpoints, take `StopWithoutSaving`
+instead: the signal stops them at once with status 1 and a sentence saying that nothing was saved.
 
 A second Ctrl-C stops at once, as without the handler. A repeated SIGTERM is ignored: under a
 scheduler the launcher and the training processes often each get one, and the launcher passes its
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+
+from hftrain.errors import UserError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -76,6 +79,25 @@ class Preemption:
             dist.barrier()  # a launcher stops the other processes as soon as one exits with an error status
             dist.destroy_process_group()
         sys.exit(128 + self.signum)  # the handlers stay: a launcher's repeated SIGTERM is still ignored
+
+
+class StopWithoutSaving:
+    """For a loop that writes no checkpoints (the plain loops): SIGTERM or Ctrl-C stops it at once with status 1 and a
+    sentence saying that nothing was saved, never with 143 or 130, which tell a job script "checkpoint saved: resume"."""
+
+    def __init__(self) -> None:
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.restore()
+        raise UserError(
+            f"stopped by {signal.Signals(signum).name}: nothing was saved (this loop writes no checkpoints; its "
+            "_accelerate.py twin saves them and continues with --resume_from_checkpoint latest)"
+        )
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class PreemptionCallback(TrainerCallback):

@@ -4,14 +4,16 @@
 `parse_args`, `rating_trainer` and `finish` and keep what is particular to them in view.
 """
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint, set_model_defaults
+from hftrain.cli import check_batch_size, check_output_dir, check_training_args, resolve_checkpoint, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, Prepared, load_prepared
 from hftrain.errors import UserError
 from hftrain.metrics import Accuracy
@@ -60,12 +62,17 @@ DEFAULTS: dict[str, Any] = dict(
 
 
 def parse_args(
-    script_args: type, check: Callable[[Any, TrainingArguments], None] | None = None, adapter: bool = False, **defaults: Any
+    script_args: type,
+    check: Callable[[Any, TrainingArguments], None] | None = None,
+    resumable: bool = True,
+    adapter: bool = False,
+    **defaults: Any,
 ) -> tuple[Any, TrainingArguments, str | None]:
     """Parse (script_args, TrainingArguments) with the project's defaults (the learning rate, and modules_to_save for
     an `adapter`, chosen by what --model is: `hftrain.models.model_defaults`), run the script's own
-    `check(args, training_args)`, check the output directory and resolve --resume_from_checkpoint,
-    all before anything is loaded or written; returns (args, training_args, checkpoint)."""
+    `check(args, training_args)`, check the output directory (and take its run lock) and resolve
+    --resume_from_checkpoint, all before anything is loaded or written; returns (args, training_args, checkpoint).
+    A script that cannot resume passes `resumable=False`: the flag is then refused, not ignored."""
     parser = HfArgumentParser((script_args, TrainingArguments))
     parser.set_defaults(**{**DEFAULTS, **defaults})
     known = parser.parse_known_args()[0]
@@ -77,6 +84,10 @@ def parse_args(
         raise UserError(
             f"--push_to_hub shares a fine-tuned model, but --model {args.model} is a preset with random weights; "
             "train a pretrained checkpoint (--model <Hub id or folder>) to share, or drop --push_to_hub"
+        )
+    if not resumable and training_args.resume_from_checkpoint:
+        raise UserError(
+            f"{Path(sys.argv[0]).name} does not resume from a checkpoint; run it again without --resume_from_checkpoint"
         )
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
     check_training_args(training_args)
@@ -104,6 +115,7 @@ def rating_trainer(
     """A Trainer on the prepared data with the accuracy metric, the throughput callback and the preemption
     callback (SIGTERM or Ctrl-C: save a checkpoint, then exit); refuses data longer than the model takes."""
     check_max_length(model, data.max_length)
+    check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data.train))
     accuracy = Accuracy(data.answer_token_ids)
     throughput = ThroughputCallback(seq_len=data.max_length)
     trainer = trainer_class(

@@ -16,9 +16,12 @@ batch's loss up to float rounding (tests/test_attention.py checks it).
                                                                     # cannot split a one-row batch
     python scripts/sdpa/flash_attention.py --attn_implementation sdpa   # no flash-attn (CPU too): same batches
     python scripts/sdpa/flash_attention.py --padding_free false     # padded batches, to compare
-    CUDA_VISIBLE_DEVICES=0 python scripts/sdpa/flash_attention.py --model 1b --data_dir data/synthetic-long \
-        --pack_rows 2048 --compile_layers --per_device_train_batch_size 16   # the benchmark's fastest bf16 recipe
-    ... --pack_rows 2048 --compile_layers --fp8 --per_device_train_batch_size 16   # float8 matmuls (H100/H200)
+    CUDA_VISIBLE_DEVICES=0 python scripts/sdpa/flash_attention.py --model llama-3.2-1b --data_dir data/synthetic-long \
+        --pack_rows 2048 --compile_layers --fused_loss --per_device_train_batch_size 16   # the benchmark's bf16 recipe
+    ... --pack_rows 2048 --compile_layers --fused_loss --fp8 --per_device_train_batch_size 16   # float8 (H100/H200)
+
+Those flags build a `hftrain.recipe.Recipe`, the same class the benchmark's recipe cases are built from
+(tests/test_benchmark.py checks that both hand the Trainer the same settings).
 
 With sdpa or eager the same packed batches work too: transformers turns the restarting
 `position_ids` into a block-diagonal causal mask (see hftrain/packing.py for when it does not).
@@ -41,8 +44,9 @@ from transformers.utils import is_flash_attn_2_available
 from hftrain.data import PadCollator
 from hftrain.errors import UserError
 from hftrain.models import load_model
-from hftrain.packing import PackedRowsCollator, PaddingFreeCollator, packed_rows
+from hftrain.packing import PaddingFreeCollator, packed_rows
 from hftrain.quantization import float8_training, has_float8_tensor_cores
+from hftrain.recipe import Recipe
 from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
 
 
@@ -70,6 +74,13 @@ class ScriptArguments(ModelArguments):
         default=False,
         metadata={"help": "Compile each decoder layer with torch.compile (regional compilation: one graph, compiled once)."},
     )
+    fused_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Liger's fused linear + cross-entropy alone (needs liger-kernel and a CUDA GPU): the logits "
+            "(tokens x vocabulary) are never stored whole, which saves tens of GiB with a 128k vocabulary."
+        },
+    )
     fp8: bool = field(
         default=False,
         metadata={
@@ -77,6 +88,25 @@ class ScriptArguments(ModelArguments):
             "Pair it with --compile_layers, which fuses the float8 casts; the saved model is a plain bf16/fp32 one."
         },
     )
+
+
+def recipe(args: ScriptArguments, training_args: TrainingArguments) -> Recipe:
+    """The flags as the benchmark's `Recipe`; its Trainer settings (micro-batch in rows, fused loss,
+    `remove_unused_columns=False` for the packed rows' `documents`) are set on `training_args`."""
+    r = Recipe(
+        attn_implementation=args.attn_implementation,
+        pack_rows=args.pack_rows,
+        rows=training_args.per_device_train_batch_size,
+        compile_layers=args.compile_layers,
+        fp8=args.fp8,
+        fused_loss=args.fused_loss,
+    )
+    for key, value in r.training_arguments().items():
+        # the optimizer stays the user's choice (its default is the recipe's fused AdamW); only packed rows
+        # carry `documents`, which the Trainer must not drop as an unused column
+        if key != "optim" and (key != "remove_unused_columns" or args.pack_rows):
+            setattr(training_args, key, value)
+    return r
 
 
 class PaddedEvalTrainer(Trainer):
@@ -114,6 +144,8 @@ def check_flash_attention(args: ScriptArguments, training_args: TrainingArgument
         raise UserError(
             f"--fp8 needs float8 tensor cores (compute capability 8.9+: H100, H200, L40S, RTX 4090) and {gpu}; drop --fp8"
         )
+    if args.fused_loss and not (torch.cuda.is_available() and find_spec("liger_kernel")):
+        raise UserError("--fused_loss needs liger-kernel and a CUDA GPU: pip install liger-kernel, or drop --fused_loss")
     if args.fp8 and find_spec("torchao") is None:
         raise UserError('--fp8 needs torchao: pip install -e ".[fp8]" (or pip install torchao)')
     if args.attn_implementation != "flash_attention_2" or (torch.cuda.is_available() and is_flash_attn_2_available()):
@@ -135,14 +167,15 @@ def main() -> None:
         per_device_train_batch_size=32,
     )
     data = load_data(training_args, args)
+    speed = recipe(args, training_args)  # the benchmark's recipe settings (hftrain.recipe), from the flags
     # FA2 warns that these fp32 weights are not bf16: expected, the Trainer's bf16 autocast hands it bf16 tensors.
     model = load_model(
         args.model, data.tokenizer, attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code
     )
 
-    if args.fp8:  # before compiling, so the float8 casts are compiled with the layers
+    if speed.fp8:  # before compiling, so the float8 casts are compiled with the layers
         float8_training(model)
-    if args.compile_layers:  # the layers share their code, so they share one compiled graph
+    if speed.compile_layers:  # the layers share their code, so they share one compiled graph
         for layer in model.get_decoder().layers:
             layer.compile()
 
@@ -150,9 +183,7 @@ def main() -> None:
     train_collator: Any = PaddingFreeCollator(args.attn_implementation) if args.padding_free else padded
     if args.pack_rows:  # rows of whole documents; compiled layers get one fixed length, so they compile once
         data.train = packed_rows(data.train, args.pack_rows)
-        training_args.remove_unused_columns = False  # keep `documents`, which is no model input
-        fixed = training_args.per_device_train_batch_size * args.pack_rows if args.compile_layers else None
-        train_collator = PackedRowsCollator(args.attn_implementation, pad_to=fixed, pad_token_id=data.tokenizer.pad_token_id)
+        train_collator = speed.collator(data.tokenizer.pad_token_id)
     trainer = rating_trainer(
         model, training_args, data, trainer_class=PaddedEvalTrainer, data_collator=train_collator, eval_collator=padded
     )

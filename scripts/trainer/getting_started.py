@@ -29,7 +29,7 @@ import torch
 from huggingface_hub import upload_folder
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint, set_model_defaults
+from hftrain.cli import check_batch_size, check_output_dir, check_training_args, resolve_checkpoint, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.errors import UserError
 from hftrain.metrics import Accuracy
@@ -85,7 +85,7 @@ def main() -> None:
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens, not padding
     check_training_args(training_args)  # e.g. a batch size or step count of 0, more processes than GPUs
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(
+    check_output_dir(  # and take its run lock: a second run on the same folder stops
         training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
     )
 
@@ -94,6 +94,7 @@ def main() -> None:
     set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
+    check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data.train))
 
     accuracy = Accuracy(data.answer_token_ids)
     throughput = ThroughputCallback(seq_len=data.max_length)

@@ -60,6 +60,7 @@ def train_once(args: ModelArguments, training_args: TrainingArguments, data: Any
 def main() -> None:
     args, training_args, _ = parse_args(
         ModelArguments,
+        resumable=False,  # two runs and no checkpoints: --resume_from_checkpoint is refused, not ignored
         output_dir="output/trainer/neftune",
         # The paper uses 5 (also 10, 15) on 4096-wide models with sequences of hundreds of tokens. The
         # noise per element is alpha / sqrt(length x width): the tiny preset (64 wide, ~40 tokens) gets

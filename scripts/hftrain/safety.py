@@ -1,0 +1,322 @@
+"""Nothing lost, nothing unpickled: the guards every script shares.
+
+- `RunLock`: one run per output directory. The main process writes `run.lock` (host, pid, process start
+  time) into `--output_dir` and removes it at exit, also after an error or a preemption's 143/130; a lock
+  left by a process that is gone (same host) is taken over with one line saying so.
+- `report_full_disk`: a disk that fills during a save ends the run with "no space left in <dir>" instead of
+  torch's or safetensors' traceback; complete checkpoints stay what `--resume_from_checkpoint latest` picks.
+- Data preparation: `check_prepare_target` refuses to write over anything it did not make (a folder
+  without info.json, the source dataset, a folder that holds or sits inside it); `publish_folder` puts a
+  new folder in place and deletes a replaced one only afterwards.
+- Prepared data is verified on load: `record_files` notes each file's size, rows and SHA-256 in info.json;
+  `verify_files` hashes a file again only when its size or mtime changed (cached in `.verified.json`).
+"""
+
+import atexit
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psutil  # an accelerate dependency
+
+from hftrain.errors import UserError
+
+LOCK_NAME = "run.lock"
+VERIFIED_NAME = ".verified.json"
+
+
+# ---------------------------------------------------------------- one run per output directory
+
+
+def _process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), None if there is none: a pid reused by another
+    process has another start time."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+class RunLock:
+    """`run.lock` in the output directory, held by the main process of a run (the others take none)."""
+
+    def __init__(self, output_dir: str, is_main_process: bool = True) -> None:
+        self.dir = Path(output_dir)
+        self.path = self.dir / LOCK_NAME
+        self.is_main_process = is_main_process
+        self.made_dir = False
+        self.held = False
+
+    def acquire(self) -> None:
+        if not self.is_main_process:
+            return
+        try:
+            self.made_dir = not self.dir.exists()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # Written in full under a temporary name, then linked to run.lock: the link fails if a lock exists,
+            # so a second run never reads a half-written one.
+            me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_started(os.getpid())}
+            fd, tmp = tempfile.mkstemp(prefix=".run.lock-", dir=self.dir)
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except OSError as e:
+            raise UserError(f"cannot write to --output_dir {self.dir} ({e.strerror}); choose a folder you can write to")
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    self._take_over_if_stale()
+                    continue
+                self.held = True
+                atexit.register(self.release)
+                return
+        finally:
+            os.unlink(tmp)
+        raise UserError(
+            f"could not take the lock {self.path}: other runs keep starting in {self.dir}; choose another --output_dir"
+        )
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+            host, pid, started = holder["host"], int(holder["pid"]), holder.get("started")
+        except FileNotFoundError:
+            return  # released in between: try again
+        except (OSError, ValueError, KeyError, TypeError):
+            host, pid, started = None, 0, None
+        if host is None:
+            print(f"taking over the unreadable lock {self.path}", flush=True)
+        elif host == socket.gethostname():
+            now = _process_started(pid)
+            if now is not None and (started is None or abs(now - float(started)) < 1.0):
+                raise UserError(
+                    f"{self.dir} is in use by another run (process {pid} on {host}, see {self.path}); wait for it to end, "
+                    "or choose another --output_dir"
+                )
+            print(f"taking over the stale lock {self.path}: process {pid} on {host} is gone", flush=True)
+        else:
+            raise UserError(
+                f"{self.dir} is in use by another run (process {pid} on {host}, see {self.path}); wait for it to end, choose "
+                f"another --output_dir, or, if no run on {host} uses it any more, delete {self.path}"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if json.loads(self.path.read_text())["pid"] == os.getpid():
+                self.path.unlink()
+        if self.made_dir:  # a folder this run made and left empty (it stopped early) goes with the lock
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
+
+
+# ---------------------------------------------------------------- a full disk during a save
+
+
+def free_bytes(path: str) -> int:
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def full_disk_message(error: BaseException, output_dir: str) -> str | None:
+    """The sentence for an error that a full disk caused (looking through its causes), else None. torch.save's
+    own errors ("file write failed", "unexpected pos") do not name the cause: they count when under 1 GiB is free."""
+    seen: BaseException | None = error
+    while seen is not None:
+        text = str(seen)
+        certain = isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT)
+        certain = certain or any(s in text for s in ("No space left", "StorageFull", "Disk quota exceeded"))
+        torch_write = any(s in text for s in ("file write failed", "inline_container", "unexpected pos"))
+        if certain or (torch_write and free_bytes(output_dir) < 2**30):
+            return (
+                f"no space left in {output_dir} (while writing: {text.splitlines()[0][:160] if text else type(seen).__name__}); "
+                "free some space or choose another --output_dir, then run again: the checkpoints saved completely are kept, "
+                "and --resume_from_checkpoint latest continues from the newest"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def report_full_disk(output_dir: str, is_main_process: bool = True) -> None:
+    """From now on, an uncaught error that a full disk caused prints one sentence instead of a traceback (the
+    status stays 1); the main process also removes the half-written checkpoint-*.tmp folders the loops left."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+        message = full_disk_message(error, output_dir)
+        if message is None:
+            previous(kind, error, tb)
+            return
+        if is_main_process:
+            for partial in Path(output_dir).glob("checkpoint-*.tmp"):
+                shutil.rmtree(partial, ignore_errors=True)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+    sys.excepthook = hook
+
+
+# ---------------------------------------------------------------- data preparation: write only where it may
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_prepare_target(dataset: str, output_dir: str, force: bool) -> None:
+    """Refuse an output that is, holds or sits inside the source dataset, and an existing folder that prepare()
+    did not make (no info.json): --force replaces only a prepared folder."""
+    out = Path(output_dir)
+    source = Path(dataset)
+    if source.exists():
+        s, o = source.resolve(), out.resolve()
+        if s == o:
+            raise UserError(
+                f"--output_dir {output_dir} is the source dataset itself; choose another --output_dir (e.g. {output_dir.rstrip('/')}-prepared)"
+            )
+        if _inside(s, o):
+            raise UserError(f"--output_dir {output_dir} holds the source dataset {dataset}; choose a folder outside it")
+        if _inside(o, s):
+            raise UserError(f"--output_dir {output_dir} is inside the source dataset {dataset}; choose a folder outside it")
+    if out.exists() and not (out / "info.json").exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(
+            f"{output_dir} exists and was not made by prepare_datasets.py (it has no info.json), so it is left alone, "
+            "--force included; choose another --output_dir"
+        )
+
+
+@contextlib.contextmanager
+def temporary_folder(beside: Path) -> Any:
+    """A new folder next to `beside` (same file system, so it can be renamed into place), deleted if the block fails."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}-", dir=beside.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish_folder(tmp: Path, out: Path, replace: bool) -> None:
+    """Rename the complete folder `tmp` to `out`. A prepared `out` is kept if not `replace` (another process
+    finished first), else moved aside and deleted only once `tmp` is in place."""
+    old = None
+    if (out / "info.json").exists():
+        if not replace:
+            shutil.rmtree(tmp)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)  # replaces nothing but an empty folder
+    except OSError:
+        if old is not None:
+            os.replace(old / out.name, out)
+            shutil.rmtree(old)
+        if (out / "info.json").exists():  # another process renamed its copy in between: keep it
+            shutil.rmtree(tmp)
+            return
+        shutil.rmtree(tmp)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------- prepared data verified on load
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def arrow_rows(path: Path) -> int:
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(source))
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def record_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size, SHA-256 and (arrow files) rows of every file under `folder`, keyed by relative path; the same
+    files are noted as verified (by size and mtime) in .verified.json."""
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("info.json", VERIFIED_NAME)):
+        entry: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+        if path.suffix == ".arrow":
+            entry["rows"] = arrow_rows(path)
+        files[str(path.relative_to(folder))] = entry
+    _write_verified(folder, {name: _stat_key(folder / name) for name in files})
+    return files
+
+
+def _write_verified(folder: Path, verified: dict[str, list[int]]) -> None:
+    with contextlib.suppress(OSError):  # a read-only data folder is verified again next time
+        fd, tmp = tempfile.mkstemp(prefix=".verified-", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            json.dump(verified, f)
+        os.replace(tmp, folder / VERIFIED_NAME)
+
+
+def verify_files(folder: Path, files: dict[str, dict[str, Any]], rebuild: str) -> None:
+    """Check each recorded file; hash only those whose size or mtime changed since they were last verified."""
+    try:
+        verified = json.loads((folder / VERIFIED_NAME).read_text())
+    except (OSError, ValueError):
+        verified = {}
+    changed = False
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            problem = "is missing"
+        else:
+            key = _stat_key(path)
+            if verified.get(name) == key:
+                continue
+            if key[0] != entry["bytes"]:
+                problem = f"is damaged ({key[0]} bytes instead of {entry['bytes']})"
+            elif file_digest(path) != entry["sha256"]:
+                problem = "is damaged (its content differs from when it was prepared)"
+            else:
+                verified[name], changed = key, True
+                continue
+        raise UserError(f"{folder}/{name} {problem}; rebuild the prepared data: {rebuild}")
+    if changed:
+        _write_verified(folder, verified)
+
+
+def rebuild_command(output_dir: str, request: dict[str, Any], defaults: Callable[[str], Any]) -> str:
+    """The prepare_datasets.py command that makes `output_dir` again from its recorded request."""
+    flags = {"tokenizer_name": "tokenizer"}
+    parts = ["python scripts/prepare_datasets.py"]
+    if request.get("dataset", "synthetic") != "synthetic":
+        parts.append(f"--dataset {request['dataset']}")
+    parts.append(f"--output_dir {output_dir}")
+    for key, value in request.items():
+        if key != "dataset" and value != defaults(key) and value is not None:
+            parts.append(f"--{flags.get(key, key)} {value}")
+    return " ".join([*parts, "--force"])
