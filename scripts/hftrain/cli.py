@@ -224,9 +224,11 @@ def _check_sizes(args: Any, at_least_one: tuple[str, ...]) -> None:
 def set_model_defaults(parser: Any, model: str, adapter: bool = False) -> dict[str, Any]:
     """Make the defaults that depend on what --model is (`hftrain.models.model_defaults`: learning_rate, and
     modules_to_save for an adapter) the parser's defaults, so a flag given on the command line still wins; print them
-    once. `parser` already holds the script's own learning rate, the one a preset gets."""
-    from hftrain.models import describe_defaults, model_defaults
+    once. `parser` already holds the script's own learning rate, the one a preset gets. A --model in a format this
+    project does not load is refused here, first."""
+    from hftrain.models import check_checkpoint_format, describe_defaults, model_defaults
 
+    check_checkpoint_format(model)  # a GGUF or pickle-only --model, refused before anything is written
     defaults = model_defaults(model, adapter, parser.get_default("learning_rate"))
     parser.set_defaults(**defaults)
     if os.environ.get("RANK", "0") == "0":

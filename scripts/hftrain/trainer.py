@@ -17,7 +17,7 @@ from hftrain.cli import check_batch_size, check_output_dir, check_training_args,
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, Prepared, load_prepared
 from hftrain.errors import UserError
 from hftrain.metrics import Accuracy
-from hftrain.models import PRESETS, check_checkpoint_format, check_max_length
+from hftrain.models import PRESETS, check_max_length
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results
 from hftrain.sharding import check_deepspeed_config
@@ -77,8 +77,7 @@ def parse_args(
     parser.set_defaults(**{**DEFAULTS, **defaults})
     known = parser.parse_known_args()[0]
     check_deepspeed_config(known.deepspeed)  # before TrainingArguments reads it
-    check_checkpoint_format(known.model)
-    set_model_defaults(parser, known.model, adapter)
+    set_model_defaults(parser, known.model, adapter)  # and refuses a GGUF or pickle-only --model
     args, training_args = parser.parse_args_into_dataclasses()
     if training_args.push_to_hub and args.model in PRESETS:
         raise UserError(
