@@ -77,7 +77,7 @@ def write_model_card(output_dir: str, metrics: dict[str, Any]) -> Path:
         if preset
         else f"[{base}](https://huggingface.co/{base})"
         if hub_base
-        else f"the local checkpoint `{base}` (a path relative to this folder)"
+        else f"the local checkpoint `{Path(base).name}` (at `{base}`, relative to this folder)"
     )
     rows = [
         ("eval loss (nats per token)", "eval_loss_before", "eval_loss"),
