@@ -44,9 +44,37 @@ def train(c: Context, script: str = "trainer/getting_started", args: str = "") -
     c.run(f"python scripts/{script}.py {args}", pty=False)
 
 
-@task
-def bench(c: Context, cases: str = "", smoke: bool = False) -> None:
-    """The benchmark matrix (scripts/benchmark.py) on the GPUs here; --smoke checks the harness on CPU."""
-    if not smoke and not Path("data/synthetic-long/info.json").exists():
+def run_harness(c: Context, harness: str, smoke: bool, options: str) -> None:
+    """python scripts/benchmarks/<harness>.py; a measurement first prepares the long documents it trains on."""
+    needs_long_documents = harness in ("throughput", "sharded") and not smoke
+    if needs_long_documents and not Path("data/synthetic-long/info.json").exists():
         c.run("python scripts/prepare_datasets.py --dataset synthetic-long --num_examples 2000 --max_length 2048", pty=False)
-    c.run(f"python scripts/benchmark.py{' --smoke' if smoke else ''}{f' --cases {cases!r}' if cases else ''}", pty=False)
+    c.run(f"python scripts/benchmarks/{harness}.py{' --smoke' if smoke else ''}{f' {options}' if options else ''}", pty=False)
+
+
+@task
+def bench(c: Context, cases: str = "", smoke: bool = False, args: str = "") -> None:
+    """Throughput, MFU and peak memory of every technique beside its peers (scripts/benchmarks/throughput.py) on the
+    GPUs here, into results/throughput/; --smoke checks the harness on CPU; --args passes more flags."""
+    run_harness(c, "throughput", smoke, f"{f'--cases {cases!r} ' if cases else ''}{args}".strip())
+
+
+@task
+def bench_memory(c: Context, cases: str = "", smoke: bool = False, args: str = "") -> None:
+    """Peak memory of full AdamW, 8-bit AdamW, GaLore, LoRA and QLoRA on one GPU (scripts/benchmarks/memory.py), into
+    results/memory/; --smoke checks the harness on CPU."""
+    run_harness(c, "memory", smoke, f"{f'--cases {cases!r} ' if cases else ''}{args}".strip())
+
+
+@task
+def bench_sharded(c: Context, cases: str = "", smoke: bool = False, args: str = "") -> None:
+    """DDP, FSDP2, ZeRO-3, FSDP2 + LoRA and FSDP2 + QLoRA, each example launched on 2 GPUs (scripts/benchmarks/sharded.py),
+    into results/sharded/; --smoke checks the harness with DDP over 2 CPU processes."""
+    run_harness(c, "sharded", smoke, f"{f'--cases {cases!r} ' if cases else ''}{args}".strip())
+
+
+@task
+def bench_attention(c: Context, smoke: bool = False, args: str = "") -> None:
+    """Eager, SDPA's kernels and FlashAttention-2 against the sequence length on one GPU (scripts/benchmarks/attention.py),
+    into results/attention/; --smoke checks the harness on CPU."""
+    run_harness(c, "attention", smoke, args)

@@ -122,7 +122,7 @@ def test_position_ids_alone_leak_across_documents(data, examples, impl):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @torch.no_grad()
 def test_right_padding_needs_no_attention_mask(data, examples, impl):
-    """math_kernel.py and compare.py drop the mask of right-padded batches, so SDPA can run is_causal kernels."""
+    """math_kernel.py and benchmarks/attention.py drop the mask of right-padded batches, so SDPA can run is_causal kernels."""
     model = tiny(data, impl)
     padded = padded_batch(data, examples)
     assert data.tokenizer.padding_side == "right"
@@ -187,7 +187,7 @@ def test_padding_free_training_learns_and_matches_padded_training(workdir):
 
 
 def test_compare_smoke(tmp_path, monkeypatch, capsys):
-    run_in_process("sdpa/compare.py", "--smoke", "--output_dir", str(tmp_path), cwd=tmp_path, monkeypatch=monkeypatch)
+    run_in_process("benchmarks/attention.py", "--smoke", "--output_dir", str(tmp_path), cwd=tmp_path, monkeypatch=monkeypatch)
     report = json.loads((tmp_path / "compare.json").read_text())
     ok = {r["case"]: r for r in report["results"] if r["status"] == "ok"}
     assert set(ok) == {"eager", "sdpa math"} and all(r["ms"] > 0 for r in ok.values())

@@ -11,7 +11,7 @@ from conftest import run_script
 @pytest.fixture(scope="module")
 def smoke(workdir):
     cases = "P1,P2,FA2 padding-free,DDP x2"  # two that run on CPU, two that say why not
-    proc = run_script("benchmark.py", "--smoke", "--cases", cases, "--output", "results/smoke/benchmark", cwd=workdir)
+    proc = run_script("benchmarks/throughput.py", "--smoke", "--cases", cases, "--output", "results/smoke/benchmark", cwd=workdir)
     return json.loads((workdir / "results/smoke/benchmark.json").read_text()), proc
 
 
@@ -40,7 +40,7 @@ def test_smoke_run_measures_every_case_it_can_and_says_why_not_for_the_rest(smok
 
 
 def test_unknown_case_is_refused(workdir):
-    proc = run_script("benchmark.py", "--smoke", "--cases", "P9", cwd=workdir, check=False)
+    proc = run_script("benchmarks/throughput.py", "--smoke", "--cases", "P9", cwd=workdir, check=False)
     assert proc.returncode == 1 and "error: unknown case(s) ['P9']" in proc.stderr
 
 
@@ -67,6 +67,33 @@ def test_packing_keeps_documents_whole_and_rows_within_capacity():
     assert fixed["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 12] and fixed["max_length_q"] == 4
 
 
+def test_sharded_smoke_launches_the_example_itself_under_ddp_on_two_cpu_processes(workdir):
+    """The sharded harness's row is the example's own run: getting_started.py under accelerate_config.yaml, its
+    metrics.json read back (on CPU: gloo, 2 processes, tiny preset, 3 steps)."""
+    run_script("benchmarks/sharded.py", "--smoke", "--output", "results/smoke/sharded", cwd=workdir)
+    result = json.loads((workdir / "results/smoke/sharded.json").read_text())
+    (row,) = result["rows"]
+    assert (row["case"], row["script"], row["config"]) == ("DDP", "trainer/getting_started.py", "accelerate_config.yaml")
+    assert row["num_devices"] == 2 and row["steps"] == 3 and row["train_tokens_per_second_per_device"] > 0, row
+    assert result["device"] == "cpu" and result["model"] == "tiny" and result["versions"]["torch"] == torch.__version__
+    assert "| DDP |" in (workdir / "results/smoke/sharded.md").read_text()
+
+
+def test_every_harness_records_the_machine_the_same_way(workdir):
+    """One record of device, date and versions, and the GaLore modules galore.py trains, shared by the harnesses."""
+    from conftest import SCRIPTS
+    from hftrain.benchmarking import GALORE_TARGET_MODULES, machine
+
+    head = machine("torch")
+    assert head["device"] == "cpu" and head["gpu_count"] == 0 and head["versions"]["cuda"]
+    assert len(head["date"]) == 10 and head["versions"]["torch"] == torch.__version__
+    assert f'r"{GALORE_TARGET_MODULES}"' in (SCRIPTS / "trainer/galore.py").read_text()
+    for harness in ("throughput", "memory", "sharded", "attention"):
+        source = (SCRIPTS / "benchmarks" / f"{harness}.py").read_text()
+        assert "from hftrain.benchmarking import" in source and "machine(" in source, harness
+        assert "datetime" not in source and "get_device_name()" not in source, harness
+
+
 def test_a_failed_launch_is_reported_by_the_workers_own_exception():
     from hftrain.cli import worker_error
 
@@ -87,7 +114,7 @@ def test_a_checkpoint_directory_is_benchmarked_and_its_config_recorded(workdir, 
     presets and fail); the results record the model's config; --profile_steps adds where the time went."""
     out = "results/smoke/tiny-0.1m"  # a dotted name keeps its dots: tiny-0.1m.json, not tiny-0.json
     run_script(
-        "benchmark.py",
+        "benchmarks/throughput.py",
         "--smoke",
         "--model",
         start_checkpoint,
@@ -146,7 +173,7 @@ def test_the_script_and_the_benchmark_build_the_same_recipe(tmp_path, fp8):
 
     from transformers import HfArgumentParser, TrainingArguments
 
-    bench = load_script("benchmark.py", "benchmark_script")
+    bench = load_script("benchmarks/throughput.py", "throughput_script")
     script = load_script("sdpa/flash_attention.py", "flash_attention_script")
     line = next(ln for ln in script.__doc__.splitlines() if ("float8 (H100" in ln) == fp8 and "--compile_layers" in ln)
     flags = re.findall(r"--\w+(?: (?!--)\S+)?", line)
@@ -157,7 +184,7 @@ def test_the_script_and_the_benchmark_build_the_same_recipe(tmp_path, fp8):
     from_script = script.recipe(args, training_args)
 
     case = {c.name: c for c in bench.CASES}[bench.RECIPE_FP8 if fp8 else bench.RECIPE_BF16]
-    assert case.micro_batch == bench.BIG  # 16 rows on a GPU of 100 GiB or more, as the docstring's command
+    assert case.big_batch  # 16 rows on a GPU of 100 GiB or more, as the docstring's command
     case = replace(case, micro_batch=16)
     bench_args = bench.Args(model="llama-3.2-1b", seq_len=2048)
     from_bench = bench.recipe_of(case, bench_args.seq_len)

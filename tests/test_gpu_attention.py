@@ -159,7 +159,7 @@ def test_padding_free_refuses_data_parallel(workdir):
 def test_compare_smallest_case(tmp_path):
     """The benchmark's smallest case on the small preset: every available case runs and computes the same loss."""
     args = ["--seq_lens", "512", "--tokens_per_batch", "4096", "--warmup", "1", "--iters", "2", "--output_dir", str(tmp_path)]
-    run_script("sdpa/compare.py", *args, cwd=tmp_path, **ONE_GPU)
+    run_script("benchmarks/attention.py", *args, cwd=tmp_path, **ONE_GPU)
     report = json.loads((tmp_path / "compare.json").read_text())
     print((tmp_path / "compare.md").read_text())
     rows = report["results"]

@@ -42,7 +42,7 @@ def test_memory_table_smallest_case(workdir):
     """QLoRA on the 1b preset, the table's smallest case, at its full batch and sequence length."""
     out = workdir / "output/gpu_memory_table"
     args = ["--cases", "qlora", "--steps", "3", "--warmup_steps", "1", "--output_dir", str(out)]
-    proc = run_script("memory_table.py", *args, cwd=workdir, **ONE_GPU)
+    proc = run_script("benchmarks/memory.py", *args, cwd=workdir, **ONE_GPU)
     print(proc.stdout[-2000:])
     report = json.loads((out / "memory.json").read_text())
     (row,) = report["results"]

@@ -168,7 +168,7 @@ def test_neftune_reports_both_runs(workdir):
 
 def test_memory_table_smoke(workdir):
     out = workdir / "output/memory_smoke"
-    proc = run_script("memory_table.py", "--smoke", "--output_dir", str(out), cwd=workdir, **ONE_THREAD)
+    proc = run_script("benchmarks/memory.py", "--smoke", "--output_dir", str(out), cwd=workdir, **ONE_THREAD)
     report = json.loads((out / "memory.json").read_text())
     cases = {r["case"]: r for r in report["results"]}
     assert set(cases) == {"full_adamw", "full_adamw_8bit", "galore_adamw", "lora", "qlora"}  # the CPU-capable ones

@@ -6,26 +6,22 @@ run's metrics.json. Writes results/sharded/sharded.json (device, versions, date)
 results/sharded/sharded.md.
 
     python scripts/prepare_datasets.py --dataset synthetic-long --num_examples 1000 --max_length 2048
-    python scripts/benchmarks/sharded.py --model 1b --data_dir data/synthetic-long
+    python scripts/benchmarks/sharded.py --model 1b --data_dir data/synthetic-long   # (invoke bench-sharded)
+    python scripts/benchmarks/sharded.py --smoke   # CPU: DDP over 2 gloo processes, tiny preset, to check the harness
 """
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import HfArgumentParser
 
-from hftrain.cli import free_port, worker_error
-from hftrain.reporting import package_versions
+from hftrain.benchmarking import SCRIPTS, accelerate_launch, case_env, machine, output_dir, run_case
+from hftrain.data import DEFAULT_DATA_DIR
+from hftrain.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[2]
 CASES = {  # name: (accelerate config, script)
     "DDP": ("accelerate_config.yaml", "trainer/getting_started.py"),
     "FSDP2": ("accelerate_config_fsdp.yaml", "trainer/sharded/fsdp.py"),
@@ -33,6 +29,8 @@ CASES = {  # name: (accelerate config, script)
     "FSDP2 + LoRA": ("accelerate_config_fsdp_lora.yaml", "trainer/sharded/fsdp_lora.py"),
     "FSDP2 + QLoRA": ("accelerate_config_fsdp_qlora.yaml", "trainer/sharded/fsdp_qlora.py"),
 }
+# What each row keeps of the run's metrics.json.
+KEPT = ("train_tokens_per_second_per_device", "peak_memory_gib", "mfu", "train_loss", "eval_accuracy", "num_devices", "steps")
 
 
 @dataclass
@@ -43,22 +41,28 @@ class Args:
     batch_size: int = field(default=8, metadata={"help": "Per-GPU micro-batch, the same for every case."})
     steps: int = field(default=40, metadata={"help": "Optimizer steps per case (the first includes warm-up)."})
     cases: str = field(default=",".join(CASES), metadata={"help": "Comma-separated subset of: " + ", ".join(CASES)})
-    output: str = field(default="results/sharded/sharded", metadata={"help": "Path stem of the .json and .md written."})
+    case_timeout: int = field(default=1800, metadata={"help": "Seconds before a case is stopped and reported as failed."})
+    smoke: bool = field(
+        default=False,
+        metadata={"help": "CPU check of the harness: DDP over 2 gloo processes, tiny preset, default data, 3 steps."},
+    )
+    output: str = field(
+        default="",
+        metadata={"help": "Path stem of the .json and .md (default: results/sharded/sharded; --smoke: under output/)."},
+    )
 
 
-def write(args: Args, rows: list[dict]) -> None:
-    versions = package_versions("torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes")
+def write(args: Args, head: dict[str, Any], rows: list[dict]) -> None:
     result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        **head,
         "gpus": args.num_processes,
         "model": args.model,
         "data_dir": args.data_dir,
         "per_gpu_batch": args.batch_size,
         "steps": args.steps,
-        "date": time.strftime("%Y-%m-%d"),
-        "versions": versions,
         "rows": rows,
     }
+    versions = result["versions"]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.output}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
@@ -70,7 +74,7 @@ def write(args: Args, rows: list[dict]) -> None:
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['case']} | failed: {r['error'].replace('|', '/')} | | | |")
         else:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             lines.append(
@@ -79,73 +83,42 @@ def write(args: Args, rows: list[dict]) -> None:
     Path(f"{args.output}.md").write_text("\n".join(lines) + "\n")
 
 
+def launch(args: Args, config: str, script: str, out: Path) -> list[str]:
+    """The example as its README row launches it, with the settings every case shares."""
+    cmd = accelerate_launch(config, args.num_processes)
+    cmd += ["--mixed_precision", "no"] if args.smoke else []  # CPU: float32, as every example there
+    cmd += [str(SCRIPTS / script), "--model", args.model, "--data_dir", args.data_dir, "--output_dir", str(out)]
+    cmd += ["--max_steps", str(args.steps), "--logging_steps", str(min(5, args.steps)), "--learning_rate", "1e-4"]
+    cmd += ["--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", str(args.batch_size)]
+    return cmd + ["--eval_strategy", "no", "--save_strategy", "no"]
+
+
 def main() -> None:
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in CASES]:
+        raise UserError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    env = case_env(one_gpu=False)
+    if args.smoke:
+        args.model, args.data_dir, args.num_processes, args.batch_size, args.steps = "tiny", DEFAULT_DATA_DIR, 2, 32, 3
+        names = ["DDP"]
+        env |= {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}  # gloo DDP, one thread per process
+    args.output = args.output or str(output_dir("sharded", args.smoke) / "sharded")
+    head = machine("torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes")
     rows: list[dict] = []
-    # The scripts import the project's package from scripts/, installed (pip install -e .) or not.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.cases.split(","):
+        for name in names:
             config, script = CASES[name]
             out = Path(tmp) / name.replace(" ", "").replace("+", "_")
-            cmd = [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--config_file",
-                str(ROOT / config),
-                "--main_process_port",
-                str(free_port()),  # a fresh port per case: a lingering process (or another job) cannot block it
-                "--num_processes",
-                str(args.num_processes),
-                str(ROOT / "scripts" / script),
-                "--model",
-                args.model,
-                "--data_dir",
-                args.data_dir,
-                "--output_dir",
-                str(out),
-                "--max_steps",
-                str(args.steps),
-                "--per_device_train_batch_size",
-                str(args.batch_size),
-                "--per_device_eval_batch_size",
-                str(args.batch_size),
-                "--eval_strategy",
-                "no",
-                "--save_strategy",
-                "no",
-                "--logging_steps",
-                "5",
-                "--learning_rate",
-                "1e-4",
-            ]
-            start = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            row = {"case": name, "config": config, "script": script, "wall_s": round(time.perf_counter() - start, 1)}
-            if proc.returncode != 0:
-                row["error"] = worker_error(proc.stderr, proc.returncode)
-                print(proc.stderr[-6000:], file=sys.stderr)
-            else:
-                m = json.loads((out / "metrics.json").read_text())
-                row.update(
-                    {
-                        k: m.get(k)
-                        for k in (
-                            "train_tokens_per_second_per_device",
-                            "peak_memory_gib",
-                            "mfu",
-                            "train_loss",
-                            "eval_accuracy",
-                            "num_devices",
-                            "steps",
-                        )
-                    }
-                )
+            measured = run_case(name, launch(args, config, script, out), env, out / "metrics.json", args.case_timeout)
+            row = {"case": name, "config": config, "script": script, "wall_s": measured["wall_s"]}
+            row |= {"error": measured["error"]} if "error" in measured else {k: measured.get(k) for k in KEPT}
             print(row, flush=True)
             rows.append(row)
-            write(args, rows)  # after every case: a run cut short keeps what it measured
+            write(args, head, rows)  # after every case: a run cut short keeps what it measured
     print(Path(f"{args.output}.md").read_text())
+    if failed := [r["case"] for r in rows if "error" in r]:
+        raise SystemExit(f"error: {len(failed)} case(s) failed: {', '.join(failed)} (their output is above)")
 
 
 if __name__ == "__main__":

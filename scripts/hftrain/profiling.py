@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hftrain.reporting import synchronize
+
 ATTENTION = "attention"
 MATMUL = "matmuls (decoder)"
 OUTPUT = "output layer + loss"
@@ -152,21 +154,17 @@ class ProfileSteps(TrainerCallback):
         self.t0 = 0.0
         self.result: dict[str, Any] = {}
 
-    def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == self.after:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self._sync()
+            synchronize()
             self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
             self.prof.__enter__()
             self.t0 = time.perf_counter()
         elif self.prof is not None and state.global_step == self.after + self.steps:
-            self._sync()
+            synchronize()
             wall = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
             with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """The project's fast training recipe with documents isolated, defined once.
 
-`scripts/sdpa/flash_attention.py` turns its flags into a `Recipe`, and `scripts/benchmark.py` builds its
+`scripts/sdpa/flash_attention.py` turns its flags into a `Recipe`, and `scripts/benchmarks/throughput.py` builds its
 recipe cases from the same class, so the settings the benchmark measures are the settings the script
 runs (tests/test_benchmark.py compares what each hands to the Trainer). The pieces:
 

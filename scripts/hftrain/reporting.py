@@ -68,6 +68,12 @@ def flops_per_token(model: Any, seq_len: int) -> float:
     return 6 * n + 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that a clock read next measures it (CUDA runs asynchronously)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def reset_peak_memory() -> None:
     for d in range(torch.cuda.device_count()):
         torch.cuda.reset_peak_memory_stats(d)
@@ -81,6 +87,11 @@ def peak_memory_gib() -> float:
     return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
 
 
+def peak_reserved_gib() -> float:
+    """Peak GPU memory the caching allocator held (largest over this process's GPUs): what fragmentation costs on top."""
+    return max(torch.cuda.max_memory_reserved(d) for d in range(torch.cuda.device_count())) / 2**30
+
+
 class ThroughputMeter:
     """Counts real (non-padding) tokens and wall time between `start()` and `stop()`."""
 
@@ -91,16 +102,17 @@ class ThroughputMeter:
         self.t0 = 0.0
         self.elapsed = 0.0
 
-    def start(self) -> None:
-        reset_peak_memory()
+    def start(self, reset_peak: bool = True) -> None:
+        synchronize()
+        if reset_peak:
+            reset_peak_memory()
         self.t0 = time.perf_counter()
 
     def add_tokens(self, n: int) -> None:
         self.tokens += int(n)
 
     def stop(self) -> dict[str, Any]:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         self.elapsed = time.perf_counter() - self.t0
         tps = self.tokens / self.elapsed if self.elapsed > 0 else 0.0
         per_device = tps / self.num_devices
@@ -114,29 +126,61 @@ class ThroughputMeter:
             "mfu": round(mfu, 4) if mfu is not None else None,
             "peak_memory_gib": round(peak_memory_gib(), 3),
             "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_max_rss",
+            **({"peak_reserved_gib": round(peak_reserved_gib(), 3)} if torch.cuda.is_available() else {}),
             "num_devices": self.num_devices,
             "device": device_name(),
         }
 
 
 class ThroughputCallback(TrainerCallback):
-    """For the Trainer: needs `include_num_input_tokens_seen="non_padding"` so padding is not counted."""
+    """For the Trainer: needs `include_num_input_tokens_seen="non_padding"` so padding is not counted.
 
-    def __init__(self, seq_len: int) -> None:
+    The examples measure the whole run. The benchmarks start the clock after `warmup_steps` (compilation,
+    allocator, autotuning left out) and, with `measured_steps`, stop it that many steps later (the steps after
+    are profiled, not measured); peak memory counts from the clock's start, or from the first step with
+    `peak_memory_over_warmup` (a first optimizer step allocates the state, and the memory table counts it)."""
+
+    def __init__(
+        self, seq_len: int, warmup_steps: int = 0, measured_steps: int = 0, peak_memory_over_warmup: bool = False
+    ) -> None:
         self.seq_len = seq_len
+        self.warmup_steps, self.measured_steps = warmup_steps, measured_steps
+        self.peak_memory_over_warmup = peak_memory_over_warmup
         self.meter = ThroughputMeter()
         self.metrics: dict[str, Any] = {}
         self.tokens_at_start = 0
+        self.first_step = 0  # global_step when training (or resuming) began
+        self.step_at_start = 0  # global_step when the clock started
+        self.steps = 0  # steps the clock measured
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         # DDP runs one process per device; plain `python` on several GPUs runs DataParallel in one.
         self.meter.num_devices = args.world_size if args.world_size > 1 else max(1, args.n_gpu)
         self.meter.flops_per_token = flops_per_token(model, self.seq_len) if model is not None else None
-        self.tokens_at_start = state.num_input_tokens_seen  # non-zero when resuming
-        self.meter.start()
+        self.first_step = state.global_step  # non-zero when resuming
+        if self.peak_memory_over_warmup:
+            reset_peak_memory()  # loading (e.g. quantizing on load) has its own transient peak, not counted
+        if not self.warmup_steps:
+            self._start(state)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        done = state.global_step - self.first_step
+        if self.warmup_steps and done == self.warmup_steps:
+            self._start(state)
+        elif self.measured_steps and done == self.warmup_steps + self.measured_steps:
+            self._stop(state)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.metrics:
+            self._stop(state)
+
+    def _start(self, state: Any) -> None:
+        self.tokens_at_start, self.step_at_start = state.num_input_tokens_seen, state.global_step
+        self.meter.start(reset_peak=not self.peak_memory_over_warmup)
+
+    def _stop(self, state: Any) -> None:
         self.meter.tokens = state.num_input_tokens_seen - self.tokens_at_start
+        self.steps = state.global_step - self.step_at_start
         self.metrics = self.meter.stop()
 
 

@@ -16,7 +16,7 @@ no explicit mask, all limit the head size.
 
 On CPU PyTorch has two SDPA kernels, math and flash (a CPU flash kernel); efficient and cudnn need
 CUDA. `torch.backends.cuda.sdp_kernel(...)`, seen in older code, is the deprecated form of `sdpa_kernel`.
-scripts/sdpa/compare.py times all of them against FlashAttention-2.
+scripts/benchmarks/attention.py times all of them against FlashAttention-2.
 
 Docs: https://docs.pytorch.org/docs/stable/generated/torch.nn.attention.sdpa_kernel.html
       https://docs.pytorch.org/docs/stable/generated/torch.nn.functional.scaled_dot_product_attention.html

@@ -21,11 +21,11 @@ weights (the Trainer's `bf16=True` on a float32 model) costs 16 bytes per parame
 tokens/s is measured after `--warmup_steps` steps, so GaLore's SVD (step 0, then every
 `update_proj_gap` = 200 steps) is left out: it is the steady state between refreshes.
 
-    python scripts/memory_table.py                 # one GPU, ~5 minutes on an H100
-    python scripts/memory_table.py --cases lora,qlora --seq_len 1024
-    python scripts/memory_table.py --smoke         # tiny preset, CPU-capable cases, 2 steps
+    python scripts/benchmarks/memory.py                 # one GPU, ~5 minutes on an H100 (invoke bench-memory)
+    python scripts/benchmarks/memory.py --cases lora,qlora --seq_len 1024
+    python scripts/benchmarks/memory.py --smoke         # tiny preset, CPU-capable cases, 2 steps
 
-Writes results/memory_efficient/memory.json (device, versions, date, settings, every number)
+Writes results/memory/memory.json (device, versions, date, settings, every number)
 and memory.md (the table). Peak memory is `torch.cuda.max_memory_allocated` while training;
 paged optimizer state lives in CUDA unified memory outside PyTorch's allocator and is not in
 it (it is in the "optimizer state" column, which counts bytes wherever they live).
@@ -35,24 +35,22 @@ Docs: https://huggingface.co/docs/transformers/perf_train_gpu_one
       https://arxiv.org/abs/2403.03507 (GaLore), https://arxiv.org/abs/2305.14314 (QLoRA)
 """
 
-import datetime
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hftrain.cli import first_gpu_only
+from hftrain.benchmarking import GALORE_TARGET_MODULES, CaseProcess, case_env, machine, output_dir
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
-from hftrain.reporting import device_name, package_versions, peak_memory_gib, reset_peak_memory
+from hftrain.models import load_model, save_preset_base
+from hftrain.quantization import load_4bit
+from hftrain.reporting import ThroughputCallback
 
 # case: (TrainingArguments.optim, LoRA adapters?, 4-bit base?, runs on CPU?)
 CASES: dict[str, tuple[str, bool, bool, bool]] = {
@@ -63,8 +61,6 @@ CASES: dict[str, tuple[str, bool, bool, bool]] = {
     "lora": ("adamw_torch", True, False, True),
     "qlora": ("paged_adamw_8bit", True, True, True),
 }
-# The attention and MLP projections (the Trainer matches it with re.fullmatch against module names).
-GALORE_TARGETS = r".*\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
 
 
 @dataclass
@@ -83,9 +79,7 @@ class TableArguments:
     )
     case_timeout: int = field(default=300, metadata={"help": "Seconds before a case is stopped and reported as failed."})
     data_dir: str = field(default=DEFAULT_DATA_DIR, metadata={"help": "Prepared data; only its tokenizer is used."})
-    output_dir: str = field(
-        default="", metadata={"help": "Default: results/memory_efficient (--smoke: output/memory_efficient/smoke)."}
-    )
+    output_dir: str = field(default="", metadata={"help": "Default: results/memory (--smoke: output/benchmarks/memory-smoke)."})
     smoke: bool = field(default=False, metadata={"help": "Tiny preset, the CPU-capable cases, 2 steps: checks the script runs."})
     worker: str = field(default="", metadata={"help": "Internal: run this one case in this process."})
     base_dir: str = field(default="", metadata={"help": "Internal: the saved base checkpoint the cases load."})
@@ -121,47 +115,8 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     return total
 
 
-class StepClock(TrainerCallback):
-    """Peak memory from the first step on; tokens/s over the steps after the warmup."""
-
-    def __init__(self, warmup_steps: int, tokens_per_step: int) -> None:
-        self.warmup_steps = warmup_steps
-        self.tokens_per_step = tokens_per_step
-        self.t0 = 0.0
-        self.result: dict[str, Any] = {}
-
-    def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        reset_peak_memory()  # loading (e.g. quantizing on load) has its own transient peak, not counted
-        self.t0 = time.perf_counter()
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == self.warmup_steps:
-            self._sync()
-            self.t0 = time.perf_counter()
-
-    def on_train_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        self._sync()
-        measured = state.global_step - self.warmup_steps
-        seconds = time.perf_counter() - self.t0
-        self.result = {
-            "peak_memory_gib": round(peak_memory_gib(), 3),
-            "tokens_per_second": round(measured * self.tokens_per_step / seconds, 1),
-            "seconds_per_step": round(seconds / measured, 4),
-            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-        }
-
-
-def run_case(case: str, args: TableArguments) -> dict[str, Any]:
+def measure_case(case: str, args: TableArguments) -> dict[str, Any]:
     """One case, in this (fresh) process: load the base, train a few steps, measure."""
-    from transformers import AutoTokenizer
-
-    from hftrain.models import load_model
-    from hftrain.quantization import load_4bit
-
     optim, lora, four_bit, _ = CASES[case]
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -184,7 +139,8 @@ def run_case(case: str, args: TableArguments) -> dict[str, Any]:
     model_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    clock = StepClock(args.warmup_steps, args.batch_size * args.seq_len)
+    # Peak memory from the first step on (its optimizer step allocates the state); tokens/s after the warm-up.
+    clock = ThroughputCallback(args.seq_len, warmup_steps=args.warmup_steps, peak_memory_over_warmup=True)
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
             output_dir=tmp,
@@ -192,9 +148,10 @@ def run_case(case: str, args: TableArguments) -> dict[str, Any]:
             per_device_train_batch_size=args.batch_size,
             learning_rate=1e-5,
             optim=optim,
-            optim_target_modules=GALORE_TARGETS if optim.startswith("galore") else None,
+            optim_target_modules=GALORE_TARGET_MODULES if optim.startswith("galore") else None,
             optim_args=args.galore_args if optim.startswith("galore") else None,
             activation_checkpointing=args.activation_checkpointing,
+            include_num_input_tokens_seen="all",  # every token is real: no padding in FixedLengthTokens
             bf16=cuda,
             use_cpu=not cuda,
             logging_strategy="no",
@@ -205,13 +162,18 @@ def run_case(case: str, args: TableArguments) -> dict[str, Any]:
             seed=0,
         )
         data = FixedLengthTokens(len(tokenizer), args.seq_len, (args.warmup_steps + args.steps) * args.batch_size)
-        Trainer(model=model, args=training_args, train_dataset=data, callbacks=[clock]).train()
+        trainer = Trainer(model=model, args=training_args, train_dataset=data, callbacks=[clock])
+        trainer.train()
+    m = clock.metrics
     return {
         "case": case,
         "optim": optim,
         "trainable_parameters": trainable,
         "model_bytes": model_bytes,  # parameters and buffers as loaded (4-bit: packed)
-        **clock.result,
+        "peak_memory_gib": m["peak_memory_gib"],
+        "tokens_per_second": m["train_tokens_per_second"],
+        "seconds_per_step": round(m["train_runtime_s"] / clock.steps, 4),
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
     }
 
 
@@ -228,8 +190,6 @@ def worker_command(args: TableArguments, case: str, base: str, result_file: Path
 
 def build_base(args: TableArguments, folder: str) -> str:
     """The preset with seeded random weights, saved once (<folder>/base) as the checkpoint every case loads."""
-    from hftrain.models import save_preset_base
-
     data = load_prepared(args.data_dir)
     cuda = torch.cuda.is_available()
     set_seed(0)
@@ -257,7 +217,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['case']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['case']} | failed: {r['error'].replace('|', '/')} | | | | | | |")
             continue
         vs = f"{r['peak_memory_gib'] / full - 1:+.0%}" if full else ""
         lines.append(
@@ -289,7 +249,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     (args,) = HfArgumentParser(TableArguments).parse_args_into_dataclasses()
     if args.worker:  # the child: one case, result to a file
-        Path(args.result_file).write_text(json.dumps(run_case(args.worker, args)))
+        Path(args.result_file).write_text(json.dumps(measure_case(args.worker, args)))
         return
 
     cuda = torch.cuda.is_available()
@@ -304,46 +264,32 @@ def main() -> None:
         raise UserError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     if not cuda:
         names = [c for c in names if CASES[c][3]]  # the 8-bit GaLore variants call torch.cuda.synchronize()
-    out = Path(args.output_dir or ("output/memory_efficient/smoke" if args.smoke else "results/memory_efficient"))
+    out = output_dir("memory", args.smoke, args.output_dir)
 
     # Every case runs on the first visible GPU only: plain `python` on several GPUs would make the
     # Trainer use DataParallel, and the table is about what fits on one.
-    env = first_gpu_only(os.environ)
+    env = case_env(one_gpu=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         base = build_base(args, tmp)
         # On a GPU one case at a time (they would share its memory and its time); in the smoke test
         # the numbers mean nothing, so there the cases start side by side to save wall time.
         for batch in [names] if args.smoke else [[c] for c in names]:
-            procs = {}
+            started = []
             for case in batch:
-                print(f"[memory_table] {case} ...", flush=True)
-                cmd = worker_command(args, case, base, Path(tmp, f"{case}.json"))
-                procs[case] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for case, proc in procs.items():
-                try:
-                    output, _ = proc.communicate(timeout=args.case_timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    output = proc.communicate()[0] + f"\ntimed out after {args.case_timeout} s"
+                print(f"[memory] {case} ...", flush=True)
                 result_file = Path(tmp, f"{case}.json")
-                if proc.returncode != 0 or not result_file.exists():
-                    tail = (output.strip().splitlines() or ["no output"])[-1][:200].replace("|", "/")
-                    print(f"[memory_table] {case} failed (exit {proc.returncode}):\n{output[-3000:]}", flush=True)
-                    results.append({"case": case, "error": tail})
-                    continue
-                results.append(json.loads(result_file.read_text()))
-                print(f"[memory_table] {case}: {results[-1]}", flush=True)
+                started.append(
+                    CaseProcess(case, worker_command(args, case, base, result_file), env, result_file, args.case_timeout)
+                )
+            for proc in started:
+                results.append({"case": proc.name, **proc.result()})
+                print(f"[memory] {proc.name}: {results[-1]}", flush=True)
 
     report = {
-        "device": device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **machine("torch", "transformers", "peft", "accelerate", "bitsandbytes", "galore-torch"),
         "dtype": "bf16" if cuda else "float32",
         "peak_memory_kind": "torch.cuda.max_memory_allocated while training" if cuda else "CPU peak resident set (smoke)",
-        "versions": {
-            **package_versions("torch", "transformers", "peft", "accelerate", "bitsandbytes", "galore-torch"),
-            "cuda": torch.version.cuda or "none",
-        },
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "base_dir", "result_file", "output_dir")},
         "results": results,
     }

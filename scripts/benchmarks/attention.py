@@ -6,8 +6,8 @@ FlashAttention-2 on padded batches; FlashAttention-2 padding-free. Every batch h
 number of tokens (--tokens_per_batch) as documents of random length between T/4 and T, so what
 grows with the sequence length T is attention's T^2 cost alone.
 
-    python scripts/sdpa/compare.py                # one CUDA GPU, a few minutes on an H100 (FA2 needs flash-attn)
-    python scripts/sdpa/compare.py --smoke        # CPU, seconds: tiny preset, eager and SDPA math, one length
+    python scripts/benchmarks/attention.py          # one CUDA GPU, a few minutes on an H100 (FA2 needs flash-attn)
+    python scripts/benchmarks/attention.py --smoke  # CPU, seconds: tiny preset, eager and SDPA math, one length
 
 Writes results/attention/compare.json (every measurement, device, versions, date), compare.md (the
 table) and compare.png (time and memory against T). Cases that cannot run say why: OOM (and then
@@ -31,10 +31,8 @@ Docs: https://docs.pytorch.org/docs/stable/generated/torch.nn.attention.sdpa_ker
       https://huggingface.co/blog/packing-with-FA2
 """
 
-import datetime
 import gc
 import json
-import platform
 import random
 import statistics
 import time
@@ -52,10 +50,11 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaConfig, set_seed
 from transformers.utils import is_flash_attn_2_available
 
+from hftrain.benchmarking import machine, output_dir, save_figure, subplots
 from hftrain.errors import UserError
 from hftrain.models import PRESETS
 from hftrain.packing import PaddingFreeCollator
-from hftrain.reporting import package_versions
+from hftrain.reporting import device_name
 
 # name: (attn_implementation, SDPA kernel or None, padding-free)
 CASES: dict[str, tuple[str, SDPBackend | None, bool]] = {
@@ -82,7 +81,7 @@ class Arguments:
     warmup: int = field(default=2, metadata={"help": "Untimed steps per case (kernel selection, cuDNN plans, allocator)."})
     iters: int = field(default=5, metadata={"help": "Timed steps per case; the median is reported."})
     output_dir: str | None = field(
-        default=None, metadata={"help": "Default: results/attention (output/sdpa/compare_smoke with --smoke)."}
+        default=None, metadata={"help": "Default: results/attention (output/benchmarks/attention-smoke with --smoke)."}
     )
     smoke: bool = field(default=False, metadata={"help": "CPU check in seconds: tiny preset, eager and SDPA math, T=128."})
     seed: int = field(default=0, metadata={"help": "Seed for the weights and the documents."})
@@ -252,12 +251,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
 
 
 def write_plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_t, ax_m) = subplots(1, 2, figsize=(11, 4))
     for name in CASES:
         ok = [r for r in report["results"] if r["case"] == name and r["status"] == "ok"]
         if ok:
@@ -269,9 +263,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xticks(report["seq_lens"], [str(t) for t in report["seq_lens"]])
     ax_t.legend(fontsize=8)
     fig.suptitle(f"{report['model']} on {report['device']}, {report['tokens_per_batch']:,} tokens per batch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -280,10 +272,12 @@ def main() -> None:
         args.model, args.seq_lens, args.tokens_per_batch, args.vocab_size = "tiny", [128], 512, 1024
         args.warmup, args.iters = 1, 2
     elif not torch.cuda.is_available():
-        raise UserError("compare.py measures GPU kernels: run it on a CUDA GPU, or pass --smoke for a quick CPU check")
+        raise UserError(
+            "the attention benchmark measures GPU kernels: run it on a CUDA GPU, or pass --smoke for a quick CPU check"
+        )
     if args.model not in PRESETS:
         raise UserError(f"--model {args.model}: pass a preset ({', '.join(PRESETS)})")
-    out = Path(args.output_dir or ("output/sdpa/compare_smoke" if args.smoke else "results/attention"))
+    out = output_dir("attention", args.smoke, args.output_dir or "")
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -292,14 +286,8 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
 
     report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
-        "gpu_count": torch.cuda.device_count(),
-        "versions": {
-            **package_versions("torch", "transformers", "flash-attn"),
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        },
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **machine("torch", "transformers", "flash-attn"),
+        "device": device_name() if device.type == "cuda" else "cpu",  # --smoke runs on the CPU, GPU or not
         "model": args.model,
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(dtype).removeprefix("torch."),

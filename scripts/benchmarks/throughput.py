@@ -22,23 +22,21 @@ peak and against the bf16 matmul rate measured at the start; peak memory is allo
 after the warm-up. A case whose package or hardware is missing is reported as skipped, with why.
 
     python scripts/prepare_datasets.py --dataset synthetic-long --num_examples 2000 --max_length 2048
-    python scripts/benchmark.py                      # every case the GPUs here can run (invoke bench)
-    python scripts/benchmark.py --cases P1,P2,P3     # a subset: names or prefixes (--list shows them)
-    python scripts/benchmark.py --smoke              # CPU, seconds: the tiny preset, to check the harness
-    python scripts/benchmark.py --model llama-3.2-1b --profile_steps 2 --output results/benchmark/llama-3.2-1b
+    python scripts/benchmarks/throughput.py                   # every case the GPUs here can run (invoke bench)
+    python scripts/benchmarks/throughput.py --cases P1,P2,P3  # a subset: names or prefixes (--list shows them)
+    python scripts/benchmarks/throughput.py --smoke           # CPU, seconds: the tiny preset, to check the harness
+    python scripts/benchmarks/throughput.py --model llama-3.2-1b --profile_steps 2 --output results/throughput/llama-3.2-1b
 
-Writes results/benchmark/benchmark.json (every row, the model's config, device, versions, date),
+Writes results/throughput/benchmark.json (every row, the model's config, device, versions, date),
 benchmark.md (the tables) and benchmark.png (tokens/s and memory per case). `--profile_steps N`
 profiles N steps after the measured ones (torch.profiler) and adds where the GPU time went
 (hftrain.profiling: attention, matmuls, output layer + loss, optimizer, idle, syncs, graph breaks).
 """
 
 import contextlib
-import datetime
+import functools
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,13 +46,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import HfArgumentParser, TrainerCallback
+from accelerate import PartialState
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    HfArgumentParser,
+    PretrainedConfig,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 
-from hftrain.recipe import Recipe
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "scripts"
-BIG = 0  # micro_batch placeholder: the largest that fits, from --big_batch
+from hftrain.benchmarking import (
+    GALORE_TARGET_MODULES,
+    ROOT,
+    SCRIPTS,
+    accelerate_launch,
+    case_env,
+    machine,
+    output_dir,
+    run_case,
+    save_figure,
+    subplots,
+)
+from hftrain.data import PadCollator, Prepared, load_prepared
+from hftrain.errors import UserError
+from hftrain.models import PRESETS, load_config, load_model, preset_config, save_preset_base
+from hftrain.packing import packed_rows
+from hftrain.profiling import BUCKETS, ProfileSteps, compile_counters
+from hftrain.quantization import float8_training, has_float8_tensor_cores, load_4bit, nf4_config
+from hftrain.recipe import FUSED_LOSS_ONLY, Recipe
+from hftrain.reporting import ThroughputCallback, flops_per_token, peak_flops
+from hftrain.sharding import gather_lm_head_for_liger
 
 
 @dataclass(frozen=True)
@@ -64,6 +88,7 @@ class Case:
     # "packed": whole documents packed into rows of <= 2048 tokens and flattened (padding-free, isolated)
     attn: str = "sdpa"
     micro_batch: int = 8  # rows per GPU and step (a row holds up to 2048 tokens)
+    big_batch: bool = False  # micro_batch is the largest that fits: --big_batch rows
     liger: bool = False  # TrainingArguments(use_liger_kernel=True): RMSNorm, SwiGLU, RoPE, fused linear + loss
     fused_loss: bool = False  # Liger's fused linear + cross-entropy alone (hftrain.recipe.FUSED_LOSS_ONLY)
     compile: str = ""  # "model": TrainingArguments(torch_compile=True); "layers": each decoder layer compiled
@@ -98,16 +123,16 @@ def recipe_of(case: Case, seq_len: int) -> Recipe | None:
 CASES = [
     Case("P1: padded + SDPA", "padded", peer="P1"),
     Case("P2: 2048-token blocks + SDPA", "blocks", peer="P2"),
-    Case("P3: blocks + Liger (big batch)", "blocks", liger=True, micro_batch=BIG, peer="P3"),
+    Case("P3: blocks + Liger (big batch)", "blocks", liger=True, big_batch=True, peer="P3"),
     Case("P3: blocks + torch.compile", "blocks", compile="model", peer="P3"),
-    Case("P3: blocks + Liger + torch.compile (big batch)", "blocks", liger=True, compile="model", micro_batch=BIG, peer="P3"),
-    Case("P3: blocks + Liger + compiled layers (big batch)", "blocks", liger=True, compile="layers", micro_batch=BIG, peer="P3"),
+    Case("P3: blocks + Liger + torch.compile (big batch)", "blocks", liger=True, compile="model", big_batch=True, peer="P3"),
+    Case("P3: blocks + Liger + compiled layers (big batch)", "blocks", liger=True, compile="layers", big_batch=True, peer="P3"),
     Case(
         "P3: blocks + compiled layers + fused loss (big batch)",
         "blocks",
         fused_loss=True,
         compile="layers",
-        micro_batch=BIG,
+        big_batch=True,
         peer="P3",
     ),
     Case("P3: blocks + Liger (24 rows)", "blocks", liger=True, micro_batch=24, peer="P3"),
@@ -115,21 +140,21 @@ CASES = [
     Case("SDPA padding-free (block-diagonal mask)", "packed"),
     Case("FA2 padded", "padded", attn="flash_attention_2"),
     packed("FA2 padding-free"),
-    packed("FA2 padding-free + Liger (big batch)", liger=True, micro_batch=BIG),
+    packed("FA2 padding-free + Liger (big batch)", liger=True, big_batch=True),
     packed("FA2 padding-free + compiled layers", compile="layers"),
-    packed("FA2 padding-free + compiled layers (big batch)", compile="layers", micro_batch=BIG),
-    packed("FA2 padding-free + Liger + compiled layers (big batch)", liger=True, compile="layers", micro_batch=BIG),
+    packed("FA2 padding-free + compiled layers (big batch)", compile="layers", big_batch=True),
+    packed("FA2 padding-free + Liger + compiled layers (big batch)", liger=True, compile="layers", big_batch=True),
     packed("FA2 padding-free + float8 + compiled layers", fp8=True, compile="layers"),
-    packed("FA2 padding-free + float8 + compiled layers (big batch)", fp8=True, compile="layers", micro_batch=BIG),
+    packed("FA2 padding-free + float8 + compiled layers (big batch)", fp8=True, compile="layers", big_batch=True),
     # The recipe (hftrain.recipe.Recipe: flash_attention.py --pack_rows 2048 --compile_layers --fused_loss):
     # compiled layers, Liger's fused linear + loss alone, so the 128k-vocabulary logits never exist whole
-    packed("FA2 padding-free + compiled layers + fused loss (big batch)", compile="layers", fused_loss=True, micro_batch=BIG),
+    packed("FA2 padding-free + compiled layers + fused loss (big batch)", compile="layers", fused_loss=True, big_batch=True),
     packed(
         "FA2 padding-free + float8 + compiled layers + fused loss (big batch)",
         fp8=True,
         compile="layers",
         fused_loss=True,
-        micro_batch=BIG,
+        big_batch=True,
     ),
     packed("FA2 padding-free + compiled layers + fused loss (24 rows)", compile="layers", fused_loss=True, micro_batch=24),
     packed(
@@ -144,7 +169,7 @@ CASES = [
         attn="flex_attention",
         compile="layers",
         fused_loss=True,
-        micro_batch=BIG,
+        big_batch=True,
     ),
     packed("LoRA (FA2 padding-free)", adapter="lora"),
     packed("QLoRA (FA2 padding-free)", adapter="qlora", optim="paged_adamw_8bit"),
@@ -161,11 +186,11 @@ QLORA_FSDP = "accelerate_config_fsdp_qlora.yaml"
 
 
 def distributed(n: int) -> list[Case]:
-    big = dict(batches="blocks", liger=True, micro_batch=BIG, gpus=n, baseline=DIST_BASELINE)
+    big = functools.partial(Case, batches="blocks", liger=True, big_batch=True, gpus=n, baseline=DIST_BASELINE)
     cases = [
-        Case(f"DDP x{n}: blocks + Liger (big batch)", **big, launch="accelerate_config.yaml"),  # type: ignore[arg-type]
-        Case(f"FSDP2 x{n}: blocks + Liger (big batch)", **big, launch="accelerate_config_fsdp.yaml"),  # type: ignore[arg-type]
-        Case(f"ZeRO-3 x{n}: blocks + Liger (big batch)", **big, launch="accelerate_config.yaml+deepspeed"),  # type: ignore[arg-type]
+        big(f"DDP x{n}: blocks + Liger (big batch)", launch="accelerate_config.yaml"),
+        big(f"FSDP2 x{n}: blocks + Liger (big batch)", launch="accelerate_config_fsdp.yaml"),
+        big(f"ZeRO-3 x{n}: blocks + Liger (big batch)", launch="accelerate_config.yaml+deepspeed"),
     ]
     qlora = Case(
         f"FSDP2 + QLoRA x{n}: blocks", "blocks", adapter="qlora", gpus=n, launch=QLORA_FSDP, baseline="FSDP2 + QLoRA x1: blocks"
@@ -176,7 +201,6 @@ def distributed(n: int) -> list[Case]:
 CASES += [Case("FSDP2 + QLoRA x1: blocks", "blocks", adapter="qlora", launch=QLORA_FSDP)]
 CASES += distributed(2) + distributed(4) + distributed(8)
 SMOKE = ["P1: padded + SDPA", "P2: 2048-token blocks + SDPA", "SDPA padding-free (block-diagonal mask)"]
-GALORE_MODULES = r".*\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
 
 
 @dataclass
@@ -200,7 +224,12 @@ class Args:
     profile_steps: int = field(
         default=0, metadata={"help": "Profile this many steps after the measured ones (torch.profiler): where the time goes."}
     )
-    output: str = field(default="results/benchmark/benchmark", metadata={"help": "Path stem of the .json, .md and .png."})
+    output: str = field(
+        default="",
+        metadata={
+            "help": "Path stem of the .json, .md and .png (default: results/throughput/benchmark; with --smoke under output/)."
+        },
+    )
     append: bool = field(default=False, metadata={"help": "Keep the rows already in <output>.json (same device) and add these."})
     case_timeout: int = field(default=600, metadata={"help": "Seconds before a case is stopped and reported as failed."})
     list: bool = field(default=False, metadata={"help": "Print the case names and exit."})
@@ -221,56 +250,15 @@ def skip_reason(case: Case, args: Args) -> str | None:
         return "benchmarked on CUDA only"
     if case.compile and not gpus:
         return "benchmarked on CUDA only"
-    if case.fp8:
-        from hftrain.quantization import has_float8_tensor_cores
-
-        if not (has_float8_tensor_cores() and find_spec("torchao")):
-            return "needs torchao and a GPU with float8 tensor cores (compute capability 8.9+)"
+    if case.fp8 and not (has_float8_tensor_cores() and find_spec("torchao")):
+        return "needs torchao and a GPU with float8 tensor cores (compute capability 8.9+)"
     return None
 
 
 # ---- one case, in its own process ------------------------------------------------------------------
 
 
-class Window(TrainerCallback):
-    """Time and real tokens between the end of the warm-up and the end of the measured steps; peak memory in between."""
-
-    def __init__(self, warmup: int, steps: int) -> None:
-        self.warmup, self.steps, self.t0, self.tokens0 = warmup, steps, 0.0, 0
-        self.result: dict[str, Any] = {}
-
-    def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == self.warmup:
-            self._sync()
-            torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-            self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
-        elif state.global_step == self.warmup + self.steps:  # steps after this one are profiled, not measured
-            self.measure(state)
-
-    def measure(self, state: Any) -> None:
-        self._sync()
-        elapsed = time.perf_counter() - self.t0
-        steps = state.global_step - self.warmup
-        losses = [r["loss"] for r in state.log_history if "loss" in r]
-        self.result = {
-            "tokens_per_s": (state.num_input_tokens_seen - self.tokens0) / elapsed,  # all processes together
-            "step_time_s": elapsed / steps,
-            "tokens_per_step": (state.num_input_tokens_seen - self.tokens0) / steps,
-            "loss": losses[-1] if losses else None,
-            "loss_curve": [[r["step"], r["loss"]] for r in state.log_history if "loss" in r],
-        }
-        if torch.cuda.is_available():
-            self.result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            self.result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-
-
-def build_dataset(case: Case, data: Any, seq_len: int) -> Any:
-    from datasets import Dataset
-
+def build_dataset(case: Case, data: Prepared, seq_len: int) -> Any:
     docs = data.train.select_columns(["input_ids"])
     if case.batches == "padded":
         return docs
@@ -278,36 +266,22 @@ def build_dataset(case: Case, data: Any, seq_len: int) -> Any:
         flat = [t for ids in docs["input_ids"] for t in ids]
         blocks = [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
         return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
-    from hftrain.packing import packed_rows
-
     return packed_rows(docs, seq_len)
 
 
 def collator(case: Case, tokenizer: Any, seq_len: int) -> Any:
-    from transformers import default_data_collator
-
-    from hftrain.data import PadCollator
-
-    if case.batches == "padded":
-        return PadCollator(tokenizer, pad_to_multiple_of=8)
-    if case.batches == "blocks":
-        return default_data_collator
-    return recipe_of(case, seq_len).collator(tokenizer.pad_token_id)  # type: ignore[union-attr]
+    if recipe := recipe_of(case, seq_len):
+        return recipe.collator(tokenizer.pad_token_id)
+    return PadCollator(tokenizer, pad_to_multiple_of=8) if case.batches == "padded" else default_data_collator
 
 
-def model_config(model: str, tokenizer: Any) -> Any:
+def model_config(model: str, tokenizer: Any) -> PretrainedConfig:
     """The config of a preset (with its vocabulary) or of a checkpoint directory."""
-    from hftrain.models import PRESETS, load_config, preset_config
-
     return preset_config(model, tokenizer) if model in PRESETS else load_config(model)
 
 
-def training_arguments(case: Case, args: Args, output_dir: str) -> Any:
+def training_arguments(case: Case, args: Args, output_dir: str) -> TrainingArguments:
     """The case's TrainingArguments; a recipe case takes its fields from its `Recipe`."""
-    from transformers import TrainingArguments
-
-    from hftrain.recipe import FUSED_LOSS_ONLY
-
     cuda = torch.cuda.is_available()
     deepspeed = str(ROOT / "deepspeed_config.json") if case.launch.endswith("+deepspeed") else None
     own: dict[str, Any] = dict(
@@ -326,7 +300,7 @@ def training_arguments(case: Case, args: Args, output_dir: str) -> Any:
         lr_scheduler_type="constant",
         bf16=cuda,
         use_cpu=not cuda,
-        optim_target_modules=GALORE_MODULES if "galore" in case.optim else None,
+        optim_target_modules=GALORE_TARGET_MODULES if "galore" in case.optim else None,
         optim_args="rank=128,update_proj_gap=200,scale=0.25" if "galore" in case.optim else None,
         torch_compile=case.compile == "model",
         deepspeed=deepspeed,
@@ -341,16 +315,8 @@ def training_arguments(case: Case, args: Args, output_dir: str) -> Any:
     )
 
 
-def run_case(case: Case, args: Args) -> dict[str, Any]:
-    from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, Trainer, set_seed
-
-    from hftrain.data import load_prepared
-    from hftrain.models import load_model
-    from hftrain.profiling import ProfileSteps, compile_counters
-    from hftrain.reporting import flops_per_token
-    from hftrain.sharding import gather_lm_head_for_liger
-
+def measure_case(case: Case, args: Args) -> dict[str, Any]:
+    """One case, in this (fresh) process: build its model and batches, train, measure after the warm-up."""
     cuda = torch.cuda.is_available()
     data = load_prepared(args.data_dir)
     model_name = args.model
@@ -359,17 +325,14 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
     config = model_config(model_name, data.tokenizer)
     with torch.device("meta"):
         fpt = flops_per_token(AutoModelForCausalLM.from_config(config), args.seq_len)
-    output_dir = str(Path(args.result).with_suffix("")) if args.result else tempfile.mkdtemp(prefix="bench-")
-    training_args = training_arguments(case, args, output_dir)  # before the model: ZeRO-3 partitions it while it is created
+    case_dir = str(Path(args.result).with_suffix("")) if args.result else tempfile.mkdtemp(prefix="bench-")
+    training_args = training_arguments(case, args, case_dir)  # before the model: ZeRO-3 partitions it while it is created
     deepspeed = training_args.deepspeed
     train = build_dataset(case, data, args.seq_len)
     set_seed(0)
     device = PartialState().device
     fsdp = "fsdp" in case.launch
     if case.adapter == "qlora":
-        from hftrain.models import save_preset_base
-        from hftrain.quantization import load_4bit, nf4_config
-
         with training_args.main_process_first():
             base = save_preset_base(
                 model_name,
@@ -389,11 +352,10 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
         with torch.device(device) if cuda and not deepspeed else contextlib.nullcontext():
             model = load_model(model_name, data.tokenizer, attn_implementation=case.attn)
     if case.adapter:
-        from peft import LoraConfig, get_peft_model
+        # imported only here: peft imports bitsandbytes, seconds that every other case's process would pay
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if case.adapter == "qlora" and not fsdp:  # (it casts the non-4-bit layers to float32, which FSDP cannot mix)
-            from peft import prepare_model_for_kbit_training
-
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     gather_lm_head_for_liger(model, training_args)  # ZeRO-3 + Liger only
@@ -401,13 +363,11 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
         recipe.prepare_model(model)
     else:
         if case.fp8:
-            from hftrain.quantization import float8_training
-
             float8_training(model)
         if case.compile == "layers":  # regional compilation: one graph per decoder layer, reused by all of them
             for layer in model.get_decoder().layers:
                 layer.compile()
-    window = Window(args.warmup, args.steps)
+    clock = ThroughputCallback(args.seq_len, warmup_steps=args.warmup, measured_steps=args.steps)
     profile = ProfileSteps(args.warmup + args.steps, args.profile_steps, config.vocab_size)
     trainer = Trainer(
         model=model,
@@ -415,20 +375,29 @@ def run_case(case: Case, args: Args) -> dict[str, Any]:
         train_dataset=train,
         data_collator=collator(case, data.tokenizer, args.seq_len),
         processing_class=data.tokenizer,
-        callbacks=[window, profile] if args.profile_steps else [window],
+        callbacks=[clock, profile] if args.profile_steps else [clock],
     )
     trainer.train()
-    world = training_args.world_size
-    row = {
-        **window.result,
+    m = clock.meter
+    logged = [r for r in trainer.state.log_history if "loss" in r and r["step"] <= args.warmup + args.steps]
+    return {
+        "tokens_per_s": m.tokens / m.elapsed,  # all processes together
+        "step_time_s": m.elapsed / clock.steps,
+        "tokens_per_step": m.tokens / clock.steps,
+        "loss": logged[-1]["loss"] if logged else None,
+        "loss_curve": [[r["step"], r["loss"]] for r in logged],
+        **(
+            {"peak_allocated_gib": clock.metrics["peak_memory_gib"], "peak_reserved_gib": clock.metrics["peak_reserved_gib"]}
+            if cuda
+            else {}
+        ),
         **compile_counters(),
         **({"profile": profile.result} if profile.result else {}),
-        "tokens_per_s_per_gpu": window.result["tokens_per_s"] / world,
-        "gpus": world,
+        "tokens_per_s_per_gpu": m.tokens / m.elapsed / m.num_devices,
+        "gpus": training_args.world_size,
         "flops_per_token": fpt,
         "micro_batch": case.micro_batch,
     }
-    return row
 
 
 # ---- the matrix ------------------------------------------------------------------------------------
@@ -453,27 +422,20 @@ def matmul_tflops() -> float | None:
 
 
 def launch(case: Case, args: Args, result: Path) -> list[str]:
-    own = [str(SCRIPTS / "benchmark.py"), "--run_case", case.name, "--result", str(result)]
+    own = [str(SCRIPTS / "benchmarks" / "throughput.py"), "--run_case", case.name, "--result", str(result)]
     own += ["--model", args.model, "--data_dir", args.data_dir, "--seq_len", str(args.seq_len)]
     own += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--profile_steps", str(args.profile_steps)]
     own += ["--smoke"] if args.smoke else []
     if not case.launch:
         return [sys.executable, *own]
-    from hftrain.cli import free_port
-
     config = case.launch.removesuffix("+deepspeed")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config)]
-    cmd += ["--num_processes", str(case.gpus), "--main_process_port", str(free_port())]
+    cmd = accelerate_launch(config, case.gpus)
     if config == "accelerate_config_fsdp.yaml":  # as the 1-GPU baseline: no activation checkpointing
         cmd += ["--fsdp_activation_checkpointing", "false", "--fsdp_cpu_ram_efficient_loading", "false"]
     return cmd + own
 
 
 def run_matrix(args: Args, cases: list[Case]) -> list[dict[str, Any]]:
-    from hftrain.cli import first_gpu_only, worker_error
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, case in enumerate(cases):
@@ -482,24 +444,10 @@ def run_matrix(args: Args, cases: list[Case]) -> list[dict[str, Any]]:
                 row["skipped"] = reason
             else:
                 result = Path(tmp) / f"{i}.json"
-                start = time.perf_counter()
-                try:
-                    # a 1-GPU case is one plain process, on one GPU: its rows must be one GPU's
-                    proc = subprocess.run(
-                        launch(case, args, result),
-                        capture_output=True,
-                        text=True,
-                        env=env if case.launch else first_gpu_only(env),
-                        timeout=args.case_timeout,
-                    )
-                    if proc.returncode == 0 and result.exists():
-                        row.update(json.loads(result.read_text()))
-                    else:
-                        row["error"] = worker_error(proc.stderr, proc.returncode)
-                        print(f"--- {case.name} failed; the end of its stderr:\n{proc.stderr[-6000:]}", file=sys.stderr)
-                except subprocess.TimeoutExpired:
-                    row["error"] = f"stopped after {args.case_timeout} s"
-                row["wall_s"] = round(time.perf_counter() - start, 1)
+                # a 1-GPU case is one plain process, on one GPU: its rows must be one GPU's
+                row |= run_case(
+                    case.name, launch(case, args, result), case_env(one_gpu=not case.launch), result, args.case_timeout
+                )
             print(
                 {k: row[k] for k in row if k in ("case", "tokens_per_s_per_gpu", "peak_allocated_gib", "skipped", "error")},
                 flush=True,
@@ -508,28 +456,14 @@ def run_matrix(args: Args, cases: list[Case]) -> list[dict[str, Any]]:
     return rows
 
 
-def versions() -> dict[str, str]:
-    from hftrain.reporting import package_versions
-
-    return package_versions(
-        "torch",
-        "transformers",
-        "accelerate",
-        "peft",
-        "datasets",
-        "flash-attn",
-        "torchao",
-        "liger-kernel",
-        "bitsandbytes",
-        "deepspeed",
-        "galore-torch",
-    )
+VERSIONS = (
+    *("torch", "transformers", "accelerate", "peft", "datasets", "flash-attn", "torchao", "liger-kernel"),
+    *("bitsandbytes", "deepspeed", "galore-torch"),
+)
 
 
 def summarize(result: dict[str, Any]) -> None:
     """MFU columns, scaling efficiency and the best recipe against the peers, added to `result`."""
-    from hftrain.reporting import peak_flops
-
     peak, measured = peak_flops(result["device"]), result["matmul_tflops"]
     by_name = {r["case"]: r for r in result["rows"]}
     for r in result["rows"]:
@@ -552,8 +486,9 @@ def summarize(result: dict[str, Any]) -> None:
     best = max(ours, key=lambda r: r["tokens_per_s_per_gpu"], default=None)
     summary: dict[str, Any] = {"best_recipe": best["case"] if best else None}
     fastest_peer = max((r for r in peers.values() if r), key=lambda r: r["tokens_per_s_per_gpu"], default=None)
-    for r in ran if fastest_peer else []:
-        r["vs_fastest_peer"] = r["tokens_per_s_per_gpu"] / fastest_peer["tokens_per_s_per_gpu"]  # type: ignore[index]
+    if fastest_peer is not None:
+        for r in ran:
+            r["vs_fastest_peer"] = r["tokens_per_s_per_gpu"] / fastest_peer["tokens_per_s_per_gpu"]
     if best:
         summary["best_mfu"] = best["mfu"]
         if fastest_peer:
@@ -626,8 +561,6 @@ def write_outputs(result: dict[str, Any], stem: Path, quiet: bool = False) -> No
         ]
     profiled = [r for r in result["rows"] if r.get("profile")]
     if profiled:
-        from hftrain.profiling import BUCKETS
-
         lines += [
             "",
             "Where a step's time goes (ms per step, torch.profiler over the steps after the measured ones; GPU kernel "
@@ -650,26 +583,19 @@ def write_outputs(result: dict[str, Any], stem: Path, quiet: bool = False) -> No
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in result["rows"] if "tokens_per_s_per_gpu" in r]
     if not rows:
         return
     names = [r["case"] for r in rows]
     colors = ["tab:grey" if r["peer"] else "tab:blue" if r["gpus"] == 1 else "tab:green" for r in rows]
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(14, 0.45 * len(rows) + 1.5), sharey=True)
+    fig, (ax_t, ax_m) = subplots(1, 2, figsize=(14, 0.45 * len(rows) + 1.5), sharey=True)
     ax_t.barh(names, [r["tokens_per_s_per_gpu"] for r in rows], color=colors)
     ax_t.set(xlabel="tokens/s per GPU (real tokens)")
     ax_m.barh(names, [r.get("peak_allocated_gib", 0) for r in rows], color=colors)
     ax_m.set(xlabel="peak allocated memory per GPU (GiB)")
     ax_t.invert_yaxis()
     fig.suptitle(f"{result['device']}, `{result['model']}`, T = {result['seq_len']} (grey: peers)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -681,21 +607,17 @@ def main() -> None:
     big = args.big_batch or (
         16 if torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory >= 100 * 2**30 else 12
     )
-    named = {c.name: replace(c, micro_batch=c.micro_batch or big) for c in CASES}
-    if args.smoke:
-        named = {n: replace(c, micro_batch=2) for n, c in named.items()}
+    named = {c.name: replace(c, micro_batch=2 if args.smoke else big if c.big_batch else c.micro_batch) for c in CASES}
     if args.run_case:
-        row = run_case(named[args.run_case], args)
-        if int(os.environ.get("RANK", "0")) == 0:
+        row = measure_case(named[args.run_case], args)
+        if PartialState().is_main_process:
             Path(args.result).write_text(json.dumps(row))
         return
-
-    from hftrain.errors import UserError
 
     tokens = [n.strip() for n in args.cases.split(",") if n.strip()] or (SMOKE if args.smoke else list(named))
     if unknown := [t for t in tokens if not any(n == t or n.startswith(t) for n in named)]:
         raise UserError(
-            f"unknown case(s) {unknown}; python scripts/benchmark.py --list shows the names (a prefix selects several)"
+            f"unknown case(s) {unknown}; python scripts/benchmarks/throughput.py --list shows the names (a prefix selects several)"
         )
     wanted = [n for t in tokens for n in ([t] if t in named else [n for n in named if n.startswith(t)])]
     data_dir = "data/synthetic" if args.smoke else args.data_dir
@@ -707,22 +629,21 @@ def main() -> None:
     args.data_dir = data_dir
     if args.smoke:
         args.seq_len, args.steps, args.warmup = 256, 3, 1
-    stem = Path(args.output)
+    stem = Path(args.output) if args.output else output_dir("throughput", args.smoke) / "benchmark"
     previous = json.loads(suffixed(stem, ".json").read_text()) if args.append and suffixed(stem, ".json").exists() else None
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    measured_on = machine(*VERSIONS)
+    device = measured_on["device"]
     if previous and previous["device"] != device:
         raise UserError(f"--append: {stem}.json was measured on {previous['device']}, this is {device}; ratios need one machine")
     if previous and previous["model"] != args.model:
         raise UserError(f"--append: {stem}.json was measured on the model {previous['model']}, not {args.model}")
-    from hftrain.data import load_prepared
-
     config = model_config(args.model, load_prepared(data_dir).tokenizer)
     keys = ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
     keys += ["num_key_value_heads", "head_dim", "tie_word_embeddings", "max_position_embeddings", "rope_parameters"]
     kept = [r for r in (previous or {}).get("rows", []) if r["case"] not in wanted]
     result = {
         "device": device,
-        "gpu_count": torch.cuda.device_count(),
+        "gpu_count": measured_on["gpu_count"],
         "model": args.model,
         "vocab_size": config.vocab_size,
         "model_config": {k: getattr(config, k, None) for k in keys},
@@ -730,9 +651,9 @@ def main() -> None:
         "seq_len": args.seq_len,
         "steps": args.steps,
         "warmup": args.warmup,
-        "date": datetime.date.today().isoformat(),
+        "date": measured_on["date"],
         "matmul_tflops": (previous or {}).get("matmul_tflops") or matmul_tflops(),
-        "versions": versions(),
+        "versions": measured_on["versions"],
     }
     rows: list[dict[str, Any]] = []
     order = {c.name: i for i, c in enumerate(CASES)}
