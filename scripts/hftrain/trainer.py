@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hftrain.cli import check_batch_size, check_output_dir, check_training_args, resolve_checkpoint, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, Prepared, load_prepared
@@ -100,11 +100,10 @@ def parse_args(
 
 
 def load_data(training_args: TrainingArguments, args: Any) -> Prepared:
-    """args.data_dir, or args.dataset prepared for args.model first (see `load_prepared`)."""
+    """args.data_dir, or args.dataset prepared for args.model first (see `load_prepared`); the script seeds next."""
     with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
         data = load_prepared(args.data_dir, args.dataset, args.model)
     data.model = args.model
-    set_seed(training_args.seed)  # the presets' random weights depend on it
     return data
 
 

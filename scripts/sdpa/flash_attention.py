@@ -38,7 +38,7 @@ from importlib.util import find_spec
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import is_flash_attn_2_available
 
 from hftrain.data import PadCollator
@@ -167,6 +167,7 @@ def main() -> None:
         per_device_train_batch_size=32,
     )
     data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     speed = recipe(args, training_args)  # the benchmark's recipe settings (hftrain.recipe), from the flags
     # FA2 warns that these fp32 weights are not bf16: expected, the Trainer's bf16 autocast hands it bf16 tensors.
     model = load_model(

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import transformers.integrations.sdpa_attention as hf_sdpa
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from hftrain.data import PadCollator
 from hftrain.errors import UserError
@@ -108,6 +108,7 @@ def check_kernel(backend: str, config: Any, device: torch.device, dtype: torch.d
 def main() -> None:
     args, training_args, checkpoint = parse_args(ScriptArguments, check=check_backend, output_dir="output/sdpa/math_kernel")
     data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     data.tokenizer.padding_side = "right"  # CausalPadCollator relies on it
     model = load_model(args.model, data.tokenizer, attn_implementation="sdpa", trust_remote_code=args.trust_remote_code)
     compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, set_seed
 
 from hftrain.models import load_model
 from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
@@ -92,6 +92,7 @@ def main() -> None:
         remove_unused_columns=False,  # keep `prompt_len` for CompletionOnlyTrainer
     )
     data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
 
     trainer = rating_trainer(

@@ -36,7 +36,7 @@ Docs: https://huggingface.co/docs/transformers/optimizers#galore
       https://arxiv.org/abs/2403.03507 (GaLore)
 """
 
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from hftrain.errors import UserError
 from hftrain.models import load_model
@@ -79,6 +79,7 @@ def main() -> None:
         learning_rate=1e-2,
     )
     data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
 
     # The Trainer builds the GaLore optimizer from optim, optim_target_modules and optim_args.

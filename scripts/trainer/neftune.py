@@ -70,6 +70,7 @@ def main() -> None:
         save_strategy="no",  # the final model is still saved
     )
     data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
 
     alpha = training_args.neftune_noise_alpha
     # dataclasses.replace builds a fresh TrainingArguments: only these two fields differ between the runs.

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import BitsAndBytesConfig
+from transformers import BitsAndBytesConfig, set_seed
 
 from hftrain.errors import UserError
 from hftrain.models import count_parameters, load_model, save_preset_base
-from hftrain.sharding import check_fsdp_layer_classes, save_full_state_dict_next
+from hftrain.sharding import check_fsdp_layer_classes
 from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
 
 
@@ -60,6 +60,7 @@ def main() -> None:
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     with training_args.main_process_first():
         base = save_preset_base(
             args.model,
@@ -95,7 +96,8 @@ def main() -> None:
     trainer = rating_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
-    save_full_state_dict_next(trainer)
+    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is gathered whole on rank 0
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
     finish(trainer, train_result, eval_metrics, trainable_parameters=count_parameters(model, trainable_only=True))
 

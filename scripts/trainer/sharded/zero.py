@@ -24,6 +24,8 @@ Docs: https://huggingface.co/docs/transformers/deepspeed
       https://www.deepspeed.ai/docs/config-json/#zero-optimizations-for-fp16-training
 """
 
+from transformers import set_seed
+
 from hftrain.models import load_model
 from hftrain.sharding import gather_lm_head_for_liger, start_deepspeed_comm_on_cpu
 from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
@@ -36,6 +38,7 @@ def main() -> None:
     )
     start_deepspeed_comm_on_cpu(training_args.use_cpu)
     data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)  # built partitioned
     gather_lm_head_for_liger(model, training_args)  # only with --use_liger_kernel
 
