@@ -1,7 +1,7 @@
 """The Trainer setup that every Trainer example shares, so each script shows only its technique.
 
 `scripts/trainer/getting_started.py` spells all of this out; the other Trainer scripts call
-`parse_args`, `rating_trainer` and `finish` and keep what is particular to them in view.
+`parse_args`, `build_trainer` and `write_run_summary` and keep what is particular to them in view.
 """
 
 import sys
@@ -24,7 +24,9 @@ from hftrain.sharding import check_deepspeed_config
 
 
 @dataclass
-class ModelArguments:
+class ScriptArguments:
+    """The flags every Trainer example takes beside TrainingArguments: the model, the data, the output folder."""
+
     model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
     data_dir: str = field(
         default=DEFAULT_DATA_DIR,
@@ -107,7 +109,7 @@ def load_data(training_args: TrainingArguments, args: Any) -> Prepared:
     return data
 
 
-def rating_trainer(
+def build_trainer(
     model: Any, training_args: TrainingArguments, data: Prepared, trainer_class: type = Trainer, **kwargs: Any
 ) -> Trainer:
     """A Trainer on the prepared data with the accuracy metric, the throughput callback and the preemption
@@ -129,13 +131,19 @@ def rating_trainer(
         callbacks=[*kwargs.pop("callbacks", []), throughput, PreemptionCallback()],
         **kwargs,
     )
-    trainer.throughput = throughput
-    trainer.prepared = data  # its task, source and model, for finish()
     return trainer
 
 
-def finish(trainer: Trainer, train_result: Any, eval_metrics: dict[str, float], **extra: Any) -> dict[str, Any] | None:
-    """Write metrics.json, the PNG and the summary line from the main process; every process then leaves the
+def throughput_metrics(trainer: Trainer) -> dict[str, Any]:
+    """tokens/s, samples/s and peak memory measured by the ThroughputCallback that `build_trainer` registered."""
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ThroughputCallback))
+    return callback.metrics
+
+
+def write_run_summary(
+    trainer: Trainer, data: Prepared, train_result: Any, eval_metrics: dict[str, float], **extra: Any
+) -> dict[str, Any] | None:
+    """Write metrics.json (with `data`'s model, source and task), the PNG and the summary line from the main process; every process then leaves the
     process group (a gloo process that exits without doing so can abort at exit and stall the launcher)."""
     result = None
     if trainer.is_world_process_zero():
@@ -147,11 +155,11 @@ def finish(trainer: Trainer, train_result: Any, eval_metrics: dict[str, float], 
                 "train_loss": train_result.training_loss,
                 "steps": trainer.state.global_step,
                 "distributed_type": str(trainer.accelerator.distributed_type.value),
-                "base_model": trainer.prepared.model,
-                "dataset": trainer.prepared.source,
-                "task": trainer.prepared.task,
+                "base_model": data.model,
+                "dataset": data.source,
+                "task": data.task,
                 **extra,
-                **trainer.throughput.metrics,
+                **throughput_metrics(trainer),
             },
             trainer.state.log_history,
         )

@@ -50,11 +50,11 @@ from transformers import BitsAndBytesConfig, TrainingArguments, set_seed
 from hftrain.errors import UserError
 from hftrain.models import count_parameters, save_preset_base
 from hftrain.quantization import check_4bit_device, load_4bit
-from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
 
 
 @dataclass
-class ScriptArguments(ModelArguments):
+class QLoraArguments(ScriptArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator: updates are scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
@@ -71,7 +71,7 @@ class ScriptArguments(ModelArguments):
 def main() -> None:
     cuda = torch.cuda.is_available()
     args, training_args, checkpoint = parse_args(
-        ScriptArguments,
+        QLoraArguments,
         check=check_devices,
         output_dir="output/trainer/qlora",
         adapter=True,  # the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
@@ -124,14 +124,14 @@ def main() -> None:
     note = " (CPU: unpaged, paging needs CUDA)" if optim == "adamw_bnb_8bit" and not cuda else ""
     print(f"trainable parameters: {trainable:,} of {total:,} (4-bit weights count as packed bytes) | optim {optim}{note}")
 
-    trainer = rating_trainer(model, training_args, data)
+    trainer = build_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
     trainer.save_model()  # the adapter (and modules_to_save) only: a few MB; the tokenizer beside it
-    finish(trainer, train_result, eval_metrics, optim=optim, base_model=base, trainable_parameters=trainable)
+    write_run_summary(trainer, data, train_result, eval_metrics, optim=optim, base_model=base, trainable_parameters=trainable)
 
 
-def check_devices(args: ScriptArguments, training_args: TrainingArguments) -> None:
+def check_devices(args: QLoraArguments, training_args: TrainingArguments) -> None:
     if training_args.n_gpu > 1:  # plain `python` on several GPUs would wrap the 4-bit model in DataParallel
         raise UserError(
             "QLoRA here trains on one GPU per process: set CUDA_VISIBLE_DEVICES=0, or launch one process per GPU "

@@ -28,11 +28,11 @@ from transformers import BitsAndBytesConfig, set_seed
 from hftrain.errors import UserError
 from hftrain.models import count_parameters, load_model, save_preset_base
 from hftrain.sharding import check_fsdp_layer_classes
-from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
 
 
 @dataclass
-class QLoraArguments(ModelArguments):
+class QLoraArguments(ScriptArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is scaled by alpha / r."})
     modules_to_save: str = field(
@@ -93,13 +93,15 @@ def main() -> None:
     model = get_peft_model(model, lora)
     print(f"trainable parameters: {count_parameters(model, trainable_only=True):,} of {count_parameters(model):,}")
 
-    trainer = rating_trainer(model, training_args, data)
+    trainer = build_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is gathered whole on rank 0
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
-    finish(trainer, train_result, eval_metrics, trainable_parameters=count_parameters(model, trainable_only=True))
+    write_run_summary(
+        trainer, data, train_result, eval_metrics, trainable_parameters=count_parameters(model, trainable_only=True)
+    )
 
 
 if __name__ == "__main__":
