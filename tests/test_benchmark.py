@@ -95,7 +95,7 @@ def test_every_harness_records_the_machine_the_same_way(workdir):
 
 
 def test_a_failed_launch_is_reported_by_the_workers_own_exception():
-    from hftrain.cli import worker_error
+    from hftrain.launch import worker_error
 
     stderr = (
         "[rank1]: Traceback (most recent call last):\n"

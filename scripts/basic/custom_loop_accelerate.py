@@ -37,16 +37,10 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
-from hftrain.cli import (
-    ACCELERATE_CHECKPOINT,
-    check_batch_size,
-    check_launch,
-    check_loop_args,
-    check_output_dir,
-    resolve_checkpoint,
-    set_model_defaults,
-)
+from hftrain.checkpoints import ACCELERATE_CHECKPOINT, resolve_checkpoint
+from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.launch import check_launch
 from hftrain.loops import (
     LogHistory,
     accumulation_groups,

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from hftrain.cli import check_batch_size, check_output_dir, check_training_args, resolve_checkpoint, set_model_defaults
+from hftrain.checkpoints import resolve_checkpoint
+from hftrain.cli import check_batch_size, check_output_dir, check_training_args, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, Prepared, load_prepared
 from hftrain.errors import UserError
 from hftrain.metrics import Accuracy

@@ -29,7 +29,8 @@ import torch
 from huggingface_hub import upload_folder
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hftrain.cli import check_batch_size, check_output_dir, check_training_args, resolve_checkpoint, set_model_defaults
+from hftrain.checkpoints import resolve_checkpoint
+from hftrain.cli import check_batch_size, check_output_dir, check_training_args, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.errors import UserError
 from hftrain.metrics import Accuracy

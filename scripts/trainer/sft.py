@@ -39,7 +39,8 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from hftrain.chat import DEFAULT_CHAT_TEMPLATE, answer_accuracy, load_chat_data
-from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint
+from hftrain.checkpoints import resolve_checkpoint
+from hftrain.cli import check_output_dir, check_training_args
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
 from hftrain.models import PRESETS, describe_defaults, load_config, load_model, model_defaults, save_preset_base
