@@ -33,7 +33,7 @@ def test_qlora_learns_on_a_4bit_base(qlora_run):
     assert evals[-1] > evals[0] + 0.1, evals  # still learning after the step-60 evaluation
     losses = list(train_losses(metrics).values())
     assert losses[-1] < losses[0] / 3
-    assert "trainable parameters:" in proc.stdout and "done:" in proc.stdout
+    assert "trainable params:" in proc.stdout and "done:" in proc.stdout
     # The adapter only (a full model would be config.json + model.safetensors), on a base that loads from anywhere.
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"  # relative: shareable

@@ -120,15 +120,23 @@ def main() -> None:
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
+    model.print_trainable_parameters()
     note = " (CPU: unpaged, paging needs CUDA)" if optim == "adamw_bnb_8bit" and not cuda else ""
-    print(f"trainable parameters: {trainable:,} of {total:,} (4-bit weights count as packed bytes) | optim {optim}{note}")
+    print(f"optim {optim}{note}")
 
     trainer = build_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
     trainer.save_model()  # the adapter (and modules_to_save) only: a few MB; the tokenizer beside it
-    write_run_summary(trainer, data, train_result, eval_metrics, optim=optim, base_model=base, trainable_parameters=trainable)
+    write_run_summary(
+        trainer,
+        data,
+        train_result,
+        eval_metrics,
+        optim=optim,
+        base_model=base,
+        trainable_parameters=count_parameters(model, trainable_only=True),
+    )
 
 
 def check_devices(args: QLoraArguments, training_args: TrainingArguments) -> None:

@@ -91,7 +91,7 @@ def main() -> None:
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    print(f"trainable parameters: {count_parameters(model, trainable_only=True):,} of {count_parameters(model):,}")
+    model.print_trainable_parameters()
 
     trainer = build_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
