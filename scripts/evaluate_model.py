@@ -1,9 +1,10 @@
 """Evaluate a saved output directory on the prepared test split and print one JSON line.
 
 Takes what the examples save: a full model (`save_pretrained`), a PEFT adapter (loaded on
-the base model its adapter_config.json names), and with `--load_in_4bit` the model
+the base model its adapter_config.json names: a Hub id, or a path relative to the adapter's folder), and with `--load_in_4bit` the model
 quantised to 4-bit NF4 on load (bitsandbytes). Uses the Trainer's own evaluation loop with
-the same batch size as training, so the numbers match the training run's final eval.
+the same batch size as training, so the numbers match the training run's final eval. Prints
+eval_loss (nats per token), perplexity (its exp) and eval_accuracy.
 
     python scripts/evaluate_model.py --model_dir output/trainer/getting_started
     python scripts/evaluate_model.py --model_dir output/trainer/qlora --load_in_4bit
@@ -17,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BitsAndBytesConfig, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, HfArgumentParser, Trainer, TrainingArguments
 
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.errors import UserError
 from hftrain.extras import require_extra
 from hftrain.metrics import Accuracy
 from hftrain.models import check_tokenizer_matches, load_config, skip_cpu_4bit_repacking
+from hftrain.sharing import adapter_base
 
 
 @dataclass
@@ -56,17 +58,16 @@ def main() -> None:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
-    if is_adapter:
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    else:
+    base = adapter_base(str(path)) if is_adapter else str(path)  # an adapter names its base relative to its folder
+    if not is_adapter:
         check_tokenizer_matches(str(path), load_config(str(path), args.trust_remote_code), data.tokenizer)
-        from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=dtype, trust_remote_code=args.trust_remote_code, use_safetensors=True, **kwargs
+    )
+    if is_adapter:
+        from peft import PeftModel
 
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=args.trust_remote_code, use_safetensors=True, **kwargs
-        )
+        model = PeftModel.from_pretrained(model, path)
     if args.load_in_4bit:
         skip_cpu_4bit_repacking(model)
 
@@ -94,6 +95,7 @@ def main() -> None:
                 "load_in_4bit": args.load_in_4bit,
                 "eval_accuracy": metrics["eval_accuracy"],
                 "eval_loss": metrics["eval_loss"],
+                "perplexity": metrics["eval_perplexity"],  # exp of the loss per target token (hftrain.metrics)
                 "num_examples": len(data.test),
             }
         )

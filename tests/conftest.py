@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from hftrain.cli import free_port  # noqa: E402  (the tests import it from here)
+from hftrain.launch import free_port  # noqa: E402  (the tests import it from here)
 
 # Under pytest-xdist (`-n 2` on 2 cores) each worker and each script it starts computes on one thread:
 # two workers with a thread pool per core each would spin-wait on each other's cores (measured: a

@@ -272,6 +272,6 @@ def test_fp8_refuses_without_torchao(monkeypatch):
     spec.loader.exec_module(script)
     monkeypatch.setattr(script, "has_float8_tensor_cores", lambda: True)
     monkeypatch.setattr(script, "find_spec", lambda name: None)
-    args = script.ScriptArguments(attn_implementation="sdpa", fp8=True)
+    args = script.AttentionArguments(attn_implementation="sdpa", fp8=True)
     with pytest.raises(UserError, match=r'--fp8 needs torchao: pip install -e "\.\[fp8\]"'):
         script.check_flash_attention(args, SimpleNamespace(n_gpu=0))

@@ -124,8 +124,8 @@ def test_accelerate_config_with_more_processes_than_gpus_is_refused(workdir):
 
 def test_more_processes_per_machine_than_gpus_is_refused(monkeypatch):
     """On a machine with 1 GPU accelerate would put both processes on it (local rank modulo the GPU count)."""
-    from hftrain.cli import check_launch
     from hftrain.errors import UserError
+    from hftrain.launch import check_launch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -142,7 +142,7 @@ def test_corrupt_checkpoint_is_refused(workdir, tmp_path):
     before anything is loaded. One case end to end, the others where the script's check runs."""
     from safetensors.torch import save_file
 
-    from hftrain.cli import resolve_checkpoint
+    from hftrain.checkpoints import resolve_checkpoint
     from hftrain.errors import UserError
 
     checkpoint = tmp_path / "checkpoint-10"

@@ -95,7 +95,7 @@ def test_every_harness_records_the_machine_the_same_way(workdir):
 
 
 def test_a_failed_launch_is_reported_by_the_workers_own_exception():
-    from hftrain.cli import worker_error
+    from hftrain.launch import worker_error
 
     stderr = (
         "[rank1]: Traceback (most recent call last):\n"
@@ -178,7 +178,7 @@ def test_the_script_and_the_benchmark_build_the_same_recipe(tmp_path, fp8):
     line = next(ln for ln in script.__doc__.splitlines() if ("float8 (H100" in ln) == fp8 and "--compile_layers" in ln)
     flags = re.findall(r"--\w+(?: (?!--)\S+)?", line)
     argv = [part for flag in flags for part in flag.split(" ")]
-    args, training_args = HfArgumentParser((script.ScriptArguments, TrainingArguments)).parse_args_into_dataclasses(
+    args, training_args = HfArgumentParser((script.AttentionArguments, TrainingArguments)).parse_args_into_dataclasses(
         args=[*argv, "--output_dir", str(tmp_path)]
     )
     from_script = script.recipe(args, training_args)

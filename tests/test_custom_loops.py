@@ -262,8 +262,10 @@ def initial_weights(odd_data: Path) -> dict[str, torch.Tensor]:
 
 
 def test_lora_single_device_learns_and_reloads(lora_single, odd_data, evaluate_saved):
-    from peft import AutoPeftModelForCausalLM, PeftModel
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from hftrain.sharing import adapter_base
 
     out, proc = lora_single
     metrics = read_metrics(out)
@@ -271,7 +273,7 @@ def test_lora_single_device_learns_and_reloads(lora_single, odd_data, evaluate_s
     assert "trainable params:" in proc.stdout
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str((out / "base").resolve())
+    assert config["base_model_name_or_path"] == "base"  # relative to the adapter's folder, which can move or be shared
     assert config["peft_type"] == "LORA" and len(config["target_modules"]) == 2 * 7  # all-linear: 7 per block
 
     # The saved base is the preset's initial weights, bit for bit.
@@ -296,11 +298,16 @@ def test_lora_single_device_learns_and_reloads(lora_single, odd_data, evaluate_s
         else:
             assert torch.equal(merged_weights[name], weight), name
 
-    # The adapter reloads on its base and evaluates as at the end of training; so does the path that
-    # scripts/evaluate_model.py takes (AutoPeftModelForCausalLM follows base_model_name_or_path).
+    # The adapter reloads on its base and evaluates as at the end of training, also from a copy of the folder made
+    # elsewhere, found the way scripts/evaluate_model.py finds it (adapter_base: the path relative to the adapter).
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out)
     assert_same_eval(evaluate_saved(reloaded), metrics)
-    assert_same_eval(evaluate_saved(AutoPeftModelForCausalLM.from_pretrained(out)), metrics)
+    moved = out.parent / "lora_moved"
+    shutil.copytree(out, moved, dirs_exist_ok=True)
+    assert adapter_base(str(moved)) == str((moved / "base").resolve())
+    assert_same_eval(
+        evaluate_saved(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapter_base(str(moved))), moved)), metrics
+    )
     # Merging computes W + (alpha / r)·B·A once, in another order than the adapter's forward pass: float noise.
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert_same_eval(evaluate_saved(merged), metrics, loss_rtol=1e-4)

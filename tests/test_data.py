@@ -73,12 +73,15 @@ def test_prepare_from_text_file_then_train_on_it(workdir, tmp_path):
 def test_prepare_plain_text_and_saved_dataset(tmp_path):
     lines = [f"line {i}: the quick brown fox jumps over the lazy dog number {i % 7}" for i in range(200)]
     (tmp_path / "plain.txt").write_text("\n".join(lines), encoding="utf-8")
-    data = load_prepared(str(prepare(str(tmp_path / "plain.txt"), str(tmp_path / "plain"), vocab_size=300)))
-    assert data.task == "text" and data.answer_token_ids == [] and len(data.train) + len(data.test) == 200
+    # One example per line only when asked (the default cuts text into blocks, tests/test_own_data.py); held out: the end.
+    plain = prepare(str(tmp_path / "plain.txt"), str(tmp_path / "plain"), vocab_size=300, sample_by="line", group_texts=False)
+    data = load_prepared(str(plain))
+    assert data.task == "text" and data.answer_token_ids == [] and (len(data.train), len(data.test)) == (180, 20)
+    assert data.tokenizer.decode(data.test[0]["input_ids"], skip_special_tokens=True) == lines[180]
 
     Dataset.from_dict({"body": lines, "id": list(range(200))}).save_to_disk(str(tmp_path / "saved"))
-    data = load_prepared(str(prepare(str(tmp_path / "saved"), str(tmp_path / "from_saved"), text_column="body")))
-    assert len(data.test) == 20 and data.train.column_names == ["input_ids", "prompt_len"]
+    data = load_prepared(str(prepare(str(tmp_path / "saved"), str(tmp_path / "from_saved"), text_column="body", block_size=64)))
+    assert data.train.column_names == ["input_ids", "position_ids", "prompt_len"] and len(data.train[0]["input_ids"]) == 64
 
 
 def test_prepare_with_an_existing_tokenizer_folder(workdir, tmp_path):

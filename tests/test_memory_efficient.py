@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import accelerate_cpu, read_metrics, run_script, train_losses
+from hftrain.sharing import adapter_base
 
 # Two shared cores: one thread per process. With two, bitsandbytes' CPU kernels slow down
 # tens of times on a busy machine (thread oversubscription), and every run here is tiny.
@@ -32,11 +33,11 @@ def test_qlora_learns_on_a_4bit_base(qlora_run):
     assert evals[-1] > evals[0] + 0.1, evals  # still learning after the step-60 evaluation
     losses = list(train_losses(metrics).values())
     assert losses[-1] < losses[0] / 3
-    assert "trainable parameters:" in proc.stdout and "done:" in proc.stdout
+    assert "trainable params:" in proc.stdout and "done:" in proc.stdout
     # The adapter only (a full model would be config.json + model.safetensors), on a base that loads from anywhere.
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
-    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert Path(base) == (out / "base").resolve() and (Path(base) / "model.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"  # relative: shareable
+    assert Path(adapter_base(str(out))) == (out / "base").resolve() and (out / "base/model.safetensors").exists()
 
 
 def test_qlora_adapter_reloads_in_4bit_and_evaluates_the_same(qlora_run, workdir):

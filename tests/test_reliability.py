@@ -193,7 +193,7 @@ def test_loop_checkpoints_are_renamed_into_place_and_latest_skips_damaged_ones(t
     folder is never resumed from, nor is a checkpoint whose files were cut short afterwards (a full disk, a copy)."""
     from safetensors.torch import save_file
 
-    from hftrain.cli import ACCELERATE_CHECKPOINT, resolve_checkpoint
+    from hftrain.checkpoints import ACCELERATE_CHECKPOINT, resolve_checkpoint
     from hftrain.loops import publish_checkpoint
 
     for step in (10, 20, 30, 40):

@@ -219,7 +219,7 @@ def test_resume_never_runs_a_planted_pickle(workdir, loop_run, tmp_path, planted
 
 
 def test_loop_checkpoint_of_an_earlier_version_is_refused_not_unpickled(tmp_path):
-    from hftrain.cli import ACCELERATE_CHECKPOINT, resolve_checkpoint
+    from hftrain.checkpoints import ACCELERATE_CHECKPOINT, resolve_checkpoint
 
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()
@@ -438,7 +438,7 @@ def tiny_disk(tmp_path):
 
 @pytest.mark.parametrize("script", ["basic/custom_loop_accelerate.py", GS])
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(workdir, small_data, tiny_disk, script):
-    from hftrain.cli import ACCELERATE_CHECKPOINT, TRAINER_CHECKPOINT, resolve_checkpoint
+    from hftrain.checkpoints import ACCELERATE_CHECKPOINT, TRAINER_CHECKPOINT, resolve_checkpoint
 
     out = tiny_disk / "out"
     required: tuple[str, ...] = ACCELERATE_CHECKPOINT

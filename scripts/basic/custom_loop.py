@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
-from hftrain.cli import check_batch_size, check_loop_args, check_output_dir
+from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.loops import LogHistory, accumulation_groups, evaluate, num_targets, num_tokens
 from hftrain.metrics import Accuracy
@@ -67,6 +67,17 @@ class LoopArguments:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient to this global L2 norm."})
     logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many optimizer steps."})
     seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
+            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
+            "scripts/prepare_datasets.py."
+        },
+    )
+    eval_on_start: bool = field(
+        default=False, metadata={"help": "Evaluate before the first step too, so the run shows what training changed."}
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
@@ -74,14 +85,17 @@ class LoopArguments:
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(LoopArguments).parse_args_into_dataclasses()
+    parser = HfArgumentParser(LoopArguments)
+    # A pretrained checkpoint is fine-tuned with a lower learning rate than a preset's random weights (printed).
+    set_model_defaults(parser, parser.parse_known_args()[0].model)
+    (args,) = parser.parse_args_into_dataclasses()
     check_loop_args(args)  # sizes, steps and rates no run can use, refused as the Trainer scripts refuse them
     check_output_dir(args.output_dir, args.overwrite_output_dir, resuming=False)  # and take its run lock
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # "cuda": the current GPU, no hard-coded index
     # bf16 autocast on CUDA: matmuls run in bf16 while weights, gradients and AdamW's state stay float32.
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    data = load_prepared(args.data_dir)
+    data = load_prepared(args.data_dir, args.dataset, args.model)  # --dataset: prepared for --model first
     set_seed(args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
@@ -110,6 +124,8 @@ def main() -> None:
     targets_since_log = torch.zeros((), device=device)
     progress = tqdm(total=total_steps, desc="train")
     StopWithoutSaving()  # SIGTERM or Ctrl-C: stop at once with status 1, saying so (this loop writes no checkpoints)
+    if args.eval_on_start:  # the "before" row: metrics.json reports it beside the final one
+        history.log(0, epoch=0.0, **evaluate(model, test_loader, accuracy, device, autocast))
     meter.start()
     model.train()
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
@@ -166,6 +182,9 @@ def main() -> None:
             "train_loss": latest["loss"],
             "steps": step,
             "distributed_type": "NO",  # one process on one device
+            "base_model": args.model,  # these three go into the model card (README.md) too
+            "dataset": data.source,
+            "task": data.task,
             **train_metrics,
         },
         history.rows,

@@ -18,7 +18,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import torch
 
-from hftrain.cli import first_gpu_only, free_port, worker_error
+from hftrain.launch import first_gpu_only, free_port, worker_error
 from hftrain.reporting import device_name, package_versions
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,12 +18,25 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from hftrain import task
+from hftrain.corpus import DEFAULT_BLOCK_SIZE, LOADERS, read_file, split_tail, tokenize_documents
+from hftrain.corpus import group_texts as group_texts_
 from hftrain.errors import UserError
+from hftrain.models import PRESETS, check_checkpoint_format, model_positions
 from hftrain.safety import check_prepare_target, publish_folder, rebuild_command, record_files, temporary_folder, verify_files
 
 DEFAULT_DATA_DIR = "data/synthetic"
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 RATING_TEXT = re.compile(r"Rating: [1-5]\s*$")
+# prepare()'s arguments added after folders were first prepared, with their defaults (left out of info.json's request).
+NEWER_ARGUMENTS: dict[str, Any] = dict(
+    model=None,
+    dataset_config_name=None,
+    train_split=None,
+    eval_split=None,
+    sample_by=None,
+    block_size=None,
+    group_texts=True,
+)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -42,6 +55,18 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **SPECIAL_TOKENS)
 
 
+def is_rating_task(texts: list[str]) -> bool:
+    """Examples of the rating task: one line each, ending in "Rating: n"."""
+    return all(RATING_TEXT.search(t) and "\n" not in t.strip() for t in texts)
+
+
+def add_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Many base tokenizers (GPT-2's, Llama 3's) ship without a pad token: pad with EOS, as the Hugging Face examples
+    do. Padding is found by the attention mask (see `PadCollator`), so real EOS tokens are still learned."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids of the five rating answers; each must be one token after the common prefix."""
     encoded = [tokenizer(f"{task.ANSWER_PREFIX} {r}", add_special_tokens=False)["input_ids"] for r in task.RATINGS]
@@ -55,8 +80,21 @@ def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
-def _read_source(dataset: str, text_column: str, test_size: float, seed: int, num_examples: int) -> DatasetDict:
-    """The raw text splits, read with the datasets library's own loaders."""
+def _read_source(
+    dataset: str,
+    text_column: str,
+    num_examples: int,
+    seed: int,
+    test_size: float,
+    config_name: str | None = None,
+    train_split: str = "train",
+    eval_split: str | None = None,
+    sample_by: str = "document",
+) -> DatasetDict:
+    """The raw text: a "train" split and, when the source has one, a "test" split, documents in their order.
+
+    Read with the datasets library's own loaders: `load_dataset` by file extension or Hub name (with its
+    config and split names), `load_from_disk` for a saved folder."""
     if dataset in ("synthetic", "synthetic-long"):
         make = task.make_reviews if dataset == "synthetic" else task.make_documents
         n_test = max(1, int(num_examples * test_size))
@@ -67,17 +105,15 @@ def _read_source(dataset: str, text_column: str, test_size: float, seed: int, nu
     path = Path(dataset)
     if path.is_file():
         if path.stat().st_size == 0:
-            raise UserError(f"--dataset {dataset} is empty; give a UTF-8 text file with one document per line")
-        try:
-            raw: Any = load_dataset("text", data_files=str(path), split="train")
-        except UnicodeDecodeError:
-            raise UserError(f"--dataset {dataset} is not UTF-8 text; convert it (e.g. iconv -t UTF-8) and re-run")
-        except Exception as e:  # datasets wraps decoding errors in its own exception types
-            if isinstance(e.__cause__, UnicodeDecodeError) or "codec can't decode" in str(e):
-                raise UserError(f"--dataset {dataset} is not UTF-8 text; convert it (e.g. iconv -t UTF-8) and re-run")
-            raise
-        raw = raw.filter(lambda ex: bool(ex["text"].strip()))
-        text_column = "text"
+            raise UserError(f"--dataset {dataset} is empty; give a UTF-8 text file (or a table) with some text in it")
+        raw: Any = _read_file(path, dataset, "line")
+        if LOADERS.get(path.suffix.lower(), "text") == "text":
+            raw = raw.filter(lambda ex: bool(ex["text"].strip()))
+            # Lines that each end in a rating are the rating task's examples; any other text is a corpus,
+            # read as whole documents (or paragraphs) so that the model sees text in its context.
+            if sample_by != "line" and not is_rating_task(raw["train"]["text"][:200]):
+                raw = _read_file(path, dataset, sample_by).filter(lambda ex: bool(ex["text"].strip()))
+            text_column = "text"
     elif path.is_dir():
         try:
             raw = load_from_disk(str(path))
@@ -87,31 +123,54 @@ def _read_source(dataset: str, text_column: str, test_size: float, seed: int, nu
         raise UserError(f"--dataset {dataset} does not exist; pass 'synthetic', a text file, a saved dataset or a Hub name")
     else:
         try:
-            raw = load_dataset(dataset)
+            raw = load_dataset(dataset, config_name)
         except Exception as e:
             raise UserError(
-                f"could not load the Hub dataset '{dataset}' ({type(e).__name__}); check the name and your "
-                "network, or pass a local text file or a dataset saved with save_to_disk"
+                f"could not load the Hub dataset '{dataset}'{f' (config {config_name})' if config_name else ''} "
+                f"({type(e).__name__}); check the name and your network, or pass a local file or a dataset saved with save_to_disk"
             )
-    if isinstance(raw, DatasetDict):
-        if "train" not in raw:
-            raise UserError(f"--dataset {dataset} has no 'train' split (it has: {', '.join(raw)})")
-        raw = raw if "test" in raw else raw["train"]
-    columns = raw.column_names if isinstance(raw, Dataset) else raw["train"].column_names
-    if text_column not in columns:
-        raise UserError(f"--dataset {dataset} has no column '{text_column}' (it has: {', '.join(columns)}); pass --text_column")
     if isinstance(raw, Dataset):
-        if len(raw) < 2:
-            raise UserError(f"--dataset {dataset} holds {len(raw)} non-empty examples; it needs at least 2 (train and test)")
-        raw = raw.train_test_split(test_size=test_size, seed=seed)
+        raw = DatasetDict(train=raw)
+    if train_split not in raw:
+        raise UserError(f"--dataset {dataset} has no '{train_split}' split (it has: {', '.join(raw)}); pass --train_split")
+    if eval_split is not None and eval_split not in raw:
+        raise UserError(f"--dataset {dataset} has no '{eval_split}' split (it has: {', '.join(raw)}); pass --eval_split")
+    held_out = eval_split or next((s for s in ("test", "validation") if s in raw and s != train_split), None)
+    splits = {"train": raw[train_split], **({"test": raw[held_out]} if held_out else {})}
+    for split in splits.values():
+        if text_column not in split.column_names:
+            raise UserError(
+                f"--dataset {dataset} has no column '{text_column}' (it has: {', '.join(split.column_names)}); pass --text_column"
+            )
+        if split.features[text_column].dtype not in ("string", "large_string"):
+            raise UserError(
+                f"--dataset {dataset}: column '{text_column}' holds {split.features[text_column]}, not text; pass --text_column"
+            )
+    if "test" not in splits and len(splits["train"]) < 1:
+        raise UserError(f"--dataset {dataset} holds 0 non-empty examples; it needs at least 2 (train and test)")
     return DatasetDict(
         {
-            split: raw[split].select_columns([text_column]).rename_column(text_column, "text")
+            s: d.select_columns([text_column]).rename_columns({text_column: "text"})
             if text_column != "text"
-            else raw[split].select_columns(["text"])
-            for split in ("train", "test")
+            else d.select_columns(["text"])
+            for s, d in splits.items()
         }
     )
+
+
+def _read_file(path: Path, dataset: str, sample_by: str) -> Any:
+    try:
+        return read_file(path, sample_by)
+    except UnicodeDecodeError:
+        raise UserError(f"--dataset {dataset} is not UTF-8 text; convert it (e.g. iconv -t UTF-8) and re-run")
+    except Exception as e:  # datasets wraps decoding and parsing errors in its own exception types
+        if isinstance(e.__cause__, UnicodeDecodeError) or "codec can't decode" in str(e):
+            raise UserError(f"--dataset {dataset} is not UTF-8 text; convert it (e.g. iconv -t UTF-8) and re-run")
+        if path.suffix.lower() in LOADERS and LOADERS[path.suffix.lower()] != "text":
+            raise UserError(
+                f"--dataset {dataset} could not be read as {path.suffix} ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            )
+        raise
 
 
 def prepare(
@@ -125,20 +184,71 @@ def prepare(
     num_examples: int = 6000,
     seed: int = 0,
     force: bool = False,
+    model: str | None = None,
+    dataset_config_name: str | None = None,
+    train_split: str | None = None,
+    eval_split: str | None = None,
+    sample_by: str | None = None,
+    block_size: int | None = None,
+    group_texts: bool = True,
 ) -> Path:
-    """Build data/<name>/ once; a second call with the same arguments returns at once."""
+    """Build data/<name>/ once; a second call with the same arguments returns at once.
+
+    The rating task (each example ends in "Rating: n") gives one padded example per review. Any other
+    text is a corpus: documents tokenized whole with EOS after each, concatenated and cut into blocks of
+    `block_size` tokens (default: min(1024, the model's positions)), the held-out split the end of the
+    corpus unless the source has its own. `group_texts=False` keeps one example per document instead."""
     out = Path(output_dir)
     request = {k: v for k, v in locals().items() if k not in ("output_dir", "force", "out")}
+    # Arguments added later are recorded only when set, so folders prepared before them still match.
+    request = {k: v for k, v in request.items() if k not in NEWER_ARGUMENTS or v != NEWER_ARGUMENTS[k]}
     check_prepare_target(dataset, output_dir, force)  # never over the source, nor over a folder prepare() did not make
     info_path = out / "info.json"
     if info_path.exists() and not force:
         if json.loads(info_path.read_text())["request"] == request:
             return out
-        raise UserError(f"{out} holds data prepared with other arguments; pass --force to rebuild it or choose another --name")
+        raise UserError(
+            f"{out} holds data prepared with other arguments; rebuild it with scripts/prepare_datasets.py --force, or "
+            "choose another folder (--output_dir there, --data_dir in the training scripts)"
+        )
     if max_length < 16:
         raise UserError(f"--max_length {max_length} is too short; use at least 16 tokens")
+    if not 0 < test_size < 1:
+        raise UserError(f"--test_size {test_size} must be a fraction between 0 and 1")
+    tokenizer_name = tokenizer_name or (model if model is not None and model not in PRESETS else None)
+    for name in (model, tokenizer_name):
+        if name is not None:
+            check_checkpoint_format(name)
+    positions, positions_of = model_positions(model or tokenizer_name or "tiny")
+    if block_size is not None and (block_size < 2 or positions is not None and block_size > positions):
+        limit = f"the {positions} positions of the model {positions_of}" if positions is not None else "2 tokens"
+        raise UserError(
+            f"--block_size {block_size} is {'above ' + limit if block_size >= 2 else 'below 2 tokens'}; "
+            f"pass a --block_size from 2 to {positions or 'the model positions'} (default: min({DEFAULT_BLOCK_SIZE}, positions))"
+        )
+    block_size = block_size or min(DEFAULT_BLOCK_SIZE, positions or DEFAULT_BLOCK_SIZE)
 
-    raw = _read_source(dataset, text_column, test_size, seed, num_examples)
+    raw = _read_source(
+        dataset,
+        text_column,
+        num_examples,
+        seed,
+        test_size,
+        dataset_config_name,
+        train_split or "train",
+        eval_split,
+        sample_by or "document",
+    )
+    is_rating = is_rating_task(raw["train"]["text"][:200] + (raw["test"]["text"][:200] if "test" in raw else []))
+    if "test" not in raw:  # held out from the training split
+        if len(raw["train"]) < 2 and (is_rating or not group_texts):
+            raise UserError(
+                f"--dataset {dataset} holds {len(raw['train'])} non-empty examples; it needs at least 2 (train and test)"
+            )
+        if is_rating:  # independent examples: a random split, as before
+            raw = raw["train"].train_test_split(test_size=test_size, seed=seed)
+        else:  # text: the end of the corpus, never random lines of it
+            raw = split_tail(raw["train"], test_size, whole_documents=not group_texts)
     if tokenizer_name is None:
         tokenizer: PreTrainedTokenizerBase = train_tokenizer(raw["train"]["text"], vocab_size)
     else:
@@ -150,7 +260,7 @@ def prepare(
             )
         if tokenizer.eos_token is None:
             raise UserError(f"the tokenizer '{tokenizer_name}' has no eos token; choose a causal-LM tokenizer")
-    is_rating = all(RATING_TEXT.search(t) for t in raw["test"]["text"][:200] + raw["train"]["text"][:200])
+        add_pad_token(tokenizer)
     answers = answer_token_ids(tokenizer) if is_rating else []
 
     def tokenize(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
@@ -160,7 +270,10 @@ def prepare(
         prompt = [len(x) - 2 if is_rating else 0 for x in ids]
         return {"input_ids": ids, "prompt_len": prompt}
 
-    tokenized = raw.map(tokenize, batched=True, remove_columns=["text"], desc="tokenizing")
+    if is_rating or not group_texts:
+        tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names, desc="tokenizing")
+    else:  # documents whole, EOS after each, concatenated and cut into blocks (run_clm's group_texts)
+        tokenized = DatasetDict({s: group_texts_(tokenize_documents(raw[s], tokenizer), block_size) for s in ("train", "test")})
     if is_rating:
         bad = sum(1 for x in tokenized["test"]["input_ids"] if x[-2] not in answers)
         if bad:
@@ -181,6 +294,8 @@ def prepare(
             "num_train": len(tokenized["train"]),
             "num_test": len(tokenized["test"]),
             "max_length": max(max(len(x) for x in tokenized[s]["input_ids"]) for s in ("train", "test")),
+            **({"block_size": block_size} if "position_ids" in tokenized["train"].column_names else {}),
+            "source": dataset if dataset.startswith("synthetic") or not Path(dataset).exists() else Path(dataset).name,
             "request": request,
             "files": record_files(tmp),  # size, rows and SHA-256 of each file, checked by load_prepared
         }
@@ -197,10 +312,29 @@ class Prepared:
     task: str
     answer_token_ids: list[int]
     max_length: int
+    source: str = ""  # the dataset it was prepared from (a file name, a Hub id, synthetic), for model cards
+    model: str = ""  # the --model it is trained with, set by the script
 
 
-def load_prepared(data_dir: str = DEFAULT_DATA_DIR) -> Prepared:
-    """Load data/<name>/; the default synthetic data is prepared on first use."""
+def default_data_dir(dataset: str, tokenizer: str | None = None) -> str:
+    """data/<dataset name>, plus -<checkpoint name> when it is tokenized with a checkpoint's tokenizer."""
+    name = dataset if dataset.startswith("synthetic") else Path(dataset.rstrip("/")).stem.replace("/", "_")
+    if tokenizer is not None and tokenizer not in PRESETS:
+        name += "-" + Path(tokenizer.rstrip("/")).name
+    return f"data/{name}"
+
+
+def load_prepared(data_dir: str = DEFAULT_DATA_DIR, dataset: str | None = None, model: str | None = None) -> Prepared:
+    """Load data/<name>/; the default synthetic data is prepared on first use.
+
+    With `dataset` (a training script's --dataset), it is prepared first, for `model` (a checkpoint's tokenizer and
+    positions), into `data_dir` or, left at its default, data/<name>[-<checkpoint>]: one command from a file to
+    training. A second run finds it prepared."""
+    if model is not None:
+        check_checkpoint_format(model)  # before anything is written
+    if dataset is not None:
+        data_dir = default_data_dir(dataset, model) if Path(data_dir).resolve() == Path(DEFAULT_DATA_DIR).resolve() else data_dir
+        prepare(dataset, data_dir, model=model if model not in PRESETS else None)
     path = Path(data_dir)
     if not (path / "info.json").exists():
         if Path(data_dir).resolve() != Path(DEFAULT_DATA_DIR).resolve():
@@ -223,13 +357,16 @@ def load_prepared(data_dir: str = DEFAULT_DATA_DIR) -> Prepared:
             f"the prepared data in {data_dir} is damaged ({rows[0]} train / {rows[1]} test rows instead of "
             f"{info['num_train']} / {info['num_test']}); rebuild it: {rebuild}"
         )
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    add_pad_token(tokenizer)  # folders prepared before the tokenizer got one
     return Prepared(
-        tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
+        tokenizer=tokenizer,
         train=splits["train"],
         test=splits["test"],
         task=info["task"],
         answer_token_ids=info["answer_token_ids"],
         max_length=info["max_length"],
+        source=info.get("source", str(data_dir)),
     )
 
 

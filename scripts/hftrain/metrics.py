@@ -1,13 +1,15 @@
-"""Accuracy on the prepared data: the rating (chance is 20%) or, for plain text, the next token.
+"""Accuracy on the prepared data: the rating (chance is 20%) or, for plain text, the next token; and perplexity.
 
 For the rating task only the answer is scored: the logits just before the rating token,
 restricted to the five answers, so a model must pick a rating, not merely predict a digit.
 """
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 class Accuracy:
@@ -29,10 +31,21 @@ class Accuracy:
         return right.masked_fill(~is_answer.any(-1), -1).unsqueeze(-1)
 
     # The Trainer's two hooks: reduce logits per batch (so eval never holds all logits), then average.
-    def preprocess_logits_for_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.correct(logits, labels)
+    def preprocess_logits_for_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: 1/0/-1 per scored position, and (loss summed over its target tokens, their number). The Trainer's
+        eval_loss divides by every label, the first of each row included, which has no prediction (and weighs batches
+        by examples, not tokens): perplexity is computed here, per target token, as the custom loops do."""
+        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+        totals = torch.stack([losses.sum(-1), (labels[:, 1:] != -100).sum(-1).float()], dim=-1)
+        return self.correct(logits, labels), totals
 
     def compute_metrics(self, eval_pred: Any) -> dict[str, float]:
-        scored = np.asarray(eval_pred.predictions)
+        predictions = eval_pred.predictions
+        correct, totals = predictions if isinstance(predictions, tuple) else (predictions, None)
+        scored = np.asarray(correct)
         scored = scored[scored >= 0]  # the Trainer pads with -100 across batches
-        return {"accuracy": float(scored.mean()) if scored.size else 0.0}
+        metrics = {"accuracy": float(scored.mean()) if scored.size else 0.0}
+        if totals is not None:  # exp of the mean loss per target token
+            loss_sum, tokens = np.asarray(totals, dtype=np.float64).sum(0)
+            metrics["perplexity"] = math.exp(min(loss_sum / max(tokens, 1.0), 700.0))
+        return metrics

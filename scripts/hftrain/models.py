@@ -110,7 +110,71 @@ def preset_config(name: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedCo
     )
 
 
+def check_checkpoint_format(model: str) -> None:
+    """Refuse, with what to do instead, the checkpoints this project does not load: a GGUF file (llama.cpp's format)
+    and pickled weights without safetensors (unpickling a file can run any code in it)."""
+    path = Path(model).expanduser()
+    if not is_local_path(model) or not path.exists():
+        return
+    ggufs = [path] if path.is_file() and path.suffix == ".gguf" else sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if ggufs and not (path.is_dir() and (path / "config.json").exists()):
+        folder, name = (ggufs[0].parent, ggufs[0].name)
+        raise UserError(
+            f"--model {model} is a GGUF file, which training does not take; convert it once to a checkpoint folder: "
+            f"AutoModelForCausalLM.from_pretrained('{folder}', gguf_file='{name}').save_pretrained('<dir>') and the same "
+            "with AutoTokenizer, then pass --model <dir>"
+        )
+    if path.is_dir() and any(path.glob("*.bin")) and not any(path.glob("*.safetensors")):
+        raise UserError(
+            f"--model {model} holds only pickled weights ({next(path.glob('*.bin')).name}), which this project does not "
+            "load (unpickling can run code); re-save it as safetensors where you trust the file: "
+            f"AutoModelForCausalLM.from_pretrained('{model}').save_pretrained('<dir>') (and the tokenizer), then pass --model <dir>"
+        )
+
+
+def model_positions(model: str) -> tuple[int | None, str]:
+    """The model's maximum positions (None if unknown: a tokenizer folder without a model config) and its name."""
+    if model in PRESETS:
+        return PRESETS[model]["max_position_embeddings"], model
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except Exception:
+        return None, model
+    return getattr(config, "max_position_embeddings", None), model
+
+
+# The defaults that depend on what --model is, one rule for every script (see `model_defaults`).
+PRETRAINED_LEARNING_RATE = {"full": 5e-5, "adapter": 2e-4}
+PRESET_MODULES_TO_SAVE = "embed_tokens,lm_head"
+
+
+def model_defaults(model: str, adapter: bool, preset_learning_rate: float) -> dict[str, Any]:
+    """learning_rate (and modules_to_save for an adapter) for `model`.
+
+    A preset's weights are random: it takes the script's own learning rate (tuned for it on the rating task, e.g.
+    3e-3 full, 1e-2 LoRA), and LoRA also trains the random embeddings and output layer in full (modules_to_save),
+    which frozen would cap what the adapter can learn. A pretrained checkpoint is fine-tuned: 5e-5 for full
+    training, 2e-4 for LoRA (PEFT's and TRL's usual values), its embeddings frozen (an adapter of a few MB, not
+    a copy of the vocabulary matrices)."""
+    pretrained = model not in PRESETS
+    defaults: dict[str, Any] = {
+        "learning_rate": PRETRAINED_LEARNING_RATE["adapter" if adapter else "full"] if pretrained else preset_learning_rate
+    }
+    if adapter:
+        defaults["modules_to_save"] = "" if pretrained else PRESET_MODULES_TO_SAVE
+    return defaults
+
+
+def describe_defaults(model: str, defaults: dict[str, Any]) -> str:
+    kind = "a preset with random weights" if model in PRESETS else "a pretrained checkpoint"
+    values = [f"learning_rate {defaults['learning_rate']:g}"]
+    if "modules_to_save" in defaults:
+        values.append(f"modules_to_save {defaults['modules_to_save'] or 'none'}")
+    return f"defaults for {kind} ({model}): {', '.join(values)} (a flag given on the command line wins)"
+
+
 def load_config(model: str, trust_remote_code: bool = False) -> Any:
+    check_checkpoint_format(model)
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -175,7 +239,7 @@ def check_max_length(model: Any, max_length: int) -> None:
         raise UserError(
             f"the prepared data has examples of {max_length} tokens but the model {name} takes at most {limit} "
             f"(max_position_embeddings); prepare the data with python scripts/prepare_datasets.py --max_length {limit} "
-            "(and --output_dir <new dir>), or use a model with more positions"
+            f"(text in blocks: --block_size {min(limit, 1024)}) and --output_dir <new dir>, or use a model with more positions"
         )
 
 

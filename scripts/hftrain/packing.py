@@ -15,6 +15,9 @@ from those positions, so no document attends to another, but only under conditio
   `config.use_cache = False`); this collator puts `use_cache=False` in every batch so that any
   forward pass on it is safe.
 
+Blocks of a corpus (`hftrain.corpus.group_texts`: documents concatenated, `position_ids` restarting at each)
+are cut back into their documents here, so padding-free training isolates the documents inside a block.
+
 Labels: the first token of every document gets -100 (`separator_id`), so the loss never predicts a
 document's first token from the end of the previous one. A padded batch never scores it either
 (a row's first token has no prediction before it), so padded and packed losses count the very same
@@ -29,6 +32,8 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithFlattening
 
+from hftrain.corpus import document_segments
+
 
 class PaddingFreeCollator:
     """[1, total tokens] batches: input_ids, labels, position_ids, use_cache=False (and FA2's varlen kwargs)."""
@@ -42,9 +47,18 @@ class PaddingFreeCollator:
         )
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.flatten([{"input_ids": ex["input_ids"]} for ex in examples])
+        batch = self.flatten([{"input_ids": doc} for ex in examples for doc in documents_of(ex)])
         batch["use_cache"] = False  # with a cache, sdpa and eager would ignore the document boundaries (see above)
         return batch
+
+
+def documents_of(example: dict[str, Any]) -> list[list[int]]:
+    """The documents in one example: a block of a corpus (`hftrain.corpus.group_texts`) holds several, cut where its
+    `position_ids` restart at 0, so that each attends only to itself; any other example is one document."""
+    if "position_ids" not in example:
+        return [example["input_ids"]]
+    ids = example["input_ids"]
+    return [ids[start:end] for start, end in document_segments(list(example["position_ids"]))]
 
 
 def document_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -63,7 +77,11 @@ def packed_rows(dataset: Any, capacity: int) -> Any:
     each row at most `capacity` tokens, every document whole (longer ones are cut to `capacity`)."""
     from datasets import Dataset
 
-    ids = dataset["input_ids"]
+    if "position_ids" in dataset.column_names:  # blocks: their documents, each packed on its own
+        pairs = zip(dataset["input_ids"], dataset["position_ids"])
+        ids = [doc for i, p in pairs for doc in documents_of({"input_ids": i, "position_ids": p})]
+    else:
+        ids = dataset["input_ids"]
     rows = pack_documents([len(x) for x in ids], capacity)
     return Dataset.from_dict({"documents": [[ids[i][:capacity] for i in row] for row in rows]})
 

@@ -47,16 +47,18 @@ def load_4bit(
     compute_dtype: torch.dtype,
     device: torch.device,
     trust_remote_code: bool = False,
+    quantization_config: BitsAndBytesConfig | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """The checkpoint quantized to 4-bit NF4 while it loads, placed whole on `device` (one per process)."""
+    """The checkpoint quantized to 4-bit while it loads (`quantization_config`, by default `nf4_config(compute_dtype)`),
+    placed whole on `device` (one per process)."""
     check_4bit_device(device)
     quantized = load_model(
         model,
         tokenizer,
         dtype=compute_dtype,
         trust_remote_code=trust_remote_code,
-        quantization_config=nf4_config(compute_dtype),
+        quantization_config=quantization_config or nf4_config(compute_dtype),
         device_map={"": str(device)},
         **kwargs,
     )

@@ -204,7 +204,7 @@ class ThroughputCallback(TrainerCallback):
         self.clock_running = False
 
 
-def save_curves(log_history: list[dict[str, Any]], path: Path) -> None:
+def save_curves(log_history: list[dict[str, Any]], path: Path, task: str = "rating") -> None:
     """Training loss, eval loss and eval accuracy against the step, one PNG."""
     import matplotlib
 
@@ -221,25 +221,54 @@ def save_curves(log_history: list[dict[str, Any]], path: Path) -> None:
     ax_loss.set(xlabel="step", ylabel="loss", yscale="log")
     ax_loss.legend()
     ax_acc.plot(*series("eval_accuracy"), "o-", color="tab:green")
-    ax_acc.set(xlabel="step", ylabel="eval accuracy", ylim=(0, 1.02))
-    ax_acc.axhline(0.2, ls=":", color="grey", label="chance (rating task)")
-    ax_acc.legend()
+    ax_acc.set(xlabel="step", ylabel="eval accuracy" if task == "rating" else "eval next-token accuracy", ylim=(0, 1.02))
+    if task == "rating":  # five answers: 20% by guessing; text has no such line
+        ax_acc.axhline(0.2, ls=":", color="grey", label="chance (rating task)")
+        ax_acc.legend()
     fig.suptitle(path.parent.name)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def perplexity(loss: float) -> float:
+    """exp of the mean loss per token (nats), capped where exp overflows."""
+    return math.exp(min(loss, 700.0))
+
+
+def language_model_metrics(metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """perplexity after training (exp of the loss per target token), and eval loss, perplexity and accuracy before it
+    (an evaluation at step 0, from --eval_on_start); each eval row of the history gets its eval_perplexity too."""
+    evals = [row for row in log_history if "eval_loss" in row]
+    for row in evals:  # the loops' eval_loss is per target token; the Trainer's rows have it from Accuracy already
+        row.setdefault("eval_perplexity", perplexity(row["eval_loss"]))
+    out = {"perplexity": evals[-1]["eval_perplexity"] if evals else perplexity(metrics["eval_loss"])}
+    first = evals[0] if evals else None
+    if first is not None and first.get("step") == 0:
+        out.update(eval_loss_before=first["eval_loss"], perplexity_before=first["eval_perplexity"])
+        if "eval_accuracy" in first:
+            out["eval_accuracy_before"] = first["eval_accuracy"]
+    return out
+
+
 def write_results(output_dir: str, metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write metrics.json and training_curves.png, print the one-line summary, return the metrics."""
+    """Write metrics.json, training_curves.png and the model card (README.md), print the one-line summary, return the
+    metrics. `metrics` may name the run's base_model, dataset and task (rating or text), for the card and the plot."""
+    from hftrain.sharing import shareable_base, write_model_card
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {**metrics, "log_history": log_history}
+    metrics = {**metrics, **language_model_metrics(metrics, log_history)}
+    if "base_model" in metrics:
+        metrics["base_model"] = shareable_base(metrics["base_model"], output_dir)
+    metrics["log_history"] = log_history
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    save_curves(log_history, out / "training_curves.png")
+    save_curves(log_history, out / "training_curves.png", metrics.get("task", "rating"))
+    write_model_card(output_dir, metrics)
+    before = f" (before {metrics['perplexity_before']:,.2f})" if "perplexity_before" in metrics else ""
     print(
         f"done: {metrics.get('steps', '?')} steps | {metrics['train_tokens_per_second']:,.0f} tokens/s "
         f"| peak memory {metrics['peak_memory_gib']:.2f} GiB | eval accuracy {metrics['eval_accuracy']:.3f} "
-        f"| eval loss {metrics['eval_loss']:.4f} | {out}"
+        f"| eval loss {metrics['eval_loss']:.4f} | perplexity {metrics['perplexity']:,.2f}{before} | {out}"
     )
     return metrics

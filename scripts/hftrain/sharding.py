@@ -64,11 +64,3 @@ def gather_lm_head_for_liger(model: Any, training_args: Any) -> None:
         from deepspeed.runtime.zero import register_external_parameter
 
         register_external_parameter(model, model.get_output_embeddings().weight)
-
-
-def save_full_state_dict_next(trainer: Any) -> None:
-    """Under FSDP, make the next save gather one complete state dict on rank 0 (what
-    `from_pretrained` and PEFT adapters need) instead of one shard per rank. Without it, an
-    FSDP2 + PEFT save keeps only rank 0's slice of every LoRA tensor."""
-    if getattr(trainer, "is_fsdp_enabled", False):
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")

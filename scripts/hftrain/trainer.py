@@ -1,7 +1,7 @@
 """The Trainer setup that every Trainer example shares, so each script shows only its technique.
 
 `scripts/trainer/getting_started.py` spells all of this out; the other Trainer scripts call
-`parse_args`, `rating_trainer` and `finish` and keep what is particular to them in view.
+`parse_args`, `build_trainer` and `write_run_summary` and keep what is particular to them in view.
 """
 
 import sys
@@ -11,25 +11,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from hftrain.cli import check_batch_size, check_output_dir, check_training_args, resolve_checkpoint
+from hftrain.checkpoints import resolve_checkpoint
+from hftrain.cli import check_batch_size, check_output_dir, check_training_args, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, Prepared, load_prepared
 from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
 from hftrain.metrics import Accuracy
-from hftrain.models import check_max_length
+from hftrain.models import PRESETS, check_max_length
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results
 from hftrain.sharding import check_deepspeed_config
 
 
 @dataclass
-class ModelArguments:
+class ScriptArguments:
+    """The flags every Trainer example takes beside TrainingArguments: the model, the data, the output folder."""
+
     model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
     data_dir: str = field(
         default=DEFAULT_DATA_DIR,
         metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
+            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
+            "scripts/prepare_datasets.py."
+        },
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
     trust_remote_code: bool = field(
@@ -55,9 +66,14 @@ DEFAULTS: dict[str, Any] = dict(
 
 
 def parse_args(
-    script_args: type, check: Callable[[Any, TrainingArguments], None] | None = None, resumable: bool = True, **defaults: Any
+    script_args: type,
+    check: Callable[[Any, TrainingArguments], None] | None = None,
+    resumable: bool = True,
+    adapter: bool = False,
+    **defaults: Any,
 ) -> tuple[Any, TrainingArguments, str | None]:
-    """Parse (script_args, TrainingArguments) with the project's defaults, run the script's own
+    """Parse (script_args, TrainingArguments) with the project's defaults (the learning rate, and modules_to_save for
+    an `adapter`, chosen by what --model is: `hftrain.models.model_defaults`), run the script's own
     `check(args, training_args)`, check the output directory (and take its run lock) and resolve
     --resume_from_checkpoint, all before anything is loaded or written; returns (args, training_args, checkpoint).
     A script that cannot resume passes `resumable=False`: the flag is then refused, not ignored."""
@@ -66,7 +82,13 @@ def parse_args(
     known = parser.parse_known_args()[0]
     check_training_extras(known)  # deepspeed, liger-kernel, bitsandbytes, galore-torch: installed if asked for
     check_deepspeed_config(known.deepspeed)  # before TrainingArguments reads it
+    set_model_defaults(parser, known.model, adapter)  # and refuses a GGUF or pickle-only --model
     args, training_args = parser.parse_args_into_dataclasses()
+    if training_args.push_to_hub and args.model in PRESETS:
+        raise UserError(
+            f"--push_to_hub shares a fine-tuned model, but --model {args.model} is a preset with random weights; "
+            "train a pretrained checkpoint (--model <Hub id or folder>) to share, or drop --push_to_hub"
+        )
     if not resumable and training_args.resume_from_checkpoint:
         raise UserError(
             f"{Path(sys.argv[0]).name} does not resume from a checkpoint; run it again without --resume_from_checkpoint"
@@ -84,14 +106,15 @@ def parse_args(
     return args, training_args, checkpoint
 
 
-def load_data(training_args: TrainingArguments, data_dir: str) -> Prepared:
+def load_data(training_args: TrainingArguments, args: Any) -> Prepared:
+    """args.data_dir, or args.dataset prepared for args.model first (see `load_prepared`); the script seeds next."""
     with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
-        data = load_prepared(data_dir)
-    set_seed(training_args.seed)  # the presets' random weights depend on it
+        data = load_prepared(args.data_dir, args.dataset, args.model)
+    data.model = args.model
     return data
 
 
-def rating_trainer(
+def build_trainer(
     model: Any, training_args: TrainingArguments, data: Prepared, trainer_class: type = Trainer, **kwargs: Any
 ) -> Trainer:
     """A Trainer on the prepared data with the accuracy metric, the throughput callback and the preemption
@@ -113,12 +136,19 @@ def rating_trainer(
         callbacks=[*kwargs.pop("callbacks", []), throughput, PreemptionCallback()],
         **kwargs,
     )
-    trainer.throughput = throughput
     return trainer
 
 
-def finish(trainer: Trainer, train_result: Any, eval_metrics: dict[str, float], **extra: Any) -> dict[str, Any] | None:
-    """Write metrics.json, the PNG and the summary line from the main process; every process then leaves the
+def throughput_metrics(trainer: Trainer) -> dict[str, Any]:
+    """tokens/s, samples/s and peak memory measured by the ThroughputCallback that `build_trainer` registered."""
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ThroughputCallback))
+    return callback.metrics
+
+
+def write_run_summary(
+    trainer: Trainer, data: Prepared, train_result: Any, eval_metrics: dict[str, float], **extra: Any
+) -> dict[str, Any] | None:
+    """Write metrics.json (with `data`'s model, source and task), the PNG and the summary line from the main process; every process then leaves the
     process group (a gloo process that exits without doing so can abort at exit and stall the launcher)."""
     result = None
     if trainer.is_world_process_zero():
@@ -130,10 +160,23 @@ def finish(trainer: Trainer, train_result: Any, eval_metrics: dict[str, float], 
                 "train_loss": train_result.training_loss,
                 "steps": trainer.state.global_step,
                 "distributed_type": str(trainer.accelerator.distributed_type.value),
+                "base_model": data.model,
+                "dataset": data.source,
+                "task": data.task,
                 **extra,
-                **trainer.throughput.metrics,
+                **throughput_metrics(trainer),
             },
             trainer.state.log_history,
         )
+        if trainer.args.push_to_hub:  # the folder as it is, with the card written above (the repository was created at start)
+            from huggingface_hub import upload_folder
+
+            upload_folder(
+                repo_id=trainer.hub_model_id,
+                folder_path=trainer.args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**"],
+                token=trainer.args.hub_token,
+            )
     trainer.accelerator.end_training()
     return result

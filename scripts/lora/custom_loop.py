@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
-from hftrain.cli import check_batch_size, check_loop_args, check_output_dir
+from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.loops import LogHistory, accumulation_groups, evaluate, num_targets, num_tokens
 from hftrain.metrics import Accuracy
@@ -75,10 +75,28 @@ class LoopArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r: the inner size of the update B·A."})
     lora_alpha: float = field(default=32, metadata={"help": "LoRA scaling: the update is multiplied by lora_alpha / lora_r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
+    modules_to_save: str = field(
+        default="embed_tokens,lm_head",
+        metadata={
+            "help": "Comma-separated modules trained in full beside the adapter (saved with it). Default by --model: "
+            "embed_tokens,lm_head for a preset (random, they must learn), none for a pretrained checkpoint."
+        },
+    )
     merge_and_save: bool = field(
         default=False, metadata={"help": "Also save the base with the adapter merged in, in output_dir/merged."}
     )
     seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
+            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
+            "scripts/prepare_datasets.py."
+        },
+    )
+    eval_on_start: bool = field(
+        default=False, metadata={"help": "Evaluate before the first step too, so the run shows what training changed."}
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
@@ -86,14 +104,17 @@ class LoopArguments:
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(LoopArguments).parse_args_into_dataclasses()
+    parser = HfArgumentParser(LoopArguments)
+    # A pretrained checkpoint is fine-tuned with a lower learning rate than a preset's random weights (printed).
+    set_model_defaults(parser, parser.parse_known_args()[0].model, adapter=True)
+    (args,) = parser.parse_args_into_dataclasses()
     check_loop_args(args)  # sizes, steps and rates no run can use, refused as the Trainer scripts refuse them
     check_output_dir(args.output_dir, args.overwrite_output_dir, resuming=False)  # and take its run lock
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # "cuda": the current GPU, no hard-coded index
     # bf16 autocast on CUDA: matmuls run in bf16 while weights, gradients and AdamW's state stay float32.
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    data = load_prepared(args.data_dir)
+    data = load_prepared(args.data_dir, args.dataset, args.model)  # --dataset: prepared for --model first
     set_seed(args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
@@ -103,9 +124,9 @@ def main() -> None:
         model.save_pretrained(base_dir)
         model.name_or_path = base_dir  # becomes the adapter config's base_model_name_or_path
     # A preset's embeddings and output layer are random as well. Frozen, they hold the adapter back (the random
-    # lm_head's small rows cap the logits), so they are trained in full beside it, as copies that the adapter saves
-    # ("modules_to_save"); the base keeps the originals. Pretrained ones stay frozen, as LoRA usually has them.
-    modules_to_save = ["embed_tokens", "lm_head"] if args.model in PRESETS else None
+    # lm_head's small rows cap the logits), so by default they are trained in full beside it, as copies that the adapter
+    # saves ("modules_to_save"); the base keeps the originals. Pretrained ones stay frozen, as LoRA usually has them.
+    modules_to_save = [m for m in args.modules_to_save.split(",") if m] or None
     # LoRA on "all-linear": every block's q, k, v, o and MLP gate, up and down projections, never the output layer.
     lora_config = LoraConfig(
         r=args.lora_r,
@@ -143,6 +164,8 @@ def main() -> None:
     targets_since_log = torch.zeros((), device=device)
     progress = tqdm(total=total_steps, desc="train")
     StopWithoutSaving()  # SIGTERM or Ctrl-C: stop at once with status 1, saying so (this loop writes no checkpoints)
+    if args.eval_on_start:  # the "before" row: metrics.json reports it beside the final one
+        history.log(0, epoch=0.0, **evaluate(model, test_loader, accuracy, device, autocast))
     meter.start()
     model.train()
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
@@ -203,6 +226,9 @@ def main() -> None:
             "train_loss": latest["loss"],
             "steps": step,
             "distributed_type": "NO",  # one process on one device
+            "base_model": args.model,  # these three go into the model card (README.md) too
+            "dataset": data.source,
+            "task": data.task,
             **train_metrics,
         },
         history.rows,

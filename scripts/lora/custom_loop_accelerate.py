@@ -34,15 +34,10 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
-from hftrain.cli import (
-    ACCELERATE_CHECKPOINT,
-    check_batch_size,
-    check_launch,
-    check_loop_args,
-    check_output_dir,
-    resolve_checkpoint,
-)
+from hftrain.checkpoints import ACCELERATE_CHECKPOINT, resolve_checkpoint
+from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.launch import check_launch
 from hftrain.loops import (
     LogHistory,
     accumulation_groups,
@@ -101,10 +96,28 @@ class LoopArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r: the inner size of the update B·A."})
     lora_alpha: float = field(default=32, metadata={"help": "LoRA scaling: the update is multiplied by lora_alpha / lora_r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
+    modules_to_save: str = field(
+        default="embed_tokens,lm_head",
+        metadata={
+            "help": "Comma-separated modules trained in full beside the adapter (saved with it). Default by --model: "
+            "embed_tokens,lm_head for a preset (random, they must learn), none for a pretrained checkpoint."
+        },
+    )
     merge_and_save: bool = field(
         default=False, metadata={"help": "Also save the base with the adapter merged in, in output_dir/merged."}
     )
     seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
+            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
+            "scripts/prepare_datasets.py."
+        },
+    )
+    eval_on_start: bool = field(
+        default=False, metadata={"help": "Evaluate before the first step too, so the run shows what training changed."}
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
@@ -112,7 +125,10 @@ class LoopArguments:
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(LoopArguments).parse_args_into_dataclasses()
+    parser = HfArgumentParser(LoopArguments)
+    # A pretrained checkpoint is fine-tuned with a lower learning rate than a preset's random weights (printed).
+    set_model_defaults(parser, parser.parse_known_args()[0].model, adapter=True)
+    (args,) = parser.parse_args_into_dataclasses()
     check_loop_args(args)  # sizes, steps and rates no run can use, refused as the Trainer scripts refuse them
     # One process per device (accelerate launch starts them); bf16 autocast on CUDA, float32 on CPU. The seedable
     # sampler shuffles with seed + epoch on every process, so a resumed run replays the same order.
@@ -128,7 +144,7 @@ def main() -> None:
     device = accelerator.device  # this process's device: cuda:<local rank>, or the CPU
 
     with accelerator.local_main_process_first():  # each machine's main process prepares the data; the others then load it
-        data = load_prepared(args.data_dir)
+        data = load_prepared(args.data_dir, args.dataset, args.model)  # --dataset: prepared for --model first
     set_seed(args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
@@ -138,9 +154,9 @@ def main() -> None:
         model.save_pretrained(base_dir, is_main_process=accelerator.is_main_process)
         model.name_or_path = base_dir  # becomes the adapter config's base_model_name_or_path
     # A preset's embeddings and output layer are random as well. Frozen, they hold the adapter back (the random
-    # lm_head's small rows cap the logits), so they are trained in full beside it, as copies that the adapter saves
-    # ("modules_to_save"); the base keeps the originals. Pretrained ones stay frozen, as LoRA usually has them.
-    modules_to_save = ["embed_tokens", "lm_head"] if args.model in PRESETS else None
+    # lm_head's small rows cap the logits), so by default they are trained in full beside it, as copies that the adapter
+    # saves ("modules_to_save"); the base keeps the originals. Pretrained ones stay frozen, as LoRA usually has them.
+    modules_to_save = [m for m in args.modules_to_save.split(",") if m] or None
     # LoRA on "all-linear": every block's q, k, v, o and MLP gate, up and down projections, never the output layer.
     lora_config = LoraConfig(
         r=args.lora_r,
@@ -201,6 +217,8 @@ def main() -> None:
     targets_since_log = torch.zeros((), device=device)
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     preemption = Preemption()  # from here on SIGTERM or Ctrl-C saves a checkpoint after the step, then exits
+    if args.eval_on_start and step == 0:  # the "before" row, not again when resuming: metrics.json reports it too
+        history.log(0, epoch=0.0, **evaluate(model, test_loader, accuracy, device, gather=accelerator.gather_for_metrics))
     meter.start()
     model.train()
     for epoch in range(resume_epoch, math.ceil(total_steps / steps_per_epoch)):
@@ -289,6 +307,9 @@ def main() -> None:
                 "train_loss": latest["loss"],
                 "steps": step,
                 "distributed_type": accelerator.distributed_type.value,  # MULTI_GPU (DDP), MULTI_CPU, or NO
+                "base_model": args.model,  # these three go into the model card (README.md) too
+                "dataset": data.source,
+                "task": data.task,
                 "train_tokens_per_process": tokens_per_process.tolist(),
                 **train_metrics,
             },

@@ -38,7 +38,7 @@ from importlib.util import find_spec
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import is_flash_attn_2_available
 
 from hftrain.data import PadCollator
@@ -47,11 +47,11 @@ from hftrain.models import load_model
 from hftrain.packing import PaddingFreeCollator, packed_rows
 from hftrain.quantization import float8_training, has_float8_tensor_cores
 from hftrain.recipe import Recipe
-from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
 
 
 @dataclass
-class ScriptArguments(ModelArguments):
+class AttentionArguments(ScriptArguments):
     attn_implementation: str = field(
         default="flash_attention_2",
         metadata={
@@ -90,7 +90,7 @@ class ScriptArguments(ModelArguments):
     )
 
 
-def recipe(args: ScriptArguments, training_args: TrainingArguments) -> Recipe:
+def recipe(args: AttentionArguments, training_args: TrainingArguments) -> Recipe:
     """The flags as the benchmark's `Recipe`; its Trainer settings (micro-batch in rows, fused loss,
     `remove_unused_columns=False` for the packed rows' `documents`) are set on `training_args`."""
     r = Recipe(
@@ -126,7 +126,7 @@ class PaddedEvalTrainer(Trainer):
             self.data_collator = train_collator
 
 
-def check_flash_attention(args: ScriptArguments, training_args: TrainingArguments) -> None:
+def check_flash_attention(args: AttentionArguments, training_args: TrainingArguments) -> None:
     """FA2 runs only on CUDA GPUs with the flash-attn package; say so before anything is loaded."""
     if args.pack_rows and not args.padding_free:
         raise UserError("--pack_rows builds padding-free batches; drop --padding_free false or --pack_rows")
@@ -161,14 +161,15 @@ def check_flash_attention(args: ScriptArguments, training_args: TrainingArgument
 
 def main() -> None:
     args, training_args, checkpoint = parse_args(
-        ScriptArguments,
+        AttentionArguments,
         check=check_flash_attention,
         output_dir="output/sdpa/flash_attention",
         # Documents per batch: one packed row of ~32 x 40 tokens. bf16 on CUDA (the project default): FA2
         # computes in bf16/fp16 only; the weights stay fp32 and autocast feeds it bf16.
         per_device_train_batch_size=32,
     )
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     speed = recipe(args, training_args)  # the benchmark's recipe settings (hftrain.recipe), from the flags
     # FA2 warns that these fp32 weights are not bf16: expected, the Trainer's bf16 autocast hands it bf16 tensors.
     model = load_model(
@@ -186,13 +187,15 @@ def main() -> None:
     if args.pack_rows:  # rows of whole documents; compiled layers get one fixed length, so they compile once
         data.train = packed_rows(data.train, args.pack_rows)
         train_collator = speed.collator(data.tokenizer.pad_token_id)
-    trainer = rating_trainer(
+    trainer = build_trainer(
         model, training_args, data, trainer_class=PaddedEvalTrainer, data_collator=train_collator, eval_collator=padded
     )
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
     trainer.save_model()
-    finish(trainer, train_result, eval_metrics, attn_implementation=args.attn_implementation, padding_free=args.padding_free)
+    write_run_summary(
+        trainer, data, train_result, eval_metrics, attn_implementation=args.attn_implementation, padding_free=args.padding_free
+    )
 
 
 if __name__ == "__main__":

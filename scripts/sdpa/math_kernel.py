@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 import transformers.integrations.sdpa_attention as hf_sdpa
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from hftrain.data import PadCollator
 from hftrain.errors import UserError
 from hftrain.models import load_model
-from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
 
 BACKENDS = {
     "math": SDPBackend.MATH,
@@ -46,7 +46,7 @@ BACKENDS = {
 
 
 @dataclass
-class ScriptArguments(ModelArguments):
+class MathKernelArguments(ScriptArguments):
     backend: str = field(
         default="math",
         metadata={
@@ -56,7 +56,7 @@ class ScriptArguments(ModelArguments):
     )
 
 
-def check_backend(args: ScriptArguments, training_args: TrainingArguments) -> None:
+def check_backend(args: MathKernelArguments, training_args: TrainingArguments) -> None:
     if args.backend in ("efficient", "cudnn") and not torch.cuda.is_available():
         raise UserError(f"the {args.backend} SDPA kernel runs only on CUDA GPUs; on CPU pass --backend math or --backend flash")
 
@@ -106,22 +106,23 @@ def check_kernel(backend: str, config: Any, device: torch.device, dtype: torch.d
 
 
 def main() -> None:
-    args, training_args, checkpoint = parse_args(ScriptArguments, check=check_backend, output_dir="output/sdpa/math_kernel")
-    data = load_data(training_args, args.data_dir)
+    args, training_args, checkpoint = parse_args(MathKernelArguments, check=check_backend, output_dir="output/sdpa/math_kernel")
+    data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     data.tokenizer.padding_side = "right"  # CausalPadCollator relies on it
     model = load_model(args.model, data.tokenizer, attn_implementation="sdpa", trust_remote_code=args.trust_remote_code)
     compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     check_kernel(args.backend, model.config, training_args.device, compute_dtype)
 
     collator = CausalPadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    trainer = rating_trainer(model, training_args, data, data_collator=collator)
+    trainer = build_trainer(model, training_args, data, data_collator=collator)
     # Every attention call inside runs on the chosen kernel; if it cannot (say flash with an explicit mask),
     # PyTorch raises "No available kernel" instead of quietly falling back to another one.
     with sdpa_kernel(BACKENDS[args.backend]):
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         eval_metrics = trainer.evaluate()
     trainer.save_model()
-    finish(trainer, train_result, eval_metrics, sdpa_backend=args.backend)
+    write_run_summary(trainer, data, train_result, eval_metrics, sdpa_backend=args.backend)
 
 
 if __name__ == "__main__":

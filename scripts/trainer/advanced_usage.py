@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, set_seed
 
 from hftrain.models import load_model
-from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
 
 
 @dataclass
-class ScriptArguments(ModelArguments):
+class AdvancedArguments(ScriptArguments):
     target_accuracy: float = field(
         default=1.0, metadata={"help": "Stop once eval accuracy reaches this (1.0: never stop early for it)."}
     )
@@ -72,7 +72,7 @@ class TargetAccuracyCallback(TrainerCallback):
 def main() -> None:
     # 1. TrainingArguments: the project's defaults (hftrain/trainer.py) changed where this script teaches.
     args, training_args, checkpoint = parse_args(
-        ScriptArguments,
+        AdvancedArguments,
         output_dir="output/trainer/advanced_usage",
         num_train_epochs=4,
         per_device_train_batch_size=16,
@@ -91,15 +91,16 @@ def main() -> None:
         dataloader_num_workers=1,  # collate the next batches in a worker process while the model trains
         remove_unused_columns=False,  # keep `prompt_len` for CompletionOnlyTrainer
     )
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
 
-    trainer = rating_trainer(
+    trainer = build_trainer(
         model,
         training_args,
         data,
         trainer_class=CompletionOnlyTrainer,  # 2. the subclass
-        callbacks=[  # 3. callbacks (the project's ThroughputCallback is added by rating_trainer)
+        callbacks=[  # 3. callbacks (the project's ThroughputCallback is added by build_trainer)
             EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience),
             TargetAccuracyCallback(args.target_accuracy),
         ],
@@ -107,7 +108,7 @@ def main() -> None:
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()  # the best checkpoint's model, loaded at the end
     trainer.save_model()
-    finish(trainer, train_result, eval_metrics, best_checkpoint=trainer.state.best_model_checkpoint)
+    write_run_summary(trainer, data, train_result, eval_metrics, best_checkpoint=trainer.state.best_model_checkpoint)
 
 
 if __name__ == "__main__":

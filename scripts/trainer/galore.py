@@ -36,17 +36,17 @@ Docs: https://huggingface.co/docs/transformers/optimizers#galore
       https://arxiv.org/abs/2403.03507 (GaLore)
 """
 
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from hftrain.errors import UserError
 from hftrain.models import load_model
-from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
 
 # Full-name regex (the Trainer uses re.fullmatch): the q/k/v/o projections and the MLP's gate/up/down.
 ATTENTION_AND_MLP = r".*\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
 
 
-def check_galore(args: ModelArguments, training_args: TrainingArguments) -> None:
+def check_galore(args: ScriptArguments, training_args: TrainingArguments) -> None:
     """The combinations galore-torch and the Trainer cannot run, refused before any model is loaded."""
     optim = training_args.optim.value
     if optim.startswith("galore") and "8bit" in optim and training_args.device.type != "cuda":
@@ -66,7 +66,7 @@ def check_galore(args: ModelArguments, training_args: TrainingArguments) -> None
 
 def main() -> None:
     args, training_args, checkpoint = parse_args(
-        ModelArguments,
+        ScriptArguments,
         check=check_galore,
         output_dir="output/trainer/galore",
         optim="galore_adamw",
@@ -78,15 +78,18 @@ def main() -> None:
         # down, so the rate sits above the 3e-3 that plain AdamW uses on this task).
         learning_rate=1e-2,
     )
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
 
     # The Trainer builds the GaLore optimizer from optim, optim_target_modules and optim_args.
-    trainer = rating_trainer(model, training_args, data)
+    trainer = build_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
     trainer.save_model()
-    finish(trainer, train_result, eval_metrics, optim=training_args.optim.value, optim_args=training_args.optim_args)
+    write_run_summary(
+        trainer, data, train_result, eval_metrics, optim=training_args.optim.value, optim_args=training_args.optim_args
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ the embedded rating task (data prepared on first use) in about a minute on a lap
     accelerate launch --config_file accelerate_config.yaml \\
         scripts/trainer/getting_started.py --model small          # every GPU, one process each (DDP)
     python scripts/trainer/getting_started.py --help              # every flag, TrainingArguments' too
+    python scripts/trainer/getting_started.py --model path/to/checkpoint --dataset corpus.txt \
+        --eval_on_start                                           # your model and text: perplexity before and after
 
 SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint after the current step and
 exits with status 143 or 130; the same command plus `--resume_from_checkpoint latest` continues
@@ -24,13 +26,16 @@ Docs: https://huggingface.co/docs/transformers/main_classes/trainer
 from dataclasses import dataclass, field
 
 import torch
+from huggingface_hub import upload_folder
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hftrain.cli import check_batch_size, check_output_dir, check_training_args, resolve_checkpoint
+from hftrain.checkpoints import resolve_checkpoint
+from hftrain.cli import check_batch_size, check_output_dir, check_training_args, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
 from hftrain.metrics import Accuracy
-from hftrain.models import check_max_length, load_model
+from hftrain.models import PRESETS, check_max_length, load_model
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results
 
@@ -41,6 +46,14 @@ class ScriptArguments:
     data_dir: str = field(
         default=DEFAULT_DATA_DIR,
         metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
+            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
+            "scripts/prepare_datasets.py."
+        },
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
     trust_remote_code: bool = field(
@@ -66,8 +79,13 @@ def main() -> None:
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to=["tensorboard"],
     )
-    check_training_extras(parser.parse_known_args()[0])  # e.g. --deepspeed without deepspeed: which extra to install
+    known = parser.parse_known_args()[0]
+    check_training_extras(known)  # e.g. --deepspeed without deepspeed: which extra to install
+    # A pretrained checkpoint is fine-tuned with a lower learning rate than a preset's random weights (printed).
+    set_model_defaults(parser, known.model)
     args, training_args = parser.parse_args_into_dataclasses()
+    if training_args.push_to_hub and args.model in PRESETS:
+        raise UserError(f"--push_to_hub shares a fine-tuned model, but --model {args.model} is a preset with random weights")
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens, not padding
     check_training_args(training_args)  # e.g. a batch size or step count of 0, more processes than GPUs
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -78,7 +96,7 @@ def main() -> None:
         print(f"resuming from {checkpoint}")
 
     with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
-        data = load_prepared(args.data_dir)
+        data = load_prepared(args.data_dir, args.dataset, args.model)  # --dataset: prepared for --model first
     set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
@@ -110,10 +128,15 @@ def main() -> None:
                 "train_loss": train_result.training_loss,
                 "steps": trainer.state.global_step,
                 "distributed_type": trainer.accelerator.distributed_type.value,  # MULTI_GPU (DDP), MULTI_CPU, or NO
+                "base_model": args.model,  # these three go into the model card (README.md) too
+                "dataset": data.source,
+                "task": data.task,
                 **throughput.metrics,
             },
             trainer.state.log_history,
         )
+        if training_args.push_to_hub:  # the folder with its card; the Trainer created the repository at start
+            upload_folder(repo_id=trainer.hub_model_id, folder_path=training_args.output_dir, ignore_patterns=["checkpoint-*"])
     trainer.accelerator.end_training()  # every process leaves the process group (DDP) before exiting
 
 

@@ -32,14 +32,14 @@ from transformers import TrainingArguments, set_seed
 
 from hftrain.models import load_model
 from hftrain.reporting import write_results
-from hftrain.trainer import ModelArguments, load_data, parse_args, rating_trainer
+from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, throughput_metrics
 
 
-def train_once(args: ModelArguments, training_args: TrainingArguments, data: Any) -> dict[str, Any]:
+def train_once(args: ScriptArguments, training_args: TrainingArguments, data: Any) -> dict[str, Any]:
     set_seed(training_args.seed)  # the same initial weights and the same batch order for both runs
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
     # neftune_noise_alpha in training_args: the Trainer hooks the input embeddings while training.
-    trainer = rating_trainer(model, training_args, data)
+    trainer = build_trainer(model, training_args, data)
     train_result = trainer.train()
     eval_metrics = trainer.evaluate()  # the hook is removed after training: evaluation sees clean embeddings
     trainer.save_model()
@@ -49,14 +49,17 @@ def train_once(args: ModelArguments, training_args: TrainingArguments, data: Any
         "eval_loss": eval_metrics["eval_loss"],
         "train_loss": train_result.training_loss,
         "steps": trainer.state.global_step,
+        "base_model": args.model,  # these three go into the model card (README.md) too
+        "dataset": data.source,
+        "task": data.task,
         "log_history": trainer.state.log_history,
-        **trainer.throughput.metrics,
+        **throughput_metrics(trainer),
     }
 
 
 def main() -> None:
     args, training_args, _ = parse_args(
-        ModelArguments,
+        ScriptArguments,
         resumable=False,  # two runs and no checkpoints: --resume_from_checkpoint is refused, not ignored
         output_dir="output/trainer/neftune",
         # The paper uses 5 (also 10, 15) on 4096-wide models with sequences of hundreds of tokens. The
@@ -66,7 +69,8 @@ def main() -> None:
         num_train_epochs=2,  # two short runs instead of one long one
         save_strategy="no",  # the final model is still saved
     )
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
 
     alpha = training_args.neftune_noise_alpha
     # dataclasses.replace builds a fresh TrainingArguments: only these two fields differ between the runs.
@@ -93,7 +97,7 @@ def main() -> None:
             f"{baseline['eval_accuracy']:.3f} without (baseline) | eval loss {noisy['eval_loss']:.4f} vs "
             f"{baseline['eval_loss']:.4f} | same data and seed"
         )
-    PartialState().destroy_process_group()  # every process leaves the group, as hftrain.trainer.finish does
+    PartialState().destroy_process_group()  # every process leaves the group, as hftrain.trainer.write_run_summary does
 
 
 if __name__ == "__main__":

@@ -21,9 +21,16 @@ switches that repacking off (tests/test_memory_efficient.py proves the gradients
 
     python scripts/trainer/qlora.py                                   # tiny on CPU, ~1 min
     python scripts/trainer/qlora.py --model small                     # one GPU
-    python scripts/trainer/qlora.py --model /path/to/checkpoint --modules_to_save ""
+    python scripts/trainer/qlora.py --model /path/to/checkpoint --dataset corpus.txt   # lr 2e-4, no modules_to_save
     python scripts/evaluate_model.py --model_dir output/trainer/qlora --load_in_4bit
     accelerate launch --config_file accelerate_config.yaml scripts/trainer/qlora.py --model small  # DDP
+
+Why these settings learn on a preset: its frozen 4-bit base is random, not pretrained, so the
+adapters must carry the whole task. Rank 16 is a quarter of the tiny preset's width (a
+pretrained 4096-wide model gets by with 8-64), alpha = 2 x rank, and lr 1e-2 (3x full
+fine-tuning's: few parameters, B starting at zero). Random frozen embeddings and output layer
+would leave LoRA working around noise (0.60 accuracy after 200 steps on tiny), so they train in
+full through modules_to_save (0.97 after 200 steps, 0.998 after the default 3 epochs).
 
 Hardware: one GPU (CUDA) or the CPU (bitsandbytes 0.48+ has CPU 4-bit kernels); DDP puts a
 4-bit copy on every GPU. To shard a base too large for one GPU, see scripts/trainer/sharded/fsdp_qlora.py.
@@ -38,51 +45,45 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import TrainingArguments
+from transformers import BitsAndBytesConfig, TrainingArguments, set_seed
 
 from hftrain.errors import UserError
 from hftrain.extras import require_extra
 from hftrain.models import count_parameters, save_preset_base
 from hftrain.quantization import check_4bit_device, load_4bit
-from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
 
 
 @dataclass
-class ScriptArguments(ModelArguments):
+class QLoraArguments(ScriptArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator: updates are scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
     modules_to_save: str = field(
         default="embed_tokens,lm_head",
         metadata={
-            "help": "Comma-separated modules trained in full beside the adapters (saved with them). The presets' "
-            "random embeddings mean nothing, so they must learn; with a pretrained base pass '' (plain QLoRA)."
+            "help": "Comma-separated modules trained in full beside the adapters (saved with them). Default by --model: "
+            "embed_tokens,lm_head for a preset (its random embeddings mean nothing, so they must learn), none for a "
+            "pretrained checkpoint (plain QLoRA)."
         },
     )
-
-
-def check_devices(args: ScriptArguments, training_args: TrainingArguments) -> None:
-    if training_args.n_gpu > 1:  # plain `python` on several GPUs would wrap the 4-bit model in DataParallel
-        raise UserError(
-            "QLoRA here trains on one GPU per process: set CUDA_VISIBLE_DEVICES=0, or launch one process per GPU "
-            "with accelerate launch (DDP)"
-        )
-    check_4bit_device(training_args.device)  # before anything is built or written
 
 
 def main() -> None:
     require_extra("bitsandbytes")  # the 4-bit layers and the 8-bit optimizer
     cuda = torch.cuda.is_available()
     args, training_args, checkpoint = parse_args(
-        ScriptArguments,
+        QLoraArguments,
         check=check_devices,
         output_dir="output/trainer/qlora",
-        learning_rate=1e-2,  # see "Why these settings" below
+        adapter=True,  # the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
+        learning_rate=1e-2,  # for a preset: see "Why these settings" above
         # (eval_strategy "epoch": evaluating between epochs is exactly what the CPU repacking trap breaks)
         optim="paged_adamw_8bit" if cuda else "adamw_bnb_8bit",  # see the header: paging needs CUDA
     )
     optim = training_args.optim.value  # TrainingArguments turns the name into an enum
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     compute_dtype = torch.bfloat16 if cuda else torch.float32
     with training_args.main_process_first():  # under DDP, rank 0 writes the base checkpoint once
         base = save_preset_base(
@@ -94,19 +95,24 @@ def main() -> None:
             dtype=compute_dtype,
             device=training_args.device,
         )
-    model = load_4bit(base, data.tokenizer, compute_dtype, training_args.device, trust_remote_code=args.trust_remote_code)
-
-    # use_reentrant=False: checkpointing works without the inputs requiring grad (the non-reentrant
-    # variant PyTorch recommends). This turns it on, so --activation_checkpointing is not needed.
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",  # NormalFloat4: 16 levels placed for normally distributed weights
+        bnb_4bit_use_double_quant=True,  # quantize the scales too: ~0.4 bit per parameter saved
+        bnb_4bit_compute_dtype=compute_dtype,  # matmuls dequantize to this dtype
+    )
+    model = load_4bit(
+        base,
+        data.tokenizer,
+        compute_dtype,
+        training_args.device,
+        quantization_config=quantization,
+        trust_remote_code=args.trust_remote_code,
+    )
+    # Turns on gradient checkpointing (no --gradient_checkpointing needed); non-reentrant: the inputs need no grad.
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
-    # Why these settings learn on a preset: its frozen 4-bit base is random, not pretrained, so the
-    # adapters must carry the whole task. Rank 16 is a quarter of the tiny preset's width (a
-    # pretrained 4096-wide model gets by with 8-64), alpha = 2 x rank, and lr 1e-2 (3x full
-    # fine-tuning's: few parameters, B starting at zero). Random frozen embeddings and output layer
-    # would leave LoRA working around noise (0.60 accuracy after 200 steps on tiny), so they train in
-    # full through modules_to_save (0.97 after 200 steps, 0.998 after the default 3 epochs).
     lora = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -116,15 +122,32 @@ def main() -> None:
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
+    model.print_trainable_parameters()
     note = " (CPU: unpaged, paging needs CUDA)" if optim == "adamw_bnb_8bit" and not cuda else ""
-    print(f"trainable parameters: {trainable:,} of {total:,} (4-bit weights count as packed bytes) | optim {optim}{note}")
+    print(f"optim {optim}{note}")
 
-    trainer = rating_trainer(model, training_args, data)
+    trainer = build_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
     trainer.save_model()  # the adapter (and modules_to_save) only: a few MB; the tokenizer beside it
-    finish(trainer, train_result, eval_metrics, optim=optim, base_model=base, trainable_parameters=trainable)
+    write_run_summary(
+        trainer,
+        data,
+        train_result,
+        eval_metrics,
+        optim=optim,
+        base_model=base,
+        trainable_parameters=count_parameters(model, trainable_only=True),
+    )
+
+
+def check_devices(args: QLoraArguments, training_args: TrainingArguments) -> None:
+    if training_args.n_gpu > 1:  # plain `python` on several GPUs would wrap the 4-bit model in DataParallel
+        raise UserError(
+            "QLoRA here trains on one GPU per process: set CUDA_VISIBLE_DEVICES=0, or launch one process per GPU "
+            "with accelerate launch (DDP)"
+        )
+    check_4bit_device(training_args.device)  # before anything is built or written
 
 
 if __name__ == "__main__":

@@ -39,11 +39,12 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from hftrain.chat import DEFAULT_CHAT_TEMPLATE, answer_accuracy, load_chat_data
-from hftrain.cli import check_output_dir, check_training_args, resolve_checkpoint
+from hftrain.checkpoints import resolve_checkpoint
+from hftrain.cli import check_output_dir, check_training_args
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
-from hftrain.models import PRESETS, load_config, load_model, save_preset_base
+from hftrain.models import PRESETS, describe_defaults, load_config, load_model, model_defaults, save_preset_base
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results
 
@@ -78,9 +79,14 @@ def main() -> None:
     known = parser.parse_known_args()[0]
     check_training_extras(known)  # --deepspeed, --use_liger_kernel, an 8-bit or GaLore --optim: installed?
     preset = known.model_name_or_path in PRESETS
-    # A preset's random weights need a high learning rate, and LoRA on it must also train the embeddings and the
-    # output layer; a pretrained checkpoint is fine-tuned gently and keeps them frozen (a few-MB adapter).
-    lr = (1e-2 if known.use_peft else 3e-3) if preset else (2e-4 if known.use_peft else 5e-5)
+    # The project's one rule (hftrain.models.model_defaults): a preset's random weights need a high learning rate, and
+    # LoRA on it must also train the embeddings and the output layer; a pretrained checkpoint is fine-tuned gently and
+    # keeps them frozen (a few-MB adapter).
+    defaults = model_defaults(
+        known.model_name_or_path, adapter=known.use_peft, preset_learning_rate=1e-2 if known.use_peft else 3e-3
+    )
+    lr = defaults["learning_rate"]
+    modules_to_save = model_defaults(known.model_name_or_path, adapter=True, preset_learning_rate=lr)["modules_to_save"]
     parser.set_defaults(
         output_dir="output/trainer/sft",
         num_train_epochs=3,
@@ -99,12 +105,11 @@ def main() -> None:
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to=["tensorboard"],
         lora_target_modules=["all-linear"],
-        lora_modules_to_save=["embed_tokens", "lm_head"] if preset else None,
+        lora_modules_to_save=modules_to_save.split(",") if modules_to_save else None,
     )
     args, training_args, model_args = parser.parse_args_into_dataclasses()
     model_name = model_args.model_name_or_path
-    kind = "a preset with random weights" if preset else "a pretrained checkpoint"
-    print(f"defaults for {kind} ({model_name}): learning_rate {lr:g} (a flag given on the command line wins)")
+    print(describe_defaults(model_name, defaults))
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise UserError("sft.py trains bf16/float32 weights; for a 4-bit base use scripts/trainer/qlora.py")
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens

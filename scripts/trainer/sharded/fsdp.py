@@ -16,23 +16,27 @@ Docs: https://huggingface.co/docs/accelerate/usage_guides/fsdp
       https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html
 """
 
+from transformers import set_seed
+
 from hftrain.models import load_model
-from hftrain.sharding import check_fsdp_layer_classes, save_full_state_dict_next
-from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+from hftrain.sharding import check_fsdp_layer_classes
+from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
 
 
 def main() -> None:
-    args, training_args, checkpoint = parse_args(ModelArguments, output_dir="output/trainer/sharded/fsdp")
-    data = load_data(training_args, args.data_dir)
+    args, training_args, checkpoint = parse_args(ScriptArguments, output_dir="output/trainer/sharded/fsdp")
+    data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
     check_fsdp_layer_classes(model)  # a config naming a layer this model lacks fails here, in one sentence
 
-    trainer = rating_trainer(model, training_args, data)  # accelerate shards the model inside the Trainer
+    trainer = build_trainer(model, training_args, data)  # accelerate shards the model inside the Trainer
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
-    save_full_state_dict_next(trainer)  # gather the shards for a complete model
+    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is gathered whole on rank 0
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
-    finish(trainer, train_result, eval_metrics, fsdp=bool(trainer.is_fsdp_enabled))
+    write_run_summary(trainer, data, train_result, eval_metrics, fsdp=bool(trainer.is_fsdp_enabled))
 
 
 if __name__ == "__main__":

@@ -27,28 +27,38 @@ Docs: https://huggingface.co/docs/peft/accelerate/fsdp
 from dataclasses import dataclass, field
 
 from peft import LoraConfig, get_peft_model
+from transformers import set_seed
 
-from hftrain.models import PRESETS, count_parameters, load_model, save_preset_base
-from hftrain.sharding import check_fsdp_layer_classes, save_full_state_dict_next
-from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+from hftrain.models import count_parameters, load_model, save_preset_base
+from hftrain.sharding import check_fsdp_layer_classes
+from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
 
 
 @dataclass
-class LoraArguments(ModelArguments):
+class LoraArguments(ScriptArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank: the adapter's size and capacity."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    modules_to_save: str = field(
+        default="embed_tokens,lm_head",
+        metadata={
+            "help": "Comma-separated modules trained in full beside the adapters (saved with them). Default by --model: "
+            "embed_tokens,lm_head for a preset (random, they must learn), none for a pretrained checkpoint."
+        },
+    )
 
 
 def main() -> None:
     args, training_args, checkpoint = parse_args(
         LoraArguments,
         output_dir="output/trainer/sharded/fsdp_lora",
-        learning_rate=1e-2,
+        adapter=True,  # LoRA: the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
+        learning_rate=1e-2,  # for a preset
         gradient_checkpointing=True,  # not FSDP's (see above); non-reentrant: the frozen inputs need no grad
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     with training_args.main_process_first():
         base = save_preset_base(
             args.model,
@@ -66,19 +76,22 @@ def main() -> None:
         lora_dropout=args.lora_dropout,
         target_modules="all-linear",  # every projection in attention and MLP (not lm_head)
         # The presets start from random weights, so the embeddings and output layer must learn too;
-        # with a pretrained base, drop modules_to_save and train the adapter alone.
-        modules_to_save=["embed_tokens", "lm_head"] if args.model in PRESETS else None,
+        # a pretrained base's stay frozen and the adapter trains alone (the default by --model).
+        modules_to_save=[m for m in args.modules_to_save.split(",") if m] or None,  # default by --model
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    print(f"trainable parameters: {count_parameters(model, trainable_only=True):,} of {count_parameters(model):,}")
+    model.print_trainable_parameters()
 
-    trainer = rating_trainer(model, training_args, data)
+    trainer = build_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
-    save_full_state_dict_next(trainer)  # otherwise only rank 0's slice of each LoRA tensor is saved
+    if trainer.is_fsdp_enabled:  # gather whole tensors, or only rank 0's slice of each LoRA tensor is saved
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()  # adapter_model.safetensors + adapter_config.json naming the base
-    finish(trainer, train_result, eval_metrics, trainable_parameters=count_parameters(model, trainable_only=True))
+    write_run_summary(
+        trainer, data, train_result, eval_metrics, trainable_parameters=count_parameters(model, trainable_only=True)
+    )
 
 
 if __name__ == "__main__":

@@ -23,19 +23,26 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import BitsAndBytesConfig
+from transformers import BitsAndBytesConfig, set_seed
 
 from hftrain.errors import UserError
 from hftrain.extras import require_extra
-from hftrain.models import PRESETS, count_parameters, load_model, save_preset_base
-from hftrain.sharding import check_fsdp_layer_classes, save_full_state_dict_next
-from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+from hftrain.models import count_parameters, load_model, save_preset_base
+from hftrain.sharding import check_fsdp_layer_classes
+from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
 
 
 @dataclass
-class QLoraArguments(ModelArguments):
+class QLoraArguments(ScriptArguments):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is scaled by alpha / r."})
+    modules_to_save: str = field(
+        default="embed_tokens,lm_head",
+        metadata={
+            "help": "Comma-separated modules trained in full beside the adapters (saved with them). Default by --model: "
+            "embed_tokens,lm_head for a preset (random, they must learn), none for a pretrained checkpoint."
+        },
+    )
 
 
 def main() -> None:
@@ -48,12 +55,14 @@ def main() -> None:
     args, training_args, checkpoint = parse_args(
         QLoraArguments,
         output_dir="output/trainer/sharded/fsdp_qlora",
-        learning_rate=1e-2,
+        adapter=True,  # LoRA: the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
+        learning_rate=1e-2,  # for a preset
         bf16=True,
         gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     with training_args.main_process_first():
         base = save_preset_base(
             args.model,
@@ -79,19 +88,22 @@ def main() -> None:
         lora_alpha=args.lora_alpha,
         target_modules="all-linear",
         # A preset's random base cannot be quantised into anything useful to adapt, so its
-        # embeddings and output layer (kept in bf16, not 4-bit) train too; drop this for a pretrained base.
-        modules_to_save=["embed_tokens", "lm_head"] if args.model in PRESETS else None,
+        # embeddings and output layer (kept in bf16, not 4-bit) train too; not a pretrained base's (default by --model).
+        modules_to_save=[m for m in args.modules_to_save.split(",") if m] or None,  # default by --model
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    print(f"trainable parameters: {count_parameters(model, trainable_only=True):,} of {count_parameters(model):,}")
+    model.print_trainable_parameters()
 
-    trainer = rating_trainer(model, training_args, data)
+    trainer = build_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
-    save_full_state_dict_next(trainer)
+    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is gathered whole on rank 0
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
-    finish(trainer, train_result, eval_metrics, trainable_parameters=count_parameters(model, trainable_only=True))
+    write_run_summary(
+        trainer, data, train_result, eval_metrics, trainable_parameters=count_parameters(model, trainable_only=True)
+    )
 
 
 if __name__ == "__main__":

@@ -24,26 +24,29 @@ Docs: https://huggingface.co/docs/transformers/deepspeed
       https://www.deepspeed.ai/docs/config-json/#zero-optimizations-for-fp16-training
 """
 
+from transformers import set_seed
+
 from hftrain.models import load_model
 from hftrain.sharding import gather_lm_head_for_liger, start_deepspeed_comm_on_cpu
-from hftrain.trainer import ModelArguments, finish, load_data, parse_args, rating_trainer
+from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
 
 
 def main() -> None:
     # ZeRO-3 is configured while TrainingArguments is built (in parse_args), before the model exists.
     args, training_args, checkpoint = parse_args(
-        ModelArguments, output_dir="output/trainer/sharded/zero", deepspeed="deepspeed_config.json"
+        ScriptArguments, output_dir="output/trainer/sharded/zero", deepspeed="deepspeed_config.json"
     )
     start_deepspeed_comm_on_cpu(training_args.use_cpu)
-    data = load_data(training_args, args.data_dir)
+    data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)  # built partitioned
     gather_lm_head_for_liger(model, training_args)  # only with --use_liger_kernel
 
-    trainer = rating_trainer(model, training_args, data)
+    trainer = build_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
     trainer.save_model()  # every rank takes part: the shards are gathered into one safetensors file
-    finish(trainer, train_result, eval_metrics)
+    write_run_summary(trainer, data, train_result, eval_metrics)
 
 
 if __name__ == "__main__":

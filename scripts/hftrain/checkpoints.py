@@ -1,0 +1,120 @@
+"""Checkpoint integrity and --resume_from_checkpoint: a damaged or incomplete checkpoint is refused in one
+sentence, and nothing in one is unpickled."""
+
+import json
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from hftrain.errors import UserError
+
+# What a resumable checkpoint holds. The Trainer writes trainer_state.json last (after the weights, optimizer,
+# scheduler and RNG states), so a save cut short by a crash leaves a folder without it. The accelerate loops
+# save into a temporary folder and rename it when complete; these are the files their load_state reads.
+TRAINER_CHECKPOINT = ("trainer_state.json",)
+ACCELERATE_CHECKPOINT = ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "loop_state.json")
+# Files that the resume paths read with torch.load(weights_only=True); a Trainer checkpoint's training_args.bin
+# is a pickle too, but nothing reads it back.
+NOT_LOADED = ("training_args.bin",)
+
+
+def unpicklable_file(folder: Path) -> str | None:
+    """A file in `folder` that only unpickling arbitrary objects could load, or None. The accelerate loops of earlier
+    versions pickled their scheduler and history (custom_checkpoint_*.pkl, loaded by accelerate with
+    weights_only=False); any other pickle must load with weights_only=True, as the resume paths load it. Memory-mapped,
+    so only the pickled structure is read, whatever the size of the tensors."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        if path.name.startswith("custom_checkpoint_"):
+            return path.name
+        if path.suffix in (".bin", ".pt", ".pth", ".pkl") and path.name not in NOT_LOADED and zipfile.is_zipfile(path):
+            try:
+                with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):  # numpy's RNG state, as accelerate allows
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                return path.name
+            except Exception:
+                pass  # cut short or damaged: checkpoint_problem says so
+    return None
+
+
+def checkpoint_problem(folder: Path, required: tuple[str, ...] = TRAINER_CHECKPOINT) -> str | None:
+    """Why `folder` cannot be resumed from (a file missing or cut short), or None. Reads the weights' headers, not
+    their tensors, and the ends of the pickles: fast at any model size."""
+    for name in required:
+        if not (folder / name).is_file():
+            return f"it has no {name}"
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":  # the header must parse and the tensors it lists must fit the file
+                with safe_open(path, "pt"):
+                    pass
+            elif path.suffix in (".bin", ".pt", ".pth", ".pkl") and not zipfile.is_zipfile(path):
+                return f"{path.name} is cut short"  # torch.save writes a zip archive, whose directory comes last
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception:
+            return f"{path.name} is cut short or damaged"
+    return None
+
+
+def resolve_checkpoint(
+    resume_from_checkpoint: str | None, output_dir: str, required: tuple[str, ...] = TRAINER_CHECKPOINT
+) -> str | None:
+    """`--resume_from_checkpoint latest` (or `true`) picks the newest complete checkpoint in the output directory,
+    skipping, with one line each, those a crash left incomplete; a named checkpoint that is incomplete is refused."""
+    if not resume_from_checkpoint:
+        return None
+
+    def refuse_unpickling(folder: Path) -> None:
+        name = unpicklable_file(folder)
+        if name is not None:
+            raise UserError(
+                f"--resume_from_checkpoint {resume_from_checkpoint}: {folder} holds {name}, which only unpickling "
+                "arbitrary objects could load (it was written by an earlier version of this script, or by something else), "
+                "so nothing was loaded; resume from a checkpoint this version wrote, or start again with --overwrite_output_dir"
+            )
+
+    if resume_from_checkpoint.lower() in ("latest", "last", "true"):
+        found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+        if not found:
+            raise UserError(
+                f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} holds no checkpoint-* folder to resume from"
+            )
+        for folder in sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True):
+            refuse_unpickling(folder)
+            problem = checkpoint_problem(folder, required)
+            if problem is None:
+                return str(folder)
+            if os.environ.get("RANK", "0") == "0":  # once, not once per process
+                print(f"skipping {folder}: {problem} (a save that was interrupted); trying the previous checkpoint", flush=True)
+        raise UserError(
+            f"--resume_from_checkpoint {resume_from_checkpoint}: every checkpoint in {output_dir} is incomplete; "
+            "start again without --resume_from_checkpoint (and with --overwrite_output_dir)"
+        )
+    if not Path(resume_from_checkpoint).is_dir():
+        raise UserError(
+            f"--resume_from_checkpoint {resume_from_checkpoint} does not exist; pass a checkpoint-* folder or 'latest'"
+        )
+    if Path(resume_from_checkpoint).resolve().parent != Path(output_dir).resolve():
+        # Resuming writes into --output_dir: into another run's folder it would overwrite that run's model and
+        # metrics and rotate its checkpoints away.
+        raise UserError(
+            f"--resume_from_checkpoint {resume_from_checkpoint} is not inside --output_dir {output_dir}; a run continues "
+            f"in its own folder: copy the checkpoint there first (mkdir -p {output_dir} && cp -r {resume_from_checkpoint} "
+            f"{output_dir}/) and resume from the copy"
+        )
+    refuse_unpickling(Path(resume_from_checkpoint))
+    problem = checkpoint_problem(Path(resume_from_checkpoint), required)
+    if problem is not None:
+        raise UserError(
+            f"--resume_from_checkpoint {resume_from_checkpoint} is incomplete or damaged ({problem}); "
+            "pass an earlier checkpoint-* folder, or 'latest' for the newest complete one"
+        )
+    return resume_from_checkpoint
