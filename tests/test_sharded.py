@@ -21,6 +21,8 @@ def single_process(workdir, start_checkpoint):
         "trainer/getting_started.py",
         "--model",
         start_checkpoint,
+        "--learning_rate",  # random weights saved as a checkpoint: the preset's rate, not a checkpoint's 5e-5
+        "3e-3",
         "--max_steps",
         "160",
         *SHORT,
@@ -54,6 +56,8 @@ def test_zero3_two_cpu_processes_learns_saves_and_matches_single_process(workdir
     args = [
         "--model",
         start_checkpoint,
+        "--learning_rate",  # random weights saved as a checkpoint: the preset's rate, not a checkpoint's 5e-5
+        "3e-3",
         "--max_steps",
         "160",
         *SHORT,
