@@ -23,7 +23,6 @@ Docs: https://huggingface.co/docs/transformers/main/en/generation_strategies
       https://huggingface.co/docs/peft/main/en/package_reference/peft_model#peft.PeftModel.from_pretrained
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TextStreamer, set_seed
 
 from hftrain.errors import UserError
+from hftrain.sharing import adapter_base
 
 
 @dataclass
@@ -52,21 +52,6 @@ class Arguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
     )
-
-
-def adapter_base(adapter_dir: Path) -> str:
-    """The base model an adapter names: a path relative to the adapter folder is resolved against it."""
-    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter_dir}/adapter_config.json names no base model (base_model_name_or_path)")
-    if Path(base).is_absolute() or base.startswith((".", "~")) or (adapter_dir / base).exists():
-        path = (adapter_dir / Path(base).expanduser()).resolve()  # an absolute path stays as it is
-        if not path.is_dir():
-            raise UserError(
-                f"the adapter's base model {base} does not exist (looked at {path}); copy it there or edit adapter_config.json"
-            )
-        return str(path)
-    return base  # a Hub id
 
 
 def main() -> None:

@@ -41,19 +41,21 @@ def relocate_adapter_base(output_dir: str) -> str | None:
     return base
 
 
-def adapter_base(adapter_dir: str) -> str:
+def adapter_base(adapter_dir: str | Path) -> str:
     """The base model an adapter names, as a path `from_pretrained` loads from here: a path relative to the adapter's
-    folder is resolved against it, a Hub id (or an absolute path, as older adapters have) is returned as it is."""
-    base = json.loads(Path(adapter_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
-    beside = Path(adapter_dir, base)
-    if not os.path.isabs(base) and beside.exists():
-        return str(beside.resolve())
-    if base.startswith(".") or os.path.isabs(base) and not Path(base).exists():
-        raise UserError(
-            f"the adapter in {adapter_dir} names its base {base} (relative to its folder), which is not there; "
-            "put the base model there, or edit base_model_name_or_path in its adapter_config.json"
-        )
-    return base
+    folder is resolved against it (an absolute one, as older adapters have, stays as it is), a Hub id is returned as it is."""
+    base = json.loads(Path(adapter_dir, "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}/adapter_config.json names no base model (base_model_name_or_path)")
+    if os.path.isabs(base) or base.startswith((".", "~")) or Path(adapter_dir, base).exists():
+        path = (Path(adapter_dir) / Path(base).expanduser()).resolve()
+        if not path.is_dir():
+            raise UserError(
+                f"the adapter's base model {base} does not exist (looked at {path}); put the base model there, "
+                "or edit base_model_name_or_path in its adapter_config.json"
+            )
+        return str(path)
+    return base  # a Hub id
 
 
 def write_model_card(output_dir: str, metrics: dict[str, Any]) -> Path:
