@@ -33,10 +33,10 @@ PREEMPTED = re.compile(
 
 
 def signal_mid_training(
-    cmd: list[str], cwd: Path, ready: re.Pattern, times: int = 1, to_worker: bool = False, **env: str
+    cmd: list[str], cwd: Path, ready: re.Pattern, times: int = 1, to_worker: str = "", **env: str
 ) -> tuple[int, str]:
-    """Run `cmd`; once `ready` has matched `times` output lines, send one SIGTERM to it (or, `to_worker`, to one of
-    the processes its launcher started); return its exit status and output."""
+    """Run `cmd`; once `ready` has matched `times` output lines, send one SIGTERM to it (or, with `to_worker` a
+    script's path, to the training process of rank 1 that its launcher started); return its exit status and output."""
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=script_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )  # text mode splits tqdm's carriage-return updates into lines too
@@ -48,7 +48,7 @@ def signal_mid_training(
             if ready.search(line):
                 times -= 1
                 if times == 0:
-                    os.kill(psutil.Process(proc.pid).children()[-1].pid if to_worker else proc.pid, signal.SIGTERM)
+                    os.kill(worker(proc.pid, to_worker, rank=1) if to_worker else proc.pid, signal.SIGTERM)
         proc.wait(timeout=300)
     finally:  # on a failure, workers that a launcher started in their own sessions too
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -56,6 +56,16 @@ def signal_mid_training(
                 child.kill()
         proc.kill()  # a no-op once it has exited
     return proc.returncode, "".join(lines)
+
+
+def worker(launcher: int, script: str, rank: int) -> int:
+    """The pid of the training process of `rank` under a launcher: the descendant running `script` whose LOCAL_RANK
+    is `rank`. Not just "the last child": a launcher may also start helpers (a multiprocessing resource tracker)."""
+    for child in psutil.Process(launcher).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if script in child.cmdline() and child.environ().get("LOCAL_RANK") == str(rank):
+                return child.pid
+    raise AssertionError(f"no process of rank {rank} running {script} under the launcher")
 
 
 def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
@@ -142,7 +152,8 @@ def loop_preempted(workdir):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     cmd += ["--main_process_port", port, str(SCRIPTS / "basic/custom_loop_accelerate.py"), *LOOP, "--output_dir", str(out)]
     ready = re.compile(rf"train: .*\| ([3-9]|[1-5][0-9])/{STEPS} ")  # the progress bar at step 3 or later
-    status, output = signal_mid_training(cmd, workdir, ready, to_worker=True, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    script = str(SCRIPTS / "basic/custom_loop_accelerate.py")
+    status, output = signal_mid_training(cmd, workdir, ready, to_worker=script, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     match = PREEMPTED.search(output)
     assert match, f"exit status {status}, no preemption message:\n{output[-3000:]}"
     return out, status, output, int(match.group(1))

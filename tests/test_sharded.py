@@ -50,16 +50,12 @@ def deepspeed_cpu(script: str, *args: str, cwd: Path) -> None:
     run(cmd, cwd=cwd, OMP_NUM_THREADS="1")
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
-def test_zero3_two_cpu_processes_learns_saves_and_matches_single_process(workdir, start_checkpoint, single_process, launcher):
-    out = workdir / f"output/zero-{launcher}"
-    args = [
+def zero3_args(start_checkpoint: str, out: Path, *args: str) -> list[str]:
+    return [
         "--model",
         start_checkpoint,
         "--learning_rate",  # random weights saved as a checkpoint: the preset's rate, not a checkpoint's 5e-5
         "3e-3",
-        "--max_steps",
-        "160",
         *SHORT,
         "--use_cpu",
         "--per_device_train_batch_size",
@@ -68,24 +64,17 @@ def test_zero3_two_cpu_processes_learns_saves_and_matches_single_process(workdir
         str(out),
         "--deepspeed",
         str(ROOT / "deepspeed_config.json"),
+        *args,
     ]
-    if launcher == "deepspeed":
-        deepspeed_cpu("trainer/sharded/zero.py", *args, cwd=workdir)
-    else:  # without ACCELERATE_USE_CPU, which would make accelerate pick CPU DDP over DeepSpeed
-        port = str(free_port())
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            port,
-            str(SCRIPTS / "trainer/sharded/zero.py"),
-            *args,
-        ]
-        run(cmd, cwd=workdir, OMP_NUM_THREADS="1")
+
+
+def test_zero3_two_cpu_processes_learns_saves_and_matches_single_process(workdir, start_checkpoint, single_process):
+    """ZeRO-3 under `accelerate launch`, as the README shows, for as long as the single process learns."""
+    out = workdir / "output/zero-accelerate"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--main_process_port", str(free_port()), str(SCRIPTS / "trainer/sharded/zero.py")]
+    # without ACCELERATE_USE_CPU, which would make accelerate pick CPU DDP over DeepSpeed
+    run([*cmd, *zero3_args(start_checkpoint, out, "--max_steps", "160")], cwd=workdir, OMP_NUM_THREADS="1")
     metrics = read_metrics(out)
     assert metrics["num_devices"] == 2 and metrics["distributed_type"] == "DEEPSPEED"  # the ZeRO-3 engine really ran
     assert metrics["eval_accuracy"] >= 0.80  # chance 0.20
@@ -98,6 +87,23 @@ def test_zero3_two_cpu_processes_learns_saves_and_matches_single_process(workdir
     # The Trainer's eval loss is a mean of per-batch means; 2 processes batch the test set
     # differently from 1, so the loss differs in the 4th digit while the weights are the same.
     assert result["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=2e-3)
+
+
+def test_zero3_under_the_deepspeed_launcher_matches_single_process(workdir, start_checkpoint):
+    """The other launcher of the README, `deepspeed`: a short run (constant learning rate, so that its first steps are
+    those of any run length) against one process on the same global batches; the saved model reloads."""
+    short = ["--max_steps", "20", "--logging_steps", "5", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
+    one = workdir / "output/zero-deepspeed-single"
+    single = [a for a in zero3_args(start_checkpoint, one, *short, "--per_device_train_batch_size", "32") if a != "--deepspeed"]
+    run_script("trainer/getting_started.py", *(a for a in single if not a.endswith("deepspeed_config.json")), cwd=workdir)
+    out = workdir / "output/zero-deepspeed"
+    deepspeed_cpu("trainer/sharded/zero.py", *zero3_args(start_checkpoint, out, *short), cwd=workdir)
+    metrics = read_metrics(out)
+    assert metrics["num_devices"] == 2 and metrics["distributed_type"] == "DEEPSPEED"
+    assert list(train_losses(metrics)) == [5, 10, 15, 20]
+    assert train_losses(metrics) == pytest.approx(train_losses(read_metrics(one)), rel=1e-3)
+    result = json.loads(run_script("evaluate_model.py", "--model_dir", str(out), cwd=workdir).stdout.strip().splitlines()[-1])
+    assert result["eval_accuracy"] == metrics["eval_accuracy"]
 
 
 def test_fsdp_script_runs_single_process_and_saves_a_loadable_model(workdir):
