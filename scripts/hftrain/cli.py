@@ -66,19 +66,35 @@ def _check_sizes(args: Any, at_least_one: tuple[str, ...]) -> None:
         raise UserError("nothing to train: --max_steps is 0 or --num_train_epochs is not above 0; set one of them above 0")
 
 
-def set_model_defaults(parser: Any, model: str, adapter: bool = False) -> dict[str, Any]:
+def set_model_defaults(parser: Any, model: str, adapter: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
     """Make the defaults that depend on what --model is (`hftrain.models.model_defaults`: learning_rate, and
-    modules_to_save for an adapter) the parser's defaults, so a flag given on the command line still wins; print them
-    once. `parser` already holds the script's own learning rate, the one a preset gets. A --model in a format this
-    project does not load is refused here, first."""
+    modules_to_save for an adapter) the parser's defaults, so a flag given on the command line (`argv`, by default
+    sys.argv) still wins; print once those that the run takes, not those a flag overrode. `parser` already holds
+    the script's own learning rate, the one a preset gets. A --model in a format this project does not load is
+    refused here, first."""
     from hftrain.models import check_checkpoint_format, describe_defaults, model_defaults
 
     check_checkpoint_format(model)  # a GGUF or pickle-only --model, refused before anything is written
     defaults = model_defaults(model, adapter, parser.get_default("learning_rate"))
+    given = flags_given(parser, list(defaults), argv)
     parser.set_defaults(**defaults)
-    if os.environ.get("RANK", "0") == "0":
-        print(describe_defaults(model, defaults), flush=True)
+    applied = {name: value for name, value in defaults.items() if name not in given}
+    if applied and os.environ.get("RANK", "0") == "0":
+        print(describe_defaults(model, applied), flush=True)
     return defaults
+
+
+def flags_given(parser: Any, names: list[str], argv: list[str] | None = None) -> set[str]:
+    """Which of the parser's arguments `names` the command line sets, however spelled (--name=value, an abbreviation
+    argparse accepts): parsed once with a default no flag can produce."""
+    unset = object()
+    saved = {name: parser.get_default(name) for name in names}
+    parser.set_defaults(**dict.fromkeys(names, unset))
+    try:
+        known = parser.parse_known_args(argv)[0]
+    finally:
+        parser.set_defaults(**saved)
+    return {name for name in names if getattr(known, name, unset) is not unset}
 
 
 def check_batch_size(per_device_batch_size: int, num_processes: int, num_train: int) -> None:
