@@ -328,3 +328,20 @@ def test_lora_ddp_learns_and_leaves_the_base_untouched(lora_ddp, odd_data):
         assert torch.equal(trained[name], base[name]) and torch.equal(base[name], initial[name]), name
     adapter = load_file(out / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0: it was trained
+
+
+def test_accelerate_loop_logs_through_the_tensorboard_tracker(lora_ddp):
+    """--report_to tensorboard (the default): accelerate's tracker gets every log row under the Trainer's tags, from
+    the main process alone (one run, one events file), and the run's flags as hyperparameters."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = lora_ddp
+    (run,) = out.glob("runs/*/")
+    (events,) = run.glob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events))
+    scalars.Reload()
+    metrics = read_metrics(out)
+    assert {s.step: s.value for s in scalars.Scalars("train/loss")} == pytest.approx(train_losses(metrics), rel=1e-6)
+    evals = {row["step"]: row["eval_accuracy"] for row in metrics["log_history"] if "eval_accuracy" in row}
+    assert {s.step: s.value for s in scalars.Scalars("eval/accuracy")} == pytest.approx(evals, rel=1e-6)
+    assert "lora_r: 16" in next(run.glob("*/hparams.yml")).read_text()

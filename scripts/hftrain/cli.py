@@ -52,6 +52,20 @@ def check_loop_args(args: Any) -> None:
             raise UserError(f"--{name} is {getattr(args, name)}; it must be 0 or more")
     if args.max_grad_norm <= 0:
         raise UserError(f"--max_grad_norm is {args.max_grad_norm}; it must be above 0")
+    check_report_to(getattr(args, "report_to", "none"))
+
+
+def check_report_to(report_to: str) -> None:
+    """--report_to of an accelerate loop: trackers accelerate finds installed (it would skip others silently)."""
+    from accelerate.tracking import get_available_trackers
+
+    available = [str(t) for t in get_available_trackers()]
+    for name in report_to.split(","):
+        if name not in ("all", *available) and report_to != "none":
+            raise UserError(
+                f"--report_to {name}: accelerate has no such tracker installed here (installed: {', '.join(available) or 'none'}); "
+                f"install its package (e.g. pip install {name}), or pass tensorboard, all or none"
+            )
 
 
 def _check_sizes(args: Any, at_least_one: tuple[str, ...]) -> None:
