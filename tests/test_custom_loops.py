@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SCRIPTS, accelerate_cpu, read_metrics, run_script, train_losses
+from conftest import SCRIPTS, accelerate_cpu, first_screen, read_metrics, run_script, train_losses
 
 ODD_DATA = "data/odd"
 COMMON = ["--data_dir", ODD_DATA, "--num_train_epochs", "2", "--logging_steps", "10"]
@@ -161,6 +161,12 @@ def test_twins_differ_only_by_their_technique(base, variant, words):
         offending += [f"+ {u}" for u in added] + [f"- {u}" for u in removed]
     assert not offending, f"{variant} differs from {base} outside its technique {words}:\n" + "\n".join(offending)
     assert len(new) > 60 and len(set(old) & set(new)) > len(old) * 0.6  # they really are twins
+
+
+@pytest.mark.parametrize("script", ["lora/custom_loop.py", "lora/custom_loop_accelerate.py"])
+def test_lora_is_on_the_first_screen(script):
+    screen = first_screen(script)
+    assert "def main()" in screen and "LoraConfig(" in screen and "get_peft_model(model, lora_config)" in screen
 
 
 # ---------------------------------------------------------------- basic: one device, DDP, evaluation, resume
