@@ -15,8 +15,10 @@ nothing else differs. Plain `python` runs it on one device, like custom_loop.py.
         scripts/basic/custom_loop_accelerate.py --per_device_train_batch_size 16   # DDP on CPU (gloo)
     ... --resume_from_checkpoint latest                                     # continue a stopped run
 
-SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint after the current step and
-exits with status 143 or 130; the same command with `--resume_from_checkpoint latest` continues.
+SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint after the current step, on
+every process the same (`accelerator.set_trigger` / `check_trigger`), and exits with status 143 or
+130; the same command with `--resume_from_checkpoint latest` continues. The log rows go to
+accelerate's trackers (`--report_to`: TensorBoard in output_dir/runs by default, W&B, MLflow, ...).
 
 Two processes with 16 examples each make the same global batch as one with 32: --per_device_*
 sizes are per process, so a step sees batch size x accumulation x processes examples.

@@ -14,8 +14,10 @@ alone, written by the main process from the unwrapped model. Diff it against eit
         scripts/lora/custom_loop_accelerate.py --per_device_train_batch_size 16    # DDP on CPU (gloo)
     ... --resume_from_checkpoint latest                                     # continue a stopped run
 
-SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint after the current step and
-exits with status 143 or 130; the same command with `--resume_from_checkpoint latest` continues.
+SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint after the current step, on
+every process the same (`accelerator.set_trigger` / `check_trigger`), and exits with status 143 or
+130; the same command with `--resume_from_checkpoint latest` continues. The log rows go to
+accelerate's trackers (`--report_to`: TensorBoard in output_dir/runs by default, W&B, MLflow, ...).
 
 Docs: https://huggingface.co/docs/peft/accelerate/accelerate
       https://huggingface.co/docs/accelerate/usage_guides/checkpoint
