@@ -24,6 +24,16 @@ if XDIST:
     torch.set_num_threads(1)
 
 
+def first_screen(script: str, lines: int = 60) -> str:
+    """The `lines` lines after a script's imports: what a reader sees first, where its technique belongs."""
+    import ast
+
+    source = (SCRIPTS / script).read_text()
+    imports = [n for n in ast.parse(source).body if isinstance(n, ast.Import | ast.ImportFrom)]
+    end = max(n.end_lineno or n.lineno for n in imports)
+    return "\n".join(source.splitlines()[end : end + lines])
+
+
 def script_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": f"{SCRIPTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})

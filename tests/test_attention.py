@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers.utils import is_flash_attn_2_available
 
-from conftest import SCRIPTS, read_metrics, run_script, train_losses
+from conftest import SCRIPTS, first_screen, read_metrics, run_script, train_losses
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 FAST = {"OMP_NUM_THREADS": "1"}  # tiny matmuls: one thread is as fast, and steadier on a busy machine
@@ -275,3 +275,12 @@ def test_fp8_refuses_without_torchao(monkeypatch):
     args = script.AttentionArguments(attn_implementation="sdpa", fp8=True)
     with pytest.raises(UserError, match=r'--fp8 needs torchao: pip install -e "\.\[fp8\]"'):
         script.check_flash_attention(args, SimpleNamespace(n_gpu=0))
+
+
+def test_flash_attention_technique_is_on_the_first_screen():
+    """The attention implementation, the padding-free collator and the recipe's flags, in main() right after the imports."""
+    screen = first_screen("sdpa/flash_attention.py")
+    for lesson in ("attn_implementation=args.attn_implementation", "PaddingFreeCollator(", "recipe(args, training_args)"):
+        assert lesson in screen, lesson
+    for flag in ("speed.fp8", "speed.compile_layers", "args.pack_rows"):
+        assert flag in screen, flag

@@ -166,3 +166,14 @@ def test_corrupt_checkpoint_is_refused(workdir, tmp_path):
         damage()
         with pytest.raises(UserError, match=f"is incomplete or damaged \\({problem}\\)"):
             resolve_checkpoint(str(checkpoint), str(tmp_path))
+
+
+def test_loop_report_to_a_tracker_not_installed_is_refused(workdir):
+    """accelerate skips a tracker whose package is missing with a debug message only: the loop says so instead."""
+    from hftrain.cli import check_report_to
+
+    for fine in ("tensorboard", "all", "none"):
+        check_report_to(fine)
+    proc = run_script("basic/custom_loop_accelerate.py", "--report_to", "tensorboard,no_such_tracker", cwd=workdir, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: --report_to no_such_tracker: accelerate has no such tracker installed here" in proc.stderr

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SCRIPTS, accelerate_cpu, read_metrics, run_script, train_losses
+from conftest import SCRIPTS, accelerate_cpu, first_screen, read_metrics, run_script, train_losses
 
 ODD_DATA = "data/odd"
 COMMON = ["--data_dir", ODD_DATA, "--num_train_epochs", "2", "--logging_steps", "10"]
@@ -161,6 +161,12 @@ def test_twins_differ_only_by_their_technique(base, variant, words):
         offending += [f"+ {u}" for u in added] + [f"- {u}" for u in removed]
     assert not offending, f"{variant} differs from {base} outside its technique {words}:\n" + "\n".join(offending)
     assert len(new) > 60 and len(set(old) & set(new)) > len(old) * 0.6  # they really are twins
+
+
+@pytest.mark.parametrize("script", ["lora/custom_loop.py", "lora/custom_loop_accelerate.py"])
+def test_lora_is_on_the_first_screen(script):
+    screen = first_screen(script)
+    assert "def main()" in screen and "LoraConfig(" in screen and "get_peft_model(model, lora_config)" in screen
 
 
 # ---------------------------------------------------------------- basic: one device, DDP, evaluation, resume
@@ -328,3 +334,20 @@ def test_lora_ddp_learns_and_leaves_the_base_untouched(lora_ddp, odd_data):
         assert torch.equal(trained[name], base[name]) and torch.equal(base[name], initial[name]), name
     adapter = load_file(out / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0: it was trained
+
+
+def test_accelerate_loop_logs_through_the_tensorboard_tracker(lora_ddp):
+    """--report_to tensorboard (the default): accelerate's tracker gets every log row under the Trainer's tags, from
+    the main process alone (one run, one events file), and the run's flags as hyperparameters."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = lora_ddp
+    (run,) = out.glob("runs/*/")
+    (events,) = run.glob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events))
+    scalars.Reload()
+    metrics = read_metrics(out)
+    assert {s.step: s.value for s in scalars.Scalars("train/loss")} == pytest.approx(train_losses(metrics), rel=1e-6)
+    evals = {row["step"]: row["eval_accuracy"] for row in metrics["log_history"] if "eval_accuracy" in row}
+    assert {s.step: s.value for s in scalars.Scalars("eval/accuracy")} == pytest.approx(evals, rel=1e-6)
+    assert "lora_r: 16" in next(run.glob("*/hparams.yml")).read_text()

@@ -250,6 +250,35 @@ def test_one_rule_for_the_defaults_and_the_flag_wins(capsys):
     )
 
 
+def test_model_defaults_line_names_only_the_defaults_a_flag_did_not_set(capsys):
+    """The start line shows the values the run takes: a default that a flag overrode (however spelled) is left
+    out, and with none left there is no line."""
+    from dataclasses import dataclass, field
+
+    from hftrain.cli import set_model_defaults
+
+    @dataclass
+    class Args:
+        model: str = field(default="tiny")
+        learning_rate: float = field(default=1e-2)
+        modules_to_save: str = field(default="embed_tokens,lm_head")
+
+    def run(*argv: str) -> tuple[str, Args]:
+        parser = HfArgumentParser(Args)
+        set_model_defaults(parser, "org/model", adapter=True, argv=["--model", "org/model", *argv])
+        args = parser.parse_args_into_dataclasses(["--model", "org/model", *argv])[0]
+        return capsys.readouterr().out.strip(), args
+
+    line, args = run()
+    assert line.startswith("defaults for a pretrained checkpoint (org/model): learning_rate 0.0002, modules_to_save none")
+    assert (args.learning_rate, args.modules_to_save) == (2e-4, "")
+    for flag in (["--learning_rate", "1e-3"], ["--learning_rate=1e-3"], ["--learning-rate", "1e-3"]):  # argparse's spellings
+        line, args = run(*flag)
+        assert args.learning_rate == 1e-3 and "learning_rate" not in line and "modules_to_save none" in line, (flag, line)
+    line, args = run("--learning_rate", "1e-3", "--modules_to_save", "lm_head")
+    assert line == "" and (args.learning_rate, args.modules_to_save) == (1e-3, "lm_head")
+
+
 def test_chance_line_only_on_rating_data(tmp_path, monkeypatch):
     import matplotlib.axes
 

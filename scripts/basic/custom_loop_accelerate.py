@@ -15,8 +15,10 @@ nothing else differs. Plain `python` runs it on one device, like custom_loop.py.
         scripts/basic/custom_loop_accelerate.py --per_device_train_batch_size 16   # DDP on CPU (gloo)
     ... --resume_from_checkpoint latest                                     # continue a stopped run
 
-SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint after the current step and
-exits with status 143 or 130; the same command with `--resume_from_checkpoint latest` continues.
+SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint after the current step, on
+every process the same (`accelerator.set_trigger` / `check_trigger`), and exits with status 143 or
+130; the same command with `--resume_from_checkpoint latest` continues. The log rows go to
+accelerate's trackers (`--report_to`: TensorBoard in output_dir/runs by default, W&B, MLflow, ...).
 
 Two processes with 16 examples each make the same global batch as one with 32: --per_device_*
 sizes are per process, so a step sees batch size x accumulation x processes examples.
@@ -49,67 +51,13 @@ from hftrain.loops import (
     num_targets,
     num_tokens,
     publish_checkpoint,
+    run_name,
     save_loop_state,
 )
 from hftrain.metrics import Accuracy
 from hftrain.models import check_max_length, load_model
 from hftrain.preemption import Preemption
 from hftrain.reporting import ThroughputMeter, flops_per_token, write_results
-
-
-@dataclass
-class LoopArguments:
-    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
-    data_dir: str = field(
-        default=DEFAULT_DATA_DIR,
-        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
-    )
-    output_dir: str = field(
-        default="output/basic/custom_loop_accelerate",
-        metadata={"help": "Where the model, metrics.json, the PNG and TensorBoard logs go."},
-    )
-    num_train_epochs: int = field(default=3, metadata={"help": "Passes over the training data."})
-    max_steps: int = field(
-        default=-1, metadata={"help": "Optimizer steps to take; when positive it overrides --num_train_epochs."}
-    )
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch."})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Micro-batches per optimizer step: a step sees this many times the batch size."}
-    )
-    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate of AdamW (3e-3 suits tiny, 5e-4 small)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers schedule: linear, cosine, constant, ..."})
-    warmup_steps: int = field(default=30, metadata={"help": "Steps over which the learning rate rises from 0 to its peak."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient to this global L2 norm."})
-    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many optimizer steps."})
-    checkpointing_steps: int = field(
-        default=0, metadata={"help": "Save a checkpoint-<step> every this many steps (0: only at the end of each epoch)."}
-    )
-    save_total_limit: int = field(default=2, metadata={"help": "Keep only the newest this many checkpoints (0: all)."})
-    resume_from_checkpoint: str | None = field(
-        default=None,
-        metadata={
-            "help": "A checkpoint-<step> folder to continue from, or 'latest' for the newest in --output_dir. "
-            "Only a checkpoint inside --output_dir; nothing in it is unpickled (see the README)."
-        },
-    )
-    seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
-            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
-            "scripts/prepare_datasets.py."
-        },
-    )
-    eval_on_start: bool = field(
-        default=False, metadata={"help": "Evaluate before the first step too, so the run shows what training changed."}
-    )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
-    )
 
 
 def main() -> None:
@@ -124,6 +72,8 @@ def main() -> None:
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        log_with=None if args.report_to == "none" else args.report_to.split(","),  # accelerate's trackers: TensorBoard, W&B...
+        project_dir=args.output_dir,  # where TensorBoard's events go (output_dir/runs/<date>, as the Trainer's)
     )
     check_launch(accelerator.num_processes, accelerator.device)  # every process the launcher started joins, one per GPU
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, ACCELERATE_CHECKPOINT)
@@ -157,7 +107,8 @@ def main() -> None:
     )
 
     accuracy = Accuracy(data.answer_token_ids)
-    history = LogHistory(args.output_dir if accelerator.is_main_process else None)
+    accelerator.init_trackers(run_name(), config=vars(args))  # the main process starts them, with the run's flags
+    history = LogHistory(accelerator.log)  # Trainer-style log rows, also sent to accelerate's trackers (main process only)
     # The scheduler is not passed to prepare(): it would step the schedule once per process. Nor registered for
     # checkpointing: accelerate would pickle it and unpickle it on resume; its state and the history go in JSON instead.
     step = 0
@@ -219,8 +170,10 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             progress.update()
-            # SIGTERM or Ctrl-C: all processes (through an all-reduce) log, save a checkpoint and exit after this same step
-            stop_at_checkpoint = step < total_steps and preemption.requested(device)
+            if preemption.signum:  # this process got SIGTERM or Ctrl-C: raise its flag for check_trigger
+                accelerator.set_trigger()
+            # A flag on any process (check_trigger sums them): all processes log, save a checkpoint and exit after this step
+            stop_at_checkpoint = step < total_steps and accelerator.check_trigger()
             if step % args.logging_steps == 0 or step == total_steps or stop_at_checkpoint:
                 loss = (accelerator.reduce(loss_since_log, "sum") / targets_since_log).item()  # every process's tokens
                 history.log(step, epoch=round(step / steps_per_epoch, 3), loss=loss, learning_rate=scheduler.get_last_lr()[0])
@@ -277,6 +230,68 @@ def main() -> None:
             history.rows,
         )
     accelerator.end_training()  # every process leaves the process group before exiting
+
+
+@dataclass
+class LoopArguments:
+    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
+    data_dir: str = field(
+        default=DEFAULT_DATA_DIR,
+        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
+    output_dir: str = field(
+        default="output/basic/custom_loop_accelerate",
+        metadata={"help": "Where the model, metrics.json, the PNG and TensorBoard logs go."},
+    )
+    num_train_epochs: int = field(default=3, metadata={"help": "Passes over the training data."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Optimizer steps to take; when positive it overrides --num_train_epochs."}
+    )
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step: a step sees this many times the batch size."}
+    )
+    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate of AdamW (3e-3 suits tiny, 5e-4 small)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers schedule: linear, cosine, constant, ..."})
+    warmup_steps: int = field(default=30, metadata={"help": "Steps over which the learning rate rises from 0 to its peak."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient to this global L2 norm."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many optimizer steps."})
+    checkpointing_steps: int = field(
+        default=0, metadata={"help": "Save a checkpoint-<step> every this many steps (0: only at the end of each epoch)."}
+    )
+    save_total_limit: int = field(default=2, metadata={"help": "Keep only the newest this many checkpoints (0: all)."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "A checkpoint-<step> folder to continue from, or 'latest' for the newest in --output_dir. "
+            "Only a checkpoint inside --output_dir; nothing in it is unpickled (see the README)."
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
+            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
+            "scripts/prepare_datasets.py."
+        },
+    )
+    eval_on_start: bool = field(
+        default=False, metadata={"help": "Evaluate before the first step too, so the run shows what training changed."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+    report_to: str = field(
+        default="tensorboard",
+        metadata={
+            "help": "Where accelerate's trackers send the log rows: tensorboard (output_dir/runs), wandb, mlflow, comet_ml, "
+            "aim, ... (comma-separated), all (every one installed) or none."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
+    )
 
 
 if __name__ == "__main__":

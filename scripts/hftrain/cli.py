@@ -52,6 +52,20 @@ def check_loop_args(args: Any) -> None:
             raise UserError(f"--{name} is {getattr(args, name)}; it must be 0 or more")
     if args.max_grad_norm <= 0:
         raise UserError(f"--max_grad_norm is {args.max_grad_norm}; it must be above 0")
+    check_report_to(getattr(args, "report_to", "none"))
+
+
+def check_report_to(report_to: str) -> None:
+    """--report_to of an accelerate loop: trackers accelerate finds installed (it would skip others silently)."""
+    from accelerate.tracking import get_available_trackers
+
+    available = [str(t) for t in get_available_trackers()]
+    for name in report_to.split(","):
+        if name not in ("all", *available) and report_to != "none":
+            raise UserError(
+                f"--report_to {name}: accelerate has no such tracker installed here (installed: {', '.join(available) or 'none'}); "
+                f"install its package (e.g. pip install {name}), or pass tensorboard, all or none"
+            )
 
 
 def _check_sizes(args: Any, at_least_one: tuple[str, ...]) -> None:
@@ -66,19 +80,35 @@ def _check_sizes(args: Any, at_least_one: tuple[str, ...]) -> None:
         raise UserError("nothing to train: --max_steps is 0 or --num_train_epochs is not above 0; set one of them above 0")
 
 
-def set_model_defaults(parser: Any, model: str, adapter: bool = False) -> dict[str, Any]:
+def set_model_defaults(parser: Any, model: str, adapter: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
     """Make the defaults that depend on what --model is (`hftrain.models.model_defaults`: learning_rate, and
-    modules_to_save for an adapter) the parser's defaults, so a flag given on the command line still wins; print them
-    once. `parser` already holds the script's own learning rate, the one a preset gets. A --model in a format this
-    project does not load is refused here, first."""
+    modules_to_save for an adapter) the parser's defaults, so a flag given on the command line (`argv`, by default
+    sys.argv) still wins; print once those that the run takes, not those a flag overrode. `parser` already holds
+    the script's own learning rate, the one a preset gets. A --model in a format this project does not load is
+    refused here, first."""
     from hftrain.models import check_checkpoint_format, describe_defaults, model_defaults
 
     check_checkpoint_format(model)  # a GGUF or pickle-only --model, refused before anything is written
     defaults = model_defaults(model, adapter, parser.get_default("learning_rate"))
+    given = flags_given(parser, list(defaults), argv)
     parser.set_defaults(**defaults)
-    if os.environ.get("RANK", "0") == "0":
-        print(describe_defaults(model, defaults), flush=True)
+    applied = {name: value for name, value in defaults.items() if name not in given}
+    if applied and os.environ.get("RANK", "0") == "0":
+        print(describe_defaults(model, applied), flush=True)
     return defaults
+
+
+def flags_given(parser: Any, names: list[str], argv: list[str] | None = None) -> set[str]:
+    """Which of the parser's arguments `names` the command line sets, however spelled (--name=value, an abbreviation
+    argparse accepts): parsed once with a default no flag can produce."""
+    unset = object()
+    saved = {name: parser.get_default(name) for name in names}
+    parser.set_defaults(**dict.fromkeys(names, unset))
+    try:
+        known = parser.parse_known_args(argv)[0]
+    finally:
+        parser.set_defaults(**saved)
+    return {name for name in names if getattr(known, name, unset) is not unset}
 
 
 def check_batch_size(per_device_batch_size: int, num_processes: int, num_train: int) -> None:

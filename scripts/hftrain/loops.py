@@ -6,7 +6,8 @@
   `num_tokens`: the real input tokens, for tokens/s.
 - `evaluate`: eval loss per target token and accuracy, every test example counted exactly once,
   also across processes (pass `gather=accelerator.gather_for_metrics`).
-- `LogHistory`: the Trainer-style log rows, mirrored to TensorBoard.
+- `LogHistory`: the Trainer-style log rows, each also sent to a tracker: accelerate's (`accelerator.log`), or for a
+  loop without an Accelerator accelerate's TensorBoard tracker alone (`tensorboard`).
 - `save_loop_state` / `load_loop_state`: the scheduler's state and the log rows as JSON in each checkpoint
   (loop_state.json), beside what `accelerator.save_state` writes. Not `register_for_checkpointing`: accelerate
   would pickle them and load them back with `torch.load(weights_only=False)`, which runs whatever code a
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.tracking import TensorBoardTracker
 from tqdm.auto import tqdm
 
 from hftrain.metrics import Accuracy
@@ -106,26 +108,32 @@ def evaluate(
     }
 
 
+def run_name() -> str:
+    """Where a run's TensorBoard events go inside the output directory: runs/<date>, as the Trainer's."""
+    return os.path.join("runs", datetime.now().strftime("%b%d_%H-%M-%S"))
+
+
+def tensorboard(output_dir: str) -> Callable[..., None]:
+    """For a loop without an Accelerator: the `log` of accelerate's TensorBoard tracker (the one
+    `Accelerator(log_with="tensorboard")` starts), writing to output_dir/runs/<date>."""
+    tracker = TensorBoardTracker(run_name(), output_dir)
+    tracker.start()
+    return tracker.log
+
+
 class LogHistory:
-    """Rows like the Trainer's `state.log_history`, written to TensorBoard as they come (main process only)."""
+    """Rows like the Trainer's `state.log_history` (metrics.json and loop_state.json keep them), each also handed to
+    a tracker's `log(values, step=)` (`accelerator.log`, or `tensorboard(output_dir)`) under the Trainer's tags."""
 
-    def __init__(self, output_dir: str | None) -> None:
-        """`output_dir` None: keep the rows but write no TensorBoard events (the other processes)."""
+    def __init__(self, tracker: Callable[..., None] | None = None) -> None:
         self.rows: list[dict[str, Any]] = []
-        self.writer = None
-        if output_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(Path(output_dir, "runs", datetime.now().strftime("%b%d_%H-%M-%S")))
+        self.tracker = tracker
 
     def log(self, step: int, **values: float) -> dict[str, Any]:
         row = {"step": step, **values}
         self.rows.append(row)
-        if self.writer is not None:
-            for key, value in values.items():  # the Trainer's tag names: train/loss, eval/loss, eval/accuracy
-                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
-                self.writer.add_scalar(tag, value, step)
-            self.writer.flush()
+        if self.tracker is not None:  # the Trainer's tag names: train/loss, eval/loss, eval/accuracy
+            self.tracker({f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}": v for k, v in values.items()}, step=step)
         return row
 
     def latest(self) -> dict[str, Any]:
@@ -151,6 +159,8 @@ def load_loop_state(checkpoint: str, scheduler: Any, history: LogHistory) -> Non
     history.rows = list(state["log_history"])
 
 
+# Not ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=N): it writes checkpoints/checkpoint_<save count>
+# in place after deleting the oldest (a crash leaves a half-written newest) and drops the step that `latest` resumes at.
 def publish_checkpoint(written: str, path: str, keep: int) -> None:
     """Rename the completely written checkpoint folder `written` to `path` (replacing one of the same step from an
     earlier attempt), then keep only the newest `keep` checkpoints. A rename is atomic: `path` is never half written."""

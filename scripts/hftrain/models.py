@@ -165,11 +165,14 @@ def model_defaults(model: str, adapter: bool, preset_learning_rate: float) -> di
     return defaults
 
 
-def describe_defaults(model: str, defaults: dict[str, Any]) -> str:
+def describe_defaults(model: str, applied: dict[str, Any]) -> str:
+    """The line printed at start: the defaults that `model` gave this run (pass only those no flag overrode)."""
     kind = "a preset with random weights" if model in PRESETS else "a pretrained checkpoint"
-    values = [f"learning_rate {defaults['learning_rate']:g}"]
-    if "modules_to_save" in defaults:
-        values.append(f"modules_to_save {defaults['modules_to_save'] or 'none'}")
+    values = []
+    if "learning_rate" in applied:
+        values.append(f"learning_rate {applied['learning_rate']:g}")
+    if "modules_to_save" in applied:
+        values.append(f"modules_to_save {applied['modules_to_save'] or 'none'}")
     return f"defaults for {kind} ({model}): {', '.join(values)} (a flag given on the command line wins)"
 
 

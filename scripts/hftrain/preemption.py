@@ -3,9 +3,11 @@
 Schedulers announce preemption and time limits with SIGTERM (SLURM, Kubernetes, spot instances), and
 `torchrun` / `accelerate launch` pass SIGTERM and Ctrl-C on to every training process, which they kill
 30 s later (TORCH_ELASTIC_SHUTDOWN_TIMEOUT). The handler only sets a flag. At the end of the current
-optimizer step every process stops (they agree through an all-reduce, so all of them save the same
-step), the checkpoint is written, and each process exits with status 128 + the signal number: 143
-after SIGTERM, 130 after Ctrl-C, what a shell reports for a process the signal killed. So
+optimizer step every process stops (they agree, so that all of them save the same step: the accelerate
+loops through `accelerator.set_trigger()` / `check_trigger()`, the Trainer's callback through
+`requested`), the checkpoint is written, and each process exits with status 128 + the signal number: 143
+after SIGTERM, 130 after Ctrl-C, what a shell reports for a process the signal killed (143 for a process
+that stops because another one got the signal). So
 `train && evaluate` does not go on, and a job script tells "preempted: resume" (143, 130) from
 "failed" (1) and "done" (0). The plain loops, which write no checkpoints, take `StopWithoutSaving`
 instead: the signal stops them at once with status 1 and a sentence saying that nothing was saved.
@@ -39,7 +41,7 @@ class Preemption:
     """Catches SIGTERM and SIGINT from its creation (in the main thread) until `restore()`."""
 
     def __init__(self) -> None:
-        self.signum = 0  # the first signal received, by this process or (after `requested`) by any
+        self.signum = 0  # the first signal this process received (after `requested`: any process received)
         self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -78,7 +80,8 @@ class Preemption:
         if _distributed():
             dist.barrier()  # a launcher stops the other processes as soon as one exits with an error status
             dist.destroy_process_group()
-        sys.exit(128 + self.signum)  # the handlers stay: a launcher's repeated SIGTERM is still ignored
+        # A process stopped by another's signal (accelerate's trigger carries no signal number) reports SIGTERM's 143.
+        sys.exit(128 + (self.signum or signal.SIGTERM))  # the handlers stay: a launcher's repeated SIGTERM is still ignored
 
 
 class StopWithoutSaving:

@@ -38,69 +38,11 @@ from transformers import HfArgumentParser, get_scheduler, set_seed
 
 from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
-from hftrain.loops import LogHistory, accumulation_groups, evaluate, num_targets, num_tokens
+from hftrain.loops import LogHistory, accumulation_groups, evaluate, num_targets, num_tokens, tensorboard
 from hftrain.metrics import Accuracy
 from hftrain.models import PRESETS, check_max_length, load_model
 from hftrain.preemption import StopWithoutSaving
 from hftrain.reporting import ThroughputMeter, flops_per_token, write_results
-
-
-@dataclass
-class LoopArguments:
-    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
-    data_dir: str = field(
-        default=DEFAULT_DATA_DIR,
-        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
-    )
-    output_dir: str = field(
-        default="output/lora/custom_loop", metadata={"help": "Where the adapter, metrics.json, the PNG and TensorBoard logs go."}
-    )
-    num_train_epochs: int = field(default=3, metadata={"help": "Passes over the training data."})
-    max_steps: int = field(
-        default=-1, metadata={"help": "Optimizer steps to take; when positive it overrides --num_train_epochs."}
-    )
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch."})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Micro-batches per optimizer step: a step sees this many times the batch size."}
-    )
-    learning_rate: float = field(
-        default=1e-2, metadata={"help": "Peak learning rate of AdamW; a LoRA adapter takes a higher one than full training."}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers schedule: linear, cosine, constant, ..."})
-    warmup_steps: int = field(default=30, metadata={"help": "Steps over which the learning rate rises from 0 to its peak."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient to this global L2 norm."})
-    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many optimizer steps."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank r: the inner size of the update B·A."})
-    lora_alpha: float = field(default=32, metadata={"help": "LoRA scaling: the update is multiplied by lora_alpha / lora_r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
-    modules_to_save: str = field(
-        default="embed_tokens,lm_head",
-        metadata={
-            "help": "Comma-separated modules trained in full beside the adapter (saved with it). Default by --model: "
-            "embed_tokens,lm_head for a preset (random, they must learn), none for a pretrained checkpoint."
-        },
-    )
-    merge_and_save: bool = field(
-        default=False, metadata={"help": "Also save the base with the adapter merged in, in output_dir/merged."}
-    )
-    seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
-            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
-            "scripts/prepare_datasets.py."
-        },
-    )
-    eval_on_start: bool = field(
-        default=False, metadata={"help": "Evaluate before the first step too, so the run shows what training changed."}
-    )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
-    )
 
 
 def main() -> None:
@@ -158,7 +100,7 @@ def main() -> None:
     )
 
     accuracy = Accuracy(data.answer_token_ids)
-    history = LogHistory(args.output_dir)  # Trainer-style log rows, also written to TensorBoard under output_dir/runs
+    history = LogHistory(tensorboard(args.output_dir))  # Trainer-style log rows, also written to TensorBoard: output_dir/runs
     step = 0
     loss_since_log = torch.zeros((), device=device)  # summed token losses and their count since the last log row
     targets_since_log = torch.zeros((), device=device)
@@ -232,6 +174,64 @@ def main() -> None:
             **train_metrics,
         },
         history.rows,
+    )
+
+
+@dataclass
+class LoopArguments:
+    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
+    data_dir: str = field(
+        default=DEFAULT_DATA_DIR,
+        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
+    output_dir: str = field(
+        default="output/lora/custom_loop", metadata={"help": "Where the adapter, metrics.json, the PNG and TensorBoard logs go."}
+    )
+    num_train_epochs: int = field(default=3, metadata={"help": "Passes over the training data."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Optimizer steps to take; when positive it overrides --num_train_epochs."}
+    )
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step: a step sees this many times the batch size."}
+    )
+    learning_rate: float = field(
+        default=1e-2, metadata={"help": "Peak learning rate of AdamW; a LoRA adapter takes a higher one than full training."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers schedule: linear, cosine, constant, ..."})
+    warmup_steps: int = field(default=30, metadata={"help": "Steps over which the learning rate rises from 0 to its peak."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient to this global L2 norm."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many optimizer steps."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r: the inner size of the update B·A."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA scaling: the update is multiplied by lora_alpha / lora_r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
+    modules_to_save: str = field(
+        default="embed_tokens,lm_head",
+        metadata={
+            "help": "Comma-separated modules trained in full beside the adapter (saved with it). Default by --model: "
+            "embed_tokens,lm_head for a preset (random, they must learn), none for a pretrained checkpoint."
+        },
+    )
+    merge_and_save: bool = field(
+        default=False, metadata={"help": "Also save the base with the adapter merged in, in output_dir/merged."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
+            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
+            "scripts/prepare_datasets.py."
+        },
+    )
+    eval_on_start: bool = field(
+        default=False, metadata={"help": "Evaluate before the first step too, so the run shows what training changed."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
     )
 
 

@@ -50,6 +50,45 @@ from hftrain.recipe import Recipe
 from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
 
 
+def main() -> None:
+    args, training_args, checkpoint = parse_args(
+        AttentionArguments,
+        check=check_flash_attention,
+        output_dir="output/sdpa/flash_attention",
+        # Documents per batch: one packed row of ~32 x 40 tokens. bf16 on CUDA (the project default): FA2
+        # computes in bf16/fp16 only; the weights stay fp32 and autocast feeds it bf16.
+        per_device_train_batch_size=32,
+    )
+    data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
+    speed = recipe(args, training_args)  # the benchmark's recipe settings (hftrain.recipe), from the flags
+    # FA2 warns that these fp32 weights are not bf16: expected, the Trainer's bf16 autocast hands it bf16 tensors.
+    model = load_model(
+        args.model, data.tokenizer, attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code
+    )
+
+    if speed.fp8:  # before compiling, so the float8 casts are compiled with the layers
+        float8_training(model)
+    if speed.compile_layers:  # the layers share their code, so they share one compiled graph
+        for layer in model.get_decoder().layers:
+            layer.compile()
+
+    padded = PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    train_collator: Any = PaddingFreeCollator(args.attn_implementation) if args.padding_free else padded
+    if args.pack_rows:  # rows of whole documents; compiled layers get one fixed length, so they compile once
+        data.train = packed_rows(data.train, args.pack_rows)
+        train_collator = speed.collator(data.tokenizer.pad_token_id)
+    trainer = build_trainer(
+        model, training_args, data, trainer_class=PaddedEvalTrainer, data_collator=train_collator, eval_collator=padded
+    )
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate()
+    trainer.save_model()
+    write_run_summary(
+        trainer, data, train_result, eval_metrics, attn_implementation=args.attn_implementation, padding_free=args.padding_free
+    )
+
+
 @dataclass
 class AttentionArguments(ScriptArguments):
     attn_implementation: str = field(
@@ -156,45 +195,6 @@ def check_flash_attention(args: AttentionArguments, training_args: TrainingArgum
     raise UserError(
         f"flash_attention_2 needs {missing}: on a CUDA machine install it with `pip install flash-attn --no-build-isolation` "
         '(or `pip install -e ".[flash-attn]" --no-build-isolation`), or pass --attn_implementation sdpa to train without it'
-    )
-
-
-def main() -> None:
-    args, training_args, checkpoint = parse_args(
-        AttentionArguments,
-        check=check_flash_attention,
-        output_dir="output/sdpa/flash_attention",
-        # Documents per batch: one packed row of ~32 x 40 tokens. bf16 on CUDA (the project default): FA2
-        # computes in bf16/fp16 only; the weights stay fp32 and autocast feeds it bf16.
-        per_device_train_batch_size=32,
-    )
-    data = load_data(training_args, args)
-    set_seed(training_args.seed)  # the preset's random weights depend on it
-    speed = recipe(args, training_args)  # the benchmark's recipe settings (hftrain.recipe), from the flags
-    # FA2 warns that these fp32 weights are not bf16: expected, the Trainer's bf16 autocast hands it bf16 tensors.
-    model = load_model(
-        args.model, data.tokenizer, attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code
-    )
-
-    if speed.fp8:  # before compiling, so the float8 casts are compiled with the layers
-        float8_training(model)
-    if speed.compile_layers:  # the layers share their code, so they share one compiled graph
-        for layer in model.get_decoder().layers:
-            layer.compile()
-
-    padded = PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    train_collator: Any = PaddingFreeCollator(args.attn_implementation) if args.padding_free else padded
-    if args.pack_rows:  # rows of whole documents; compiled layers get one fixed length, so they compile once
-        data.train = packed_rows(data.train, args.pack_rows)
-        train_collator = speed.collator(data.tokenizer.pad_token_id)
-    trainer = build_trainer(
-        model, training_args, data, trainer_class=PaddedEvalTrainer, data_collator=train_collator, eval_collator=padded
-    )
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    eval_metrics = trainer.evaluate()
-    trainer.save_model()
-    write_run_summary(
-        trainer, data, train_result, eval_metrics, attn_implementation=args.attn_implementation, padding_free=args.padding_free
     )
 
 

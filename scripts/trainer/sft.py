@@ -40,7 +40,7 @@ from trl.chat_template_utils import get_training_chat_template, has_generation_m
 
 from hftrain.chat import DEFAULT_CHAT_TEMPLATE, answer_accuracy, load_chat_data
 from hftrain.checkpoints import resolve_checkpoint
-from hftrain.cli import check_output_dir, check_training_args
+from hftrain.cli import check_output_dir, check_training_args, flags_given
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
@@ -109,7 +109,11 @@ def main() -> None:
     )
     args, training_args, model_args = parser.parse_args_into_dataclasses()
     model_name = model_args.model_name_or_path
-    print(describe_defaults(model_name, defaults))
+    # Printed: the defaults this run takes, not those that --learning_rate or --lora_modules_to_save replaced
+    given = flags_given(parser, ["learning_rate", "lora_modules_to_save"])
+    applied = {k: v for k, v in defaults.items() if k not in given and f"lora_{k}" not in given}
+    if applied:
+        print(describe_defaults(model_name, applied))
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise UserError("sft.py trains bf16/float32 weights; for a 4-bit base use scripts/trainer/qlora.py")
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
