@@ -266,7 +266,7 @@ class LoopArguments:
         default=None,
         metadata={
             "help": "A checkpoint-<step> folder to continue from, or 'latest' for the newest in --output_dir. "
-            "Only a checkpoint inside --output_dir; nothing in it is unpickled (see the README)."
+            "Only a checkpoint inside --output_dir; nothing in it is unpickled (docs/troubleshooting.md, 'What a checkpoint holds')."
         },
     )
     seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})

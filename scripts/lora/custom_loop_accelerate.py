@@ -292,7 +292,7 @@ class LoopArguments:
         default=None,
         metadata={
             "help": "A checkpoint-<step> folder to continue from, or 'latest' for the newest in --output_dir. "
-            "Only a checkpoint inside --output_dir; nothing in it is unpickled (see the README)."
+            "Only a checkpoint inside --output_dir; nothing in it is unpickled (docs/troubleshooting.md, 'What a checkpoint holds')."
         },
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r: the inner size of the update B·A."})
