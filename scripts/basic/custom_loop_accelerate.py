@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
 from hftrain.checkpoints import ACCELERATE_CHECKPOINT, resolve_checkpoint
-from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
-from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.cli import ScriptArguments, check_batch_size, check_loop_args, check_output_dir, set_model_defaults
+from hftrain.data import PadCollator, load_prepared
 from hftrain.launch import check_launch
 from hftrain.loops import (
     LogHistory,
@@ -233,12 +233,9 @@ def main() -> None:
 
 
 @dataclass
-class LoopArguments:
-    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
-    data_dir: str = field(
-        default=DEFAULT_DATA_DIR,
-        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
-    )
+class LoopArguments(ScriptArguments):
+    """--model, --data_dir, --dataset, --overwrite_output_dir and --trust_remote_code come from ScriptArguments."""
+
     output_dir: str = field(
         default="output/basic/custom_loop_accelerate",
         metadata={"help": "Where the model, metrics.json, the PNG and TensorBoard logs go."},
@@ -270,27 +267,15 @@ class LoopArguments:
         },
     )
     seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
-            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
-            "scripts/prepare_datasets.py."
-        },
-    )
     eval_on_start: bool = field(
         default=False, metadata={"help": "Evaluate before the first step too, so the run shows what training changed."}
     )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
     report_to: str = field(
         default="tensorboard",
         metadata={
             "help": "Where accelerate's trackers send the log rows: tensorboard (output_dir/runs), wandb, mlflow, comet_ml, "
             "aim, ... (comma-separated), all (every one installed) or none."
         },
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
     )
 
 

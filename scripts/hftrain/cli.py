@@ -2,12 +2,38 @@
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hftrain.data import DEFAULT_DATA_DIR
 from hftrain.errors import UserError
 from hftrain.launch import check_launch
 from hftrain.safety import RunLock, report_full_disk
+
+
+@dataclass
+class ScriptArguments:
+    """The flags every example takes beside its technique's: the model, the data, and the output folder's safety."""
+
+    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
+    data_dir: str = field(
+        default=DEFAULT_DATA_DIR,
+        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
+            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
+            "scripts/prepare_datasets.py."
+        },
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
+    )
+
 
 RUN_MARKERS = ("metrics.json", "config.json", "adapter_config.json", "model.safetensors")
 

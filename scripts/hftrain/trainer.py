@@ -6,7 +6,6 @@
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hftrain.checkpoints import resolve_checkpoint
 from hftrain.cli import check_batch_size, check_output_dir, check_training_args, set_model_defaults
-from hftrain.data import DEFAULT_DATA_DIR, PadCollator, Prepared, load_prepared
+from hftrain.data import PadCollator, Prepared, load_prepared
 from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
 from hftrain.metrics import Accuracy
@@ -23,30 +22,6 @@ from hftrain.models import PRESETS, check_max_length
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results
 from hftrain.sharding import check_deepspeed_config
-
-
-@dataclass
-class ScriptArguments:
-    """The flags every Trainer example takes beside TrainingArguments: the model, the data, the output folder."""
-
-    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
-    data_dir: str = field(
-        default=DEFAULT_DATA_DIR,
-        metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
-    )
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "A text file, .json/.jsonl/.csv/.parquet file, saved dataset or Hub dataset to prepare for --model (its "
-            "tokenizer if a checkpoint; text in blocks) into data/<name>[-<model>] and train on; other options: "
-            "scripts/prepare_datasets.py."
-        },
-    )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modelling code shipped with a Hub model. Off: only enable for code you trust."}
-    )
-
 
 # The project's TrainingArguments defaults for the rating task; a script overrides what it teaches.
 DEFAULTS: dict[str, Any] = dict(

@@ -41,13 +41,14 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import is_flash_attn_2_available
 
+from hftrain.cli import ScriptArguments
 from hftrain.data import PadCollator
 from hftrain.errors import UserError
 from hftrain.models import load_model
 from hftrain.packing import PaddingFreeCollator, packed_rows
 from hftrain.quantization import float8_training, has_float8_tensor_cores
 from hftrain.recipe import Recipe
-from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
+from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
 
 
 def main() -> None:

@@ -32,10 +32,11 @@ import transformers.integrations.sdpa_attention as hf_sdpa
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import TrainingArguments, set_seed
 
+from hftrain.cli import ScriptArguments
 from hftrain.data import PadCollator
 from hftrain.errors import UserError
 from hftrain.models import load_model
-from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
+from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
 
 BACKENDS = {
     "math": SDPBackend.MATH,

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, set_seed
 
+from hftrain.cli import ScriptArguments
 from hftrain.models import load_model
-from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
+from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
 
 
 @dataclass

@@ -38,9 +38,10 @@ Docs: https://huggingface.co/docs/transformers/optimizers#galore
 
 from transformers import TrainingArguments, set_seed
 
+from hftrain.cli import ScriptArguments
 from hftrain.errors import UserError
 from hftrain.models import load_model
-from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
+from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
 
 # Full-name regex (the Trainer uses re.fullmatch): the q/k/v/o projections and the MLP's gate/up/down.
 ATTENTION_AND_MLP = r".*\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"

@@ -30,9 +30,10 @@ from typing import Any
 from accelerate import PartialState
 from transformers import TrainingArguments, set_seed
 
+from hftrain.cli import ScriptArguments
 from hftrain.models import load_model
 from hftrain.reporting import write_results
-from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, throughput_metrics
+from hftrain.trainer import build_trainer, load_data, parse_args, throughput_metrics
 
 
 def train_once(args: ScriptArguments, training_args: TrainingArguments, data: Any) -> dict[str, Any]:

@@ -47,11 +47,12 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, TrainingArguments, set_seed
 
+from hftrain.cli import ScriptArguments
 from hftrain.errors import UserError
 from hftrain.extras import require_extra
 from hftrain.models import count_parameters, save_preset_base
 from hftrain.quantization import check_4bit_device, load_4bit
-from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
+from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
 
 
 @dataclass

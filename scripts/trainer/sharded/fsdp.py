@@ -18,9 +18,10 @@ Docs: https://huggingface.co/docs/accelerate/usage_guides/fsdp
 
 from transformers import set_seed
 
+from hftrain.cli import ScriptArguments
 from hftrain.models import load_model
 from hftrain.sharding import check_fsdp_layer_classes
-from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
+from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
 
 
 def main() -> None:

@@ -25,11 +25,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import BitsAndBytesConfig, set_seed
 
+from hftrain.cli import ScriptArguments
 from hftrain.errors import UserError
 from hftrain.extras import require_extra
 from hftrain.models import count_parameters, load_model, save_preset_base
 from hftrain.sharding import check_fsdp_layer_classes
-from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
+from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
 
 
 @dataclass

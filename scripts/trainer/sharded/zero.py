@@ -26,9 +26,10 @@ Docs: https://huggingface.co/docs/transformers/deepspeed
 
 from transformers import set_seed
 
+from hftrain.cli import ScriptArguments
 from hftrain.models import load_model
 from hftrain.sharding import gather_lm_head_for_liger, start_deepspeed_comm_on_cpu
-from hftrain.trainer import ScriptArguments, build_trainer, load_data, parse_args, write_run_summary
+from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
 
 
 def main() -> None:
