@@ -2,6 +2,7 @@
 
 import atexit
 import json
+import logging
 import os
 import runpy
 import subprocess
@@ -53,13 +54,13 @@ def script_env(**extra: str) -> dict[str, str]:
 
 
 def run(args: list[str], cwd: Path, timeout: int = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    """Run a command in `cwd`; on failure show the tail of its output. A run expected to stop early (`check=False`:
-    the tests of refusals) of a script, with no environment of its own, runs in a fork of this process (below)."""
-    if XDIST and not check and not env and args[0] == sys.executable and args[1].endswith(".py"):
-        proc = run_forked(args, cwd, timeout=min(timeout, 120))
-        if proc is not None:
-            return proc
-    proc = subprocess.run(args, cwd=cwd, env=script_env(**env), capture_output=True, text=True, timeout=timeout)
+    """Run a command in `cwd`; on failure show the tail of its output. Under xdist, `python script.py ...` with no
+    environment of its own runs in a fork of this process (below)."""
+    proc = None
+    if XDIST and not env and args[0] == sys.executable and args[1].endswith(".py"):
+        proc = run_forked(args, cwd, timeout)
+    if proc is None:
+        proc = subprocess.run(args, cwd=cwd, env=script_env(**env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -67,7 +68,9 @@ def run(args: list[str], cwd: Path, timeout: int = 600, check: bool = True, **en
 
 def run_forked(args: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess | None:
     """`python script.py args` in a forked child of this test process, which has torch and transformers imported
-    already: a refusal then takes a fraction of a second instead of the ~5 s of a fresh interpreter's imports. The
+    already: a run then starts in a fraction of a second instead of a fresh interpreter's ~5 s of imports, which
+    were half of the suite's time (a refusal is all start-up). Each pytest-xdist worker computes on one thread, as
+    the scripts it starts do (OMP_NUM_THREADS=1), so the child forks no thread pool. The
     child runs the script as `python` would (`__main__`, sys.argv, cwd, the script's folder first on sys.path, its
     own stdout/stderr), exits with the status `python` would give and runs the exit handlers the script registered
     (a run lock's release). None if the child did not finish in time: the caller runs the command afresh."""
@@ -80,6 +83,10 @@ def run_forked(args: list[str], cwd: Path, timeout: int) -> subprocess.Completed
                 os.dup2(err.fileno(), 2)
                 sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
                 sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+                for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+                    for handler in getattr(logger, "handlers", []):  # libraries' handlers hold the stream of their creation
+                        if type(handler) is logging.StreamHandler:
+                            handler.setStream(sys.stderr)
                 os.chdir(cwd)
                 os.environ.update(script_env())
                 if "accelerate.state" in sys.modules:  # a test in this process may have set up accelerate's singletons
