@@ -57,6 +57,26 @@ class MathKernelArguments(ScriptArguments):
     )
 
 
+def main() -> None:
+    args, training_args, checkpoint = parse_args(MathKernelArguments, check=check_backend, output_dir="output/sdpa/math_kernel")
+    data = load_data(training_args, args)
+    set_seed(training_args.seed)  # the preset's random weights depend on it
+    data.tokenizer.padding_side = "right"  # CausalPadCollator relies on it
+    model = load_model(args.model, data.tokenizer, attn_implementation="sdpa", trust_remote_code=args.trust_remote_code)
+    compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    check_kernel(args.backend, model.config, training_args.device, compute_dtype)
+
+    collator = CausalPadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    trainer = build_trainer(model, training_args, data, data_collator=collator)
+    # Every attention call inside runs on the chosen kernel; if it cannot (say flash with an explicit mask),
+    # PyTorch raises "No available kernel" instead of quietly falling back to another one.
+    with sdpa_kernel(BACKENDS[args.backend]):
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        eval_metrics = trainer.evaluate()
+    trainer.save_model()
+    write_run_summary(trainer, data, train_result, eval_metrics, sdpa_backend=args.backend)
+
+
 def check_backend(args: MathKernelArguments, training_args: TrainingArguments) -> None:
     if args.backend in ("efficient", "cudnn") and not torch.cuda.is_available():
         raise UserError(f"the {args.backend} SDPA kernel runs only on CUDA GPUs; on CPU pass --backend math or --backend flash")
@@ -104,26 +124,6 @@ def check_kernel(backend: str, config: Any, device: torch.device, dtype: torch.d
         f"the {backend} SDPA kernel cannot train this model on {device.type} in {dtype} (head size {head_dim}); "
         "pick another --backend (math runs everywhere; flash, efficient and cudnn need a recent CUDA GPU and bf16)"
     )
-
-
-def main() -> None:
-    args, training_args, checkpoint = parse_args(MathKernelArguments, check=check_backend, output_dir="output/sdpa/math_kernel")
-    data = load_data(training_args, args)
-    set_seed(training_args.seed)  # the preset's random weights depend on it
-    data.tokenizer.padding_side = "right"  # CausalPadCollator relies on it
-    model = load_model(args.model, data.tokenizer, attn_implementation="sdpa", trust_remote_code=args.trust_remote_code)
-    compute_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-    check_kernel(args.backend, model.config, training_args.device, compute_dtype)
-
-    collator = CausalPadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    trainer = build_trainer(model, training_args, data, data_collator=collator)
-    # Every attention call inside runs on the chosen kernel; if it cannot (say flash with an explicit mask),
-    # PyTorch raises "No available kernel" instead of quietly falling back to another one.
-    with sdpa_kernel(BACKENDS[args.backend]):
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        eval_metrics = trainer.evaluate()
-    trainer.save_model()
-    write_run_summary(trainer, data, train_result, eval_metrics, sdpa_backend=args.backend)
 
 
 if __name__ == "__main__":
