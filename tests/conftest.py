@@ -55,9 +55,9 @@ def script_env(**extra: str) -> dict[str, str]:
 
 def run(args: list[str], cwd: Path, timeout: int = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     """Run a command in `cwd`; on failure show the tail of its output. Under xdist, `python script.py ...` with no
-    environment of its own runs in a fork of this process (below)."""
+    environment of its own (beyond script_env's) runs in a fork of this process (below)."""
     proc = None
-    if XDIST and not env and args[0] == sys.executable and args[1].endswith(".py"):
+    if XDIST and script_env(**env) == script_env() and args[0] == sys.executable and args[1].endswith(".py"):
         proc = run_forked(args, cwd, timeout)
     if proc is None:
         proc = subprocess.run(args, cwd=cwd, env=script_env(**env), capture_output=True, text=True, timeout=timeout)
