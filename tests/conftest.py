@@ -11,6 +11,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -92,7 +93,12 @@ def run_forked(args: list[str], cwd: Path, timeout: int) -> subprocess.Completed
                 if "accelerate.state" in sys.modules:  # a test in this process may have set up accelerate's singletons
                     sys.modules["accelerate.state"].AcceleratorState._reset_state(True)
                 registered: list = []
-                atexit.register = lambda fn, *a, **kw: registered.append((fn, a, kw)) or fn  # type: ignore[assignment]
+
+                def register(fn: Any, *a: Any, **kw: Any) -> Any:  # the script's exit handlers only, not pytest's
+                    registered.append((fn, a, kw))
+                    return fn
+
+                atexit.register = register  # type: ignore[assignment]
                 sys.argv = args[1:]
                 sys.path.insert(0, str(Path(args[1]).parent))
                 try:
@@ -234,7 +240,14 @@ def real_sft(tmp_path_factory: pytest.TempPathFactory, real_checkpoint: Path) ->
     return out
 
 
+# The files whose runs take longest go first: `pytest -n 2 --dist loadfile` hands out whole files in collection
+# order, so a long file collected last (alphabetically) would leave one worker idle while the other finishes it.
+LONGEST_FIRST = ["test_sharded.py", "test_memory_efficient.py", "test_custom_loops.py", "test_multinode.py", "test_trainer.py"]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run through the device tool: pytest -m gpu)")

@@ -40,11 +40,12 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
 from hftrain.checkpoints import ACCELERATE_CHECKPOINT, resolve_checkpoint
-from hftrain.cli import ScriptArguments, check_batch_size, check_loop_args, check_output_dir, set_model_defaults
+from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
 from hftrain.data import PadCollator, load_prepared
 from hftrain.launch import check_launch
 from hftrain.loops import (
     LogHistory,
+    LoopTrainingArguments,
     accumulation_groups,
     evaluate,
     load_loop_state,
@@ -233,28 +234,13 @@ def main() -> None:
 
 
 @dataclass
-class LoopArguments(ScriptArguments):
-    """--model, --data_dir, --dataset, --overwrite_output_dir and --trust_remote_code come from ScriptArguments."""
+class LoopArguments(LoopTrainingArguments):
+    """This loop's flags beside LoopTrainingArguments' (hftrain/loops.py: model, data, epochs, batch sizes, schedule, ...)."""
 
     output_dir: str = field(
         default="output/basic/custom_loop_accelerate",
         metadata={"help": "Where the model, metrics.json, the PNG and TensorBoard logs go."},
     )
-    num_train_epochs: int = field(default=3, metadata={"help": "Passes over the training data."})
-    max_steps: int = field(
-        default=-1, metadata={"help": "Optimizer steps to take; when positive it overrides --num_train_epochs."}
-    )
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch."})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Micro-batches per optimizer step: a step sees this many times the batch size."}
-    )
-    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate of AdamW (3e-3 suits tiny, 5e-4 small)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers schedule: linear, cosine, constant, ..."})
-    warmup_steps: int = field(default=30, metadata={"help": "Steps over which the learning rate rises from 0 to its peak."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient to this global L2 norm."})
-    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many optimizer steps."})
     checkpointing_steps: int = field(
         default=0, metadata={"help": "Save a checkpoint-<step> every this many steps (0: only at the end of each epoch)."}
     )
@@ -265,10 +251,6 @@ class LoopArguments(ScriptArguments):
             "help": "A checkpoint-<step> folder to continue from, or 'latest' for the newest in --output_dir. "
             "Only a checkpoint inside --output_dir; nothing in it is unpickled (docs/troubleshooting.md, 'What a checkpoint holds')."
         },
-    )
-    seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
-    eval_on_start: bool = field(
-        default=False, metadata={"help": "Evaluate before the first step too, so the run shows what training changed."}
     )
     report_to: str = field(
         default="tensorboard",

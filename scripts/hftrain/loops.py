@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,35 @@ import torch.nn.functional as F
 from accelerate.tracking import TensorBoardTracker
 from tqdm.auto import tqdm
 
+from hftrain.cli import ScriptArguments
 from hftrain.metrics import Accuracy
+
+
+@dataclass
+class LoopTrainingArguments(ScriptArguments):
+    """The hand-written loops' training flags, named and defaulted as transformers' TrainingArguments names them, beside
+    ScriptArguments' --model, --data_dir, --dataset, --overwrite_output_dir and --trust_remote_code."""
+
+    num_train_epochs: int = field(default=3, metadata={"help": "Passes over the training data."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Optimizer steps to take; when positive it overrides --num_train_epochs."}
+    )
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step: a step sees this many times the batch size."}
+    )
+    learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate of AdamW (3e-3 suits tiny, 5e-4 small)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "A transformers schedule: linear, cosine, constant, ..."})
+    warmup_steps: int = field(default=30, metadata={"help": "Steps over which the learning rate rises from 0 to its peak."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient to this global L2 norm."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many optimizer steps."})
+    seed: int = field(default=42, metadata={"help": "Seeds the preset's random weights and the shuffling."})
+    eval_on_start: bool = field(
+        default=False, metadata={"help": "Evaluate before the first step too, so the run shows what training changed."}
+    )
+
 
 Batch = dict[str, torch.Tensor]
 
