@@ -17,9 +17,10 @@ import pytest
 import torch
 from filelock import FileLock
 
-# What every script run gets (script_env), set here too before any Hugging Face library is imported by a test:
+# What every script run gets (script_env), set in this process too before a test imports a Hugging Face library:
 # huggingface_hub reads HF_HUB_OFFLINE once, at import, and a forked run (run_forked) inherits this process's.
-os.environ.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+os.environ.update(OFFLINE)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -47,7 +48,7 @@ def first_screen(script: str, lines: int = 60) -> str:
 
 def script_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": f"{SCRIPTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    env.update({**OFFLINE, "PYTHONUNBUFFERED": "1"})
     if XDIST:
         env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
@@ -57,11 +58,11 @@ def script_env(**extra: str) -> dict[str, str]:
 def run(args: list[str], cwd: Path, timeout: int = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     """Run a command in `cwd`; on failure show the tail of its output. Under xdist, `python script.py ...` with no
     environment of its own (beyond script_env's) runs in a fork of this process (below)."""
-    proc = None
-    if XDIST and script_env(**env) == script_env() and args[0] == sys.executable and args[1].endswith(".py"):
+    full_env, proc = script_env(**env), None
+    if XDIST and full_env == script_env() and args[0] == sys.executable and args[1].endswith(".py"):
         proc = run_forked(args, cwd, timeout)
     if proc is None:
-        proc = subprocess.run(args, cwd=cwd, env=script_env(**env), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -71,8 +72,8 @@ def run_forked(args: list[str], cwd: Path, timeout: int) -> subprocess.Completed
     """`python script.py args` in a forked child of this test process, which has torch and transformers imported
     already: a run then starts in a fraction of a second instead of a fresh interpreter's ~5 s of imports, which
     were half of the suite's time (a refusal is all start-up). Each pytest-xdist worker computes on one thread, as
-    the scripts it starts do (OMP_NUM_THREADS=1), so the child forks no thread pool. The
-    child runs the script as `python` would (`__main__`, sys.argv, cwd, the script's folder first on sys.path, its
+    the scripts it starts do (OMP_NUM_THREADS=1), so there is no thread pool for the fork to break. The child runs
+    the script as `python` would (`__main__`, sys.argv, cwd, the script's folder first on sys.path, its
     own stdout/stderr), exits with the status `python` would give and runs the exit handlers the script registered
     (a run lock's release). None if the child did not finish in time: the caller runs the command afresh."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -119,13 +120,12 @@ def run_forked(args: list[str], cwd: Path, timeout: int) -> subprocess.Completed
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(status)
-        deadline = timeout * 10
-        while deadline:  # poll: a child that hangs (a lock another thread held at the fork) is killed, not waited for
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # poll: a child that hangs (a lock another thread held at the fork) is killed
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 break
             time.sleep(0.1)
-            deadline -= 1
         else:
             os.kill(pid, 9)
             os.waitpid(pid, 0)

@@ -14,22 +14,22 @@ from conftest import ROOT, SCRIPTS, free_port, read_metrics, run, run_script, tr
 SHORT = ["--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "10"]
 
 
+def from_start(start_checkpoint: str, out: Path, *args: str) -> list[str]:
+    """What every ZeRO-3 comparison run shares: the saved random start, no evaluation or saves between steps."""
+    # random weights saved as a checkpoint: the preset's learning rate, not a checkpoint's 5e-5
+    return ["--model", start_checkpoint, "--learning_rate", "3e-3", *SHORT, "--output_dir", str(out), *args]
+
+
+# zero.py on 2 CPU processes of 16 examples: the global batch of one process of 32
+ZERO3 = ["--use_cpu", "--per_device_train_batch_size", "16", "--deepspeed", str(ROOT / "deepspeed_config.json")]
+
+
 @pytest.fixture(scope="module")
 def single_process(workdir, start_checkpoint):
     out = workdir / "output/sharded-single"
     run_script(
         "trainer/getting_started.py",
-        "--model",
-        start_checkpoint,
-        "--learning_rate",  # random weights saved as a checkpoint: the preset's rate, not a checkpoint's 5e-5
-        "3e-3",
-        "--max_steps",
-        "160",
-        *SHORT,
-        "--per_device_train_batch_size",
-        "32",
-        "--output_dir",
-        str(out),
+        *from_start(start_checkpoint, out, "--max_steps", "160", "--per_device_train_batch_size", "32"),
         cwd=workdir,
     )
     return read_metrics(out)
@@ -50,31 +50,13 @@ def deepspeed_cpu(script: str, *args: str, cwd: Path) -> None:
     run(cmd, cwd=cwd, OMP_NUM_THREADS="1")
 
 
-def zero3_args(start_checkpoint: str, out: Path, *args: str) -> list[str]:
-    return [
-        "--model",
-        start_checkpoint,
-        "--learning_rate",  # random weights saved as a checkpoint: the preset's rate, not a checkpoint's 5e-5
-        "3e-3",
-        *SHORT,
-        "--use_cpu",
-        "--per_device_train_batch_size",
-        "16",
-        "--output_dir",
-        str(out),
-        "--deepspeed",
-        str(ROOT / "deepspeed_config.json"),
-        *args,
-    ]
-
-
 def test_zero3_two_cpu_processes_learns_saves_and_matches_single_process(workdir, start_checkpoint, single_process):
     """ZeRO-3 under `accelerate launch`, as the README shows, for as long as the single process learns."""
     out = workdir / "output/zero-accelerate"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     cmd += ["--main_process_port", str(free_port()), str(SCRIPTS / "trainer/sharded/zero.py")]
     # without ACCELERATE_USE_CPU, which would make accelerate pick CPU DDP over DeepSpeed
-    run([*cmd, *zero3_args(start_checkpoint, out, "--max_steps", "160")], cwd=workdir, OMP_NUM_THREADS="1")
+    run([*cmd, *from_start(start_checkpoint, out, "--max_steps", "160", *ZERO3)], cwd=workdir, OMP_NUM_THREADS="1")
     metrics = read_metrics(out)
     assert metrics["num_devices"] == 2 and metrics["distributed_type"] == "DEEPSPEED"  # the ZeRO-3 engine really ran
     assert metrics["eval_accuracy"] >= 0.80  # chance 0.20
@@ -94,10 +76,13 @@ def test_zero3_under_the_deepspeed_launcher_matches_single_process(workdir, star
     those of any run length) against one process on the same global batches; the saved model reloads."""
     short = ["--max_steps", "20", "--logging_steps", "5", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
     one = workdir / "output/zero-deepspeed-single"
-    single = [a for a in zero3_args(start_checkpoint, one, *short, "--per_device_train_batch_size", "32") if a != "--deepspeed"]
-    run_script("trainer/getting_started.py", *(a for a in single if not a.endswith("deepspeed_config.json")), cwd=workdir)
+    run_script(
+        "trainer/getting_started.py",
+        *from_start(start_checkpoint, one, *short, "--per_device_train_batch_size", "32"),
+        cwd=workdir,
+    )
     out = workdir / "output/zero-deepspeed"
-    deepspeed_cpu("trainer/sharded/zero.py", *zero3_args(start_checkpoint, out, *short), cwd=workdir)
+    deepspeed_cpu("trainer/sharded/zero.py", *from_start(start_checkpoint, out, *short, *ZERO3), cwd=workdir)
     metrics = read_metrics(out)
     assert metrics["num_devices"] == 2 and metrics["distributed_type"] == "DEEPSPEED"
     assert list(train_losses(metrics)) == [5, 10, 15, 20]

@@ -85,9 +85,11 @@ def check_report_to(report_to: str) -> None:
     """--report_to of an accelerate loop: trackers accelerate finds installed (it would skip others silently)."""
     from accelerate.tracking import get_available_trackers
 
+    if report_to == "none":
+        return
     available = [str(t) for t in get_available_trackers()]
     for name in report_to.split(","):
-        if name not in ("all", *available) and report_to != "none":
+        if name not in ("all", *available):
             raise UserError(
                 f"--report_to {name}: accelerate has no such tracker installed here (installed: {', '.join(available) or 'none'}); "
                 f"install its package (e.g. pip install {name}), or pass tensorboard, all or none"
