@@ -64,8 +64,17 @@ def run(args: list[str], cwd: Path, timeout: int = 600, check: bool = True, **en
     if proc is None:
         proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{tail(proc.stdout, 3000)}\n{tail(proc.stderr, 6000)}")
     return proc
+
+
+def tail(output: str, chars: int) -> str:
+    """The end of a run's output without the deprecation warnings that DeepSpeed's collectives repeat at every step
+    (two lines each), so that what went wrong is not pushed out of the part a failure shows."""
+    lines = output.splitlines()
+    warning = [("FutureWarning: " in line or "DeprecationWarning: " in line) for line in lines]
+    kept = [line for i, line in enumerate(lines) if not warning[i] and not (i and warning[i - 1] and line.startswith("  "))]
+    return "\n".join(kept)[-chars:]
 
 
 def run_forked(args: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess | None:

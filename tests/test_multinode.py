@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, SCRIPTS, free_port, read_metrics, run_script, script_env, train_losses
+from conftest import ROOT, SCRIPTS, free_port, read_metrics, run_script, script_env, tail, train_losses
 
 STEPS = 60  # long enough that a kill after the first checkpoint (step 20) lands mid-run
 COMMON = ["--max_steps", str(STEPS), "--logging_steps", "5", "--eval_strategy", "no", "--save_strategy", "no"]
@@ -61,8 +61,12 @@ def run_machines(cmds: list[list[str]], cwd: Path, name: str, **env: str) -> Non
             if p.poll() is None:
                 kill_machine(p)
     if codes != [0] * len(procs):
-        outputs = "\n".join(f"--- {log.name}\n{log.read_text()[-4000:]}" for log in logs)
+        outputs = "\n".join(f"--- {log.name}\n{log_tail(log)}" for log in logs)
         pytest.fail(f"{name}: launchers exited {codes}\n{outputs}")
+
+
+def log_tail(log: Path) -> str:
+    return tail(log.read_text(errors="replace"), 4000)
 
 
 def kill_machine(launcher: subprocess.Popen) -> None:
@@ -159,14 +163,14 @@ def test_killed_machine_stops_the_other_and_the_run_resumes_from_the_last_checkp
         first = out / "checkpoint-20"
         deadline = time.monotonic() + LAUNCH_TIMEOUT
         while not ((first / "trainer_state.json").is_file() and (first / "rng_state_1.pth").is_file()):
-            assert all(m.poll() is None for m in machines) and time.monotonic() < deadline, logs[0].read_text()[-4000:]
+            assert all(m.poll() is None for m in machines) and time.monotonic() < deadline, log_tail(logs[0])
             time.sleep(0.05)
         kill_machine(machines[1])
         killed_at = time.monotonic()
         try:
             code = machines[0].wait(timeout=SURVIVOR_TIMEOUT)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"machine 0 still runs {SURVIVOR_TIMEOUT} s after machine 1 died:\n{logs[0].read_text()[-4000:]}")
+            pytest.fail(f"machine 0 still runs {SURVIVOR_TIMEOUT} s after machine 1 died:\n{log_tail(logs[0])}")
         waited = time.monotonic() - killed_at
     finally:
         for m in machines:

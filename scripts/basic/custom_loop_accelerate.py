@@ -230,7 +230,8 @@ def main() -> None:
             },
             history.rows,
         )
-    accelerator.end_training()  # every process leaves the process group before exiting
+    accelerator.wait_for_everyone()  # the others wait while the main process writes
+    accelerator.end_training()  # then every process leaves the process group before exiting
 
 
 @dataclass

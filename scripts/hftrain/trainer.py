@@ -123,8 +123,9 @@ def throughput_metrics(trainer: Trainer) -> dict[str, Any]:
 def write_run_summary(
     trainer: Trainer, data: Prepared, train_result: Any, eval_metrics: dict[str, float], **extra: Any
 ) -> dict[str, Any] | None:
-    """Write metrics.json (with `data`'s model, source and task), the PNG and the summary line from the main process; every process then leaves the
-    process group (a gloo process that exits without doing so can abort at exit and stall the launcher)."""
+    """Write metrics.json (with `data`'s model, source and task), the PNG and the summary line from the main process; then
+    every process waits for the others and all leave the process group together (a gloo process that exits without
+    leaving it, or leaves it while a peer is still inside, can abort at exit and stall the launcher)."""
     result = None
     if trainer.is_world_process_zero():
         result = write_results(
@@ -153,5 +154,6 @@ def write_run_summary(
                 ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**"],
                 token=trainer.args.hub_token,
             )
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     return result

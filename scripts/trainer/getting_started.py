@@ -114,7 +114,8 @@ def main() -> None:
         )
         if training_args.push_to_hub:  # the folder with its card; the Trainer created the repository at start
             upload_folder(repo_id=trainer.hub_model_id, folder_path=training_args.output_dir, ignore_patterns=["checkpoint-*"])
-    trainer.accelerator.end_training()  # every process leaves the process group (DDP) before exiting
+    trainer.accelerator.wait_for_everyone()  # the others wait while the main process writes
+    trainer.accelerator.end_training()  # then every process leaves the process group (DDP) before exiting
 
 
 if __name__ == "__main__":

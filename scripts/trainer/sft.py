@@ -213,7 +213,8 @@ def main() -> None:
             },
             trainer.state.log_history,
         )
-    trainer.accelerator.end_training()  # every process leaves the process group (DDP) before exiting
+    trainer.accelerator.wait_for_everyone()  # the others wait while the main process writes
+    trainer.accelerator.end_training()  # then every process leaves the process group (DDP) before exiting
 
 
 if __name__ == "__main__":
