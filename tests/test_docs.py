@@ -52,14 +52,21 @@ def anchors(page: Path) -> set[str]:
     return found
 
 
-def broken_links(page: Path, root: Path = ROOT) -> list[str]:
-    """Each relative link of `page` whose file, or #anchor in a markdown file, does not exist in `root`."""
-    broken = []
+def relative_links(page: Path) -> list[tuple[str, Path, str]]:
+    """`page`'s relative links as (the link, the path it names, its #anchor); external ones left out."""
+    found = []
     for target in links(page.read_text(encoding="utf-8")):
         if not target or SCHEME.match(target) or target.startswith("//"):
             continue
         path_part, _, anchor = target.partition("#")
-        dest = (page.parent / unquote(path_part)).resolve() if path_part else page
+        found.append((target, (page.parent / unquote(path_part)).resolve() if path_part else page, anchor))
+    return found
+
+
+def broken_links(page: Path, root: Path = ROOT) -> list[str]:
+    """Each relative link of `page` whose file, or #anchor in a markdown file, does not exist in `root`."""
+    broken = []
+    for target, dest, anchor in relative_links(page):
         if not dest.is_relative_to(root) or not dest.exists():
             broken.append(f"{target} (no such file)")
         elif anchor and dest.suffix == ".md" and unquote(anchor).lower() not in anchors(dest):
@@ -97,11 +104,7 @@ def test_every_page_and_results_table_is_reachable_from_the_readme():
     seen, todo = {README}, [README]
     while todo:
         page = todo.pop()
-        for target in links(page.read_text(encoding="utf-8")):
-            path_part = target.partition("#")[0]
-            if not path_part or SCHEME.match(target):
-                continue
-            dest = (page.parent / unquote(path_part)).resolve()
+        for _, dest, _ in relative_links(page):
             if dest.is_dir() and (dest / "README.md").exists():
                 dest = dest / "README.md"
             if dest.suffix == ".md" and dest.is_file() and dest not in seen:

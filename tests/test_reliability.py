@@ -149,10 +149,10 @@ def loop_preempted(workdir):
     or the checkpoint's save would wait for it forever."""
     out = workdir / "output/reliability/loop"
     port = str(free_port())
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    cmd += ["--main_process_port", port, str(SCRIPTS / "basic/custom_loop_accelerate.py"), *LOOP, "--output_dir", str(out)]
-    ready = re.compile(rf"train: .*\| ([3-9]|[1-5][0-9])/{STEPS} ")  # the progress bar at step 3 or later
     script = str(SCRIPTS / "basic/custom_loop_accelerate.py")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--main_process_port", port, script, *LOOP, "--output_dir", str(out)]
+    ready = re.compile(rf"train: .*\| ([3-9]|[1-5][0-9])/{STEPS} ")  # the progress bar at step 3 or later
     status, output = signal_mid_training(cmd, workdir, ready, to_worker=script, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     match = PREEMPTED.search(output)
     assert match, f"exit status {status}, no preemption message:\n{output[-3000:]}"

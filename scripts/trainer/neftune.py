@@ -98,8 +98,9 @@ def main() -> None:
             f"{baseline['eval_accuracy']:.3f} without (baseline) | eval loss {noisy['eval_loss']:.4f} vs "
             f"{baseline['eval_loss']:.4f} | same data and seed"
         )
-    PartialState().wait_for_everyone()  # the others wait while the main process writes, then every process
-    PartialState().destroy_process_group()  # leaves the group, as hftrain.trainer.write_run_summary does
+    state = PartialState()
+    state.wait_for_everyone()  # the others wait while the main process writes
+    state.destroy_process_group()  # then every process leaves the group, as hftrain.trainer.write_run_summary does
 
 
 if __name__ == "__main__":
