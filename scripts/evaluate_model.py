@@ -62,7 +62,7 @@ def main() -> None:
     if not is_adapter:
         check_tokenizer_matches(str(path), load_config(str(path), args.trust_remote_code), data.tokenizer)
     model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=dtype, trust_remote_code=args.trust_remote_code, use_safetensors=True, **kwargs
+        base, dtype=dtype, trust_remote_code=args.trust_remote_code, use_safetensors=True, use_kernels=False, **kwargs
     )
     if is_adapter:
         from peft import PeftModel

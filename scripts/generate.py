@@ -72,7 +72,13 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    load = dict(dtype=torch.bfloat16 if cuda else torch.float32, use_safetensors=True, trust_remote_code=args.trust_remote_code)
+    # use_kernels=False: no layers swapped for kernels downloaded from the Hub (hftrain.models.load_model says why)
+    load = dict(
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        use_safetensors=True,
+        trust_remote_code=args.trust_remote_code,
+        use_kernels=False,
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **load)
         if is_adapter:

@@ -268,6 +268,9 @@ def load_model(
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
+            # transformers 5.25 otherwise swaps layers for kernels it downloads from the Hub at load time ("kernelize"):
+            # code from outside the checkpoint, fetched without asking, and an error on an offline GPU machine.
+            use_kernels=False,
             **kwargs,
         )
     except Exception as e:
