@@ -577,3 +577,133 @@ def _attention_row(result: dict[str, Any], r: dict[str, Any], gpu: GPU) -> Measu
     label = f"{result['model']}: attention {r['case']} T={seq_len}"
     shape = load_shape(result["model"], int(result["arguments"]["vocab_size"]))
     return Measured(label, shape, setup, gpu, r["peak_memory_gib"], r["real_tokens_per_s"])
+
+
+# ---- the plan: which example, with which flags, fits and how fast --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example script as a plan can run it: its setup, and the measured recipe its speed is taken from."""
+
+    method: str
+    script: str
+    config: str  # accelerate config (1 GPU: none)
+    flags: tuple[str, ...]
+    setup: Setup
+    efficiency: str  # key of efficiency()
+    min_gpus: int = 1
+    max_gpus: int = 1 << 30
+    float8: bool = False  # needs float8 tensor cores
+    speed: float = 1.0  # against the measured recipe (CHECKPOINT_SPEED where it adds checkpointing)
+    measured_gpus: int = 1  # the efficiency already holds the scaling to this many GPUs
+
+
+RECIPE = "FA2 padding-free + compiled layers + fused loss (big batch)"
+RECIPE_FP8 = "FA2 padding-free + float8 + compiled layers + fused loss (big batch)"
+PACKED = Setup(batches="packed", attention="flash")
+BLOCKS = Setup(batches="padded", attention="flash")  # the Trainer scripts pad each batch; blocks of T are full rows
+EXAMPLES = [
+    Example("full", "sdpa/flash_attention.py", "", ("--compile_layers", "--fused_loss"),
+            replace(PACKED, compiled=True, fused_loss=True), RECIPE),
+    Example("full", "sdpa/flash_attention.py", "", ("--compile_layers", "--fused_loss", "--fp8"),
+            replace(PACKED, compiled=True, fused_loss=True, fp8=True), RECIPE_FP8, float8=True),
+    Example("full", "sdpa/flash_attention.py", "", ("--fused_loss", "--gradient_checkpointing"),
+            replace(PACKED, fused_loss=True, checkpointing="hf"), "FA2 padding-free", speed=CHECKPOINT_SPEED),
+    Example("full", "trainer/sharded/fsdp.py", "accelerate_config_fsdp.yaml", (),
+            replace(BLOCKS, sharding="fsdp2", checkpointing="fsdp"), "trainer/sharded/fsdp.py", min_gpus=2, measured_gpus=2),
+    Example("full", "trainer/sharded/zero.py", "accelerate_config.yaml + deepspeed_config.json", (),
+            replace(BLOCKS, sharding="zero3", precision="bf16"), "trainer/sharded/zero.py", min_gpus=2, measured_gpus=2),
+    Example("full", "trainer/getting_started.py", "accelerate_config.yaml", (),
+            BLOCKS, "trainer/getting_started.py", min_gpus=2, measured_gpus=2),
+    Example("lora", "lora/custom_loop.py", "", (), replace(BLOCKS, method="lora"), "LoRA (FA2 padding-free)", max_gpus=1),
+    Example("lora", "lora/custom_loop_accelerate.py", "accelerate_config.yaml", (),
+            replace(BLOCKS, method="lora"), "LoRA (FA2 padding-free)", min_gpus=2),
+    Example("lora", "trainer/sharded/fsdp_lora.py", "accelerate_config_fsdp_lora.yaml", (),
+            replace(BLOCKS, method="lora", sharding="fsdp2", checkpointing="hf"), "trainer/sharded/fsdp_lora.py",
+            min_gpus=2, measured_gpus=2),
+    Example("qlora", "trainer/qlora.py", "", (), replace(BLOCKS, method="qlora", checkpointing="hf"), "memory.py: qlora",
+            max_gpus=1),
+    Example("qlora", "trainer/sharded/fsdp_qlora.py", "accelerate_config_fsdp_qlora.yaml", (),
+            replace(BLOCKS, method="qlora", sharding="fsdp2", precision="bf16", checkpointing="hf"),
+            "trainer/sharded/fsdp_qlora.py", min_gpus=2, measured_gpus=2),
+    Example("galore", "trainer/galore.py", "", ("--optim", "galore_adamw"), replace(BLOCKS, method="galore"),
+            "GaLore (FA2 padding-free)"),
+    Example("galore", "trainer/galore.py", "", ("--optim", "galore_adamw", "--gradient_checkpointing"),
+            replace(BLOCKS, method="galore", checkpointing="hf"), "GaLore (FA2 padding-free)", speed=CHECKPOINT_SPEED),
+    Example("galore", "trainer/galore.py", "", ("--optim", "galore_adamw_8bit_layerwise", "--gradient_checkpointing"),
+            replace(BLOCKS, method="galore8_layerwise", checkpointing="hf"), "memory.py: galore_adamw_8bit_layerwise",
+            max_gpus=1),
+    Example("adam8bit", "trainer/galore.py", "", ("--optim", "adamw_bnb_8bit"), replace(BLOCKS, method="adam8bit"),
+            "8-bit AdamW (FA2 padding-free)"),
+    Example("adam8bit", "trainer/galore.py", "", ("--optim", "adamw_bnb_8bit", "--gradient_checkpointing"),
+            replace(BLOCKS, method="adam8bit", checkpointing="hf"), "8-bit AdamW (FA2 padding-free)",
+            speed=CHECKPOINT_SPEED),
+]
+MICRO_BATCHES = (32, 16, 8, 4, 2, 1)  # rows per GPU tried, largest first (the benchmarks measured 1-32)
+
+
+@dataclass
+class Option:
+    example: Example
+    micro_batch: int
+    accumulation: int
+    fits: bool
+    memory: dict[str, float]
+    tokens_per_s_per_gpu: float | None
+    breaks: str = ""  # the largest term, where nothing fits
+
+    @property
+    def peak_memory_gib(self) -> float:
+        return sum(self.memory.values())
+
+
+def plan(
+    shape: Shape, method: str, gpus_per_node: int, nodes: int, gpu: GPU, seq_len: int, global_batch_tokens: int
+) -> list[Option]:
+    """Every example of `method` that can run on this many GPUs, with the largest micro-batch that fits, ranked:
+    what fits first, fastest first."""
+    gpus = gpus_per_node * nodes
+    rows_per_step = max(1, global_batch_tokens // seq_len)
+    out = []
+    for ex in EXAMPLES:
+        if ex.method != method or not ex.min_gpus <= gpus <= ex.max_gpus or (ex.float8 and not gpu.float8):
+            continue
+        base = replace(ex.setup, gpus=gpus, gpus_per_node=gpus_per_node, seq_len=seq_len, efficiency=ex.efficiency)
+        chosen = None
+        for mb in MICRO_BATCHES:
+            if mb * gpus > rows_per_step and mb > 1:
+                continue
+            memory = memory_terms(shape, replace(base, micro_batch=mb))
+            if fits(sum(memory.values()), gpu.memory_gib):
+                chosen = (mb, memory)
+                break
+        mb, memory = chosen or (1, memory_terms(shape, replace(base, micro_batch=1)))
+        setup = replace(base, micro_batch=mb)
+        speed = ex.speed
+        if gpus > ex.measured_gpus:
+            kind = "fsdp2" if setup.sharding == "fsdp2" else setup.sharding
+            speed *= scaling(kind, gpus, gpus_per_node) / scaling(kind, ex.measured_gpus, gpus_per_node)
+        tps = tokens_per_second_per_gpu(shape, setup, gpu, speed) if gpu.bf16_tflops else None
+        breaks = "" if chosen else max(memory, key=lambda k: memory[k])
+        out.append(Option(ex, mb, math.ceil(rows_per_step / (mb * gpus)), chosen is not None, memory, tps, breaks))
+    return sorted(out, key=lambda o: (not o.fits, -(o.tokens_per_s_per_gpu or 0)))
+
+
+def launch_command(option: Option, model: str, seq_len: int, gpus_per_node: int, nodes: int) -> str:
+    ex = option.example
+    script = f"scripts/{ex.script}"
+    flags = [*ex.flags, "--per_device_train_batch_size", str(option.micro_batch)]
+    flags += ["--gradient_accumulation_steps", str(option.accumulation)] if option.accumulation > 1 else []
+    if ex.script == "sdpa/flash_attention.py":
+        flags = ["--pack_rows", str(seq_len), *flags]
+    own = f"{script} --model {model} --data_dir data/<yours> {' '.join(flags)}"
+    if gpus_per_node * nodes == 1:
+        return f"CUDA_VISIBLE_DEVICES=0 python {own}"
+    config = ex.config.split(" + ")[0]
+    machines = (
+        f" --num_machines {nodes} --machine_rank <0..{nodes - 1}> --main_process_ip <machine 0> --main_process_port 29500"
+        if nodes > 1
+        else ""
+    )
+    return f"accelerate launch --config_file {config}{machines} --num_processes {gpus_per_node * nodes} {own}"
