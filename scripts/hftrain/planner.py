@@ -37,34 +37,35 @@ LORA_RANK = 16  # every LoRA/QLoRA example's --lora_r default
 # factor per kernel setup says how much of that a setup really keeps (compiled layers and Liger keep less).
 ACTIVATION_FACTOR = {
     # autocast (float32 weights, bf16 compute: the Trainer's bf16=True on one GPU or under DDP)
-    "plain": 1.25,  # eager PyTorch ops with SDPA's or FA2's fused attention: P1, P2, FA2 padded/padding-free
-    "liger": 0.98,  # Liger's RMSNorm, SwiGLU, RoPE kernels (and its fused loss)
-    "compiled": 0.84,  # each decoder layer compiled (or the whole model)
+    "plain": 1.325,  # eager PyTorch ops with SDPA's or FA2's fused attention: P1, P2, FA2 padded/padding-free
+    "liger": 0.965,  # Liger's RMSNorm, SwiGLU, RoPE kernels (and its fused loss)
+    "compiled": 0.836,  # each decoder layer compiled (or the whole model)
     "compiled+liger": 0.94,
-    "compiled+fp8": 0.59,  # float8 linear layers keep float8 copies of their inputs
+    "compiled+fp8": 0.581,  # float8 linear layers keep float8 copies of their inputs
     "qlora": 1.66,  # 4-bit base after prepare_model_for_kbit_training: float32 norms, embeddings, hidden states
     # computed in bf16 (FSDP2's gathered bf16 weights, ZeRO-3, bf16 weights): no float32 residual stream
-    "plain, bf16": 1.08,
-    "liger, bf16": 0.77,
-    "adapter, bf16": 0.98,  # LoRA or QLoRA on a bf16 base
+    "plain, bf16": 1.265,
+    "liger, bf16": 0.759,
+    "adapter, bf16": 1.0,  # LoRA or QLoRA on a bf16 base
 }
 # Bytes per score element per layer the non-fused attentions keep (T x T per head): eager, SDPA's math kernel.
-SCORE_BYTES = {"eager": 6.09, "math": 4.49}
+SCORE_BYTES = {"eager": 5.84, "math": 4.33}
 # SDPA on packed rows builds a block-diagonal mask over the whole row: bytes per (row tokens)^2.
-MASK_BYTES = 26.4
+MASK_BYTES = 20.4
 # Bytes per logit that HF's loss holds at its peak (bf16 logits, their float32 copy, log-softmax, gradient).
-LOGIT_BYTES = 14.1
-FUSED_LOSS_BYTES_PER_TOKEN_HIDDEN = 3.6  # Liger's fused linear + cross-entropy: the input's gradient, float32
+LOGIT_BYTES = 13.5
+FUSED_LOSS_BYTES_PER_TOKEN_HIDDEN = 11.1  # Liger's fused linear + cross-entropy: the input's gradient, float32
 # The synthetic-long documents (256-2048 tokens) the harnesses train on: mean length (results/throughput P1 rows:
 # 8,243.3 real tokens per 8 documents) and the expected longest of a micro-batch, which padded batches pad to.
 MEAN_DOCUMENT = 1030.4
+LONGEST_DOCUMENT = MEAN_DOCUMENT / 36 * 64  # 64 reviews (hftrain.task.make_documents), what the padded rows reach
 ADAM_8BIT_BYTES = 2.04  # results/memory: 1.851 GiB of 8-bit AdamW state for 974M parameters
 # The recomputed layer's activations (and their gradients) during backward, in layers: the model's own gradient
 # checkpointing (transformers) and FSDP's activation checkpointing (a checkpoint wrapper per decoder layer)
-CHECKPOINT_RECOMPUTE = {"hf": 1.26, "fsdp": 1.01}
+CHECKPOINT_RECOMPUTE = {"hf": 1.254, "fsdp": 1.025}
 CUDA_CONTEXT_GIB = 0.75  # CUDA context and cuBLAS/NCCL workspaces, outside max_memory_allocated
 ALLOCATOR_SLACK = 1.05  # reserved / allocated on the packed and block rows (results/throughput: 1.01-1.02) + margin
-WORKSPACE_GIB = 0.25  # cuBLAS workspace and small buffers inside max_memory_allocated
+WORKSPACE_GIB = 0.31  # cuBLAS workspace and small buffers inside max_memory_allocated
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,11 @@ class Setup:
             return self.padded_len or self.seq_len
         return self.tokens_per_row or self.seq_len
 
+    def attention_span(self) -> int:
+        """T in the FLOPs' 12·L·d·T: the row length, or for SDPA on packed rows the whole flattened batch, which its
+        block-diagonal mask makes it attend over (results/attention: 3x slower than FA2 padding-free)."""
+        return round(self.micro_batch * self.row_tokens()) if self.attention == "mask" else self.seq_len
+
     def real_tokens_per_step(self) -> float:
         return self.micro_batch * (self.tokens_per_row or self.seq_len)
 
@@ -354,7 +360,7 @@ def peak_memory_gib(shape: Shape, s: Setup) -> float:
 
 def step_seconds(shape: Shape, s: Setup, gpu: GPU, eff: Efficiency) -> float:
     tokens = s.micro_batch * s.row_tokens()  # padding is computed too
-    dense, full = shape.flops_per_token(0), shape.flops_per_token(s.seq_len)
+    dense, full = shape.flops_per_token(0), shape.flops_per_token(s.attention_span())
     peak = gpu.bf16_tflops * 1e12
     attention = (full - dense) / (peak * eff.attention_mfu) if eff.attention_mfu else (full - dense) / (peak * eff.mfu)
     return tokens * (dense / (peak * eff.mfu) + attention) + eff.overhead_s
@@ -394,7 +400,7 @@ def fit_efficiency(rows: list["Measured"]) -> dict[str, Efficiency]:
     for key, group in groups.items():
         peak = group[0].gpu.bf16_tflops * 1e12
         dense = [m.shape.flops_per_token(0) for m in group]
-        full = [m.shape.flops_per_token(m.setup.seq_len) for m in group]
+        full = [m.shape.flops_per_token(m.setup.attention_span()) for m in group]
         # seconds per processed token (padding included)
         seconds = [m.setup.real_tokens_per_step() / (m.tokens_per_s_per_gpu * m.setup.micro_batch * m.setup.row_tokens()) for m in group]
         lengths = {m.setup.seq_len for m in group}
@@ -498,6 +504,7 @@ def _throughput_row(result: dict[str, Any], r: dict[str, Any], gpu: GPU) -> Meas
         fused_loss=bool(r.get("fused_loss")),
         efficiency=r["case"],
         tokens_per_row=per_row,
+        padded_len=LONGEST_DOCUMENT,
     )
     label = f"{result['model']}: {r['case']}"
     return Measured(label, _result_shape(result, result["model"]), setup, gpu, r["peak_allocated_gib"], r["tokens_per_s_per_gpu"])
@@ -553,6 +560,7 @@ def _sharded_row(result: dict[str, Any], r: dict[str, Any], gpu: GPU) -> Measure
         checkpointing=checkpointing,
         efficiency=r["script"],
         tokens_per_row=MEAN_DOCUMENT,
+        padded_len=LONGEST_DOCUMENT,
     )
     label = f"{result['model']}: {r['case']} x{result['gpus']}"
     measured = r["train_tokens_per_second_per_device"]
