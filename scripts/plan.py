@@ -17,6 +17,8 @@ per method and sharding plus the MFU each recipe measured here; docs/planner.md 
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from transformers import HfArgumentParser
 
@@ -92,7 +94,7 @@ def main() -> None:
     gpus = args.gpus * args.nodes
     best = next((o for o in options if o.fits), None)
     launch = launch_command(best, args.model, args.seq_len, args.gpus, args.nodes) if best else None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for o in options:
         tps = o.tokens_per_s_per_gpu
         rows.append(
@@ -110,24 +112,42 @@ def main() -> None:
             }
         )
     if args.json:
-        print(json.dumps({"model": args.model, "parameters": shape.params, "gpu": gpu.key, "gpu_memory_gib": gpu.memory_gib,
-                          "gpus": gpus, "seq_len": args.seq_len, "method": args.method, "tokens": args.tokens,
-                          "options": rows, "launch": launch}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "parameters": shape.params,
+                    "gpu": gpu.key,
+                    "gpu_memory_gib": gpu.memory_gib,
+                    "gpus": gpus,
+                    "seq_len": args.seq_len,
+                    "method": args.method,
+                    "tokens": args.tokens,
+                    "options": rows,
+                    "launch": launch,
+                },
+                indent=2,
+            )
+        )
         return
     print(
         f"{args.model} ({shape.params / 1e9:.2f}B parameters), {args.method}, {args.nodes} x {args.gpus} {gpu.key} "
         f"({gpu.memory_gib:g} GiB each), T = {args.seq_len}, {args.global_batch_tokens:,} tokens per step"
     )
-    print("\n| # | script | config | flags | peak GiB/GPU (weights + grads + optimizer + activations + logits + buffers) | tokens/s/GPU | time |")
+    print(
+        "\n| # | script | config | flags | peak GiB/GPU (weights + grads + optimizer + activations + logits + buffers) | tokens/s/GPU | time |"
+    )
     print("|---|---|---|---|---|---|---|")
     for i, (o, r) in enumerate(zip(options, rows)):
         if not o.fits:
             continue
         m = o.memory
         terms = " + ".join(f"{m[k]:.1f}" for k in m)
-        tps = f"{r['tokens_per_s_per_gpu']:,}" if r["tokens_per_s_per_gpu"] else "n/a"
-        time = f"{r['hours_for_tokens']:g} h" if r["hours_for_tokens"] is not None else "n/a"
-        print(f"| {i + 1} | {r['script']} | {r['config'] or '-'} | {' '.join(r['flags'])} | {o.peak_memory_gib:.1f} = {terms} | {tps} | {time} |")
+        rate = f"{r['tokens_per_s_per_gpu']:,}" if r["tokens_per_s_per_gpu"] else "n/a"
+        hours = f"{r['hours_for_tokens']:g} h" if r["hours_for_tokens"] is not None else "n/a"
+        print(
+            f"| {i + 1} | {r['script']} | {r['config'] or '-'} | {' '.join(r['flags'])} | {o.peak_memory_gib:.1f} = {terms} | {rate} | {hours} |"
+        )
     for o, r in zip(options, rows):
         if not o.fits:
             print(
@@ -137,16 +157,16 @@ def main() -> None:
     if not options:
         print(f"no example runs {args.method} on {gpus} GPU(s)")
     print(f"\nlaunch: {launch}" if launch else "\nnothing fits: more GPUs, a shorter --seq_len, or --method lora/qlora")
-    if launch:
+    if best:
         print(f"time for {args.tokens:.3g} tokens on {gpus} GPU(s): {rows[options.index(best)]['hours_for_tokens']} h")
 
 
 def check(paths: list[str], as_json: bool) -> None:
     """Predicted against measured for every row of the results files."""
-    out = []
+    out: list[dict[str, Any]] = []
     for path in paths:
         try:
-            result = json.loads(open(path).read())
+            result = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read {path} as JSON ({type(e).__name__}); pass results files of scripts/benchmarks/")
         for m in measured_rows(result, path):

@@ -135,6 +135,7 @@ class Shape:
     embedding: int  # vocabulary x hidden (the input embedding; the output layer too if tied)
     untied_head: int  # the output layer's weights when not tied to the embedding
     decoder_linear: list[tuple[int, int]]  # (in, out) of every linear layer inside the decoder layers
+    flops: dict[int, float] = field(default_factory=dict, repr=False)  # flops_per_token by sequence length
 
     @property
     def layers(self) -> int:
@@ -157,7 +158,9 @@ class Shape:
         return int(self.config.num_attention_heads)
 
     def flops_per_token(self, seq_len: int) -> float:
-        return flops_per_token(self.meta_model, seq_len)
+        if seq_len not in self.flops:
+            self.flops[seq_len] = flops_per_token(self.meta_model, seq_len)
+        return self.flops[seq_len]
 
     def layer_linear_params(self) -> int:
         return sum(i * o for i, o in self.decoder_linear) // self.layers
@@ -284,6 +287,7 @@ def memory_terms(shape: Shape, s: Setup) -> dict[str, float]:
     adapter = shape.lora_params() if s.method in ("lora", "qlora") else 0
     trainable = adapter or shape.params
     wide = 4 if s.precision == "mixed" else 2  # float32 master weights, or bf16 ones
+    weights: float
     if s.method == "qlora":
         # NF4: 4 bits per weight + double-quantised absmax (8 bits per 64, fp32 per 256 of those): 0.516 bytes.
         # The rest (embeddings, norms): float32 after prepare_model_for_kbit_training, bf16 under FSDP (no cast).
@@ -294,7 +298,7 @@ def memory_terms(shape: Shape, s: Setup) -> dict[str, float]:
         weights = shape.params * float(wide)
     weights += adapter * 4
     grad_bytes = 4 if adapter or wide == 4 else 2
-    gradients = trainable * grad_bytes
+    gradients = float(trainable * grad_bytes)
     if s.method == "galore8_layerwise":  # updated inside backward: one layer's gradients at a time
         gradients = (shape.layer_linear_params() + shape.params - linear) * grad_bytes
     moment = 4 if adapter or wide == 4 else 2  # torch's AdamW keeps its moments in the weights' dtype
@@ -313,7 +317,7 @@ def memory_terms(shape: Shape, s: Setup) -> dict[str, float]:
     weights, gradients, optimizer = weights / n, gradients / n, optimizer / n
 
     tokens = s.micro_batch * s.row_tokens()
-    factor = ACTIVATION_FACTOR.get(activation_kind(s)) or ACTIVATION_FACTOR[activation_kind(s).split(',')[0]]
+    factor = ACTIVATION_FACTOR.get(activation_kind(s)) or ACTIVATION_FACTOR[activation_kind(s).split(",")[0]]
     layer = shape.layer_activations() * 2 * factor * tokens
     if s.attention in SCORE_BYTES:
         layer += SCORE_BYTES[s.attention] * s.micro_batch * shape.heads * s.row_tokens() ** 2
@@ -402,7 +406,9 @@ def fit_efficiency(rows: list["Measured"]) -> dict[str, Efficiency]:
         dense = [m.shape.flops_per_token(0) for m in group]
         full = [m.shape.flops_per_token(m.setup.attention_span()) for m in group]
         # seconds per processed token (padding included)
-        seconds = [m.setup.real_tokens_per_step() / (m.tokens_per_s_per_gpu * m.setup.micro_batch * m.setup.row_tokens()) for m in group]
+        seconds = [
+            m.setup.real_tokens_per_step() / (m.tokens_per_s_per_gpu * m.setup.micro_batch * m.setup.row_tokens()) for m in group
+        ]
         lengths = {m.setup.seq_len for m in group}
         models = {m.shape.name for m in group}
         try:
@@ -612,41 +618,138 @@ RECIPE_FP8 = "FA2 padding-free + float8 + compiled layers + fused loss (big batc
 PACKED = Setup(batches="packed", attention="flash")
 BLOCKS = Setup(batches="padded", attention="flash")  # the Trainer scripts pad each batch; blocks of T are full rows
 EXAMPLES = [
-    Example("full", "sdpa/flash_attention.py", "", ("--compile_layers", "--fused_loss"),
-            replace(PACKED, compiled=True, fused_loss=True), RECIPE),
-    Example("full", "sdpa/flash_attention.py", "", ("--compile_layers", "--fused_loss", "--fp8"),
-            replace(PACKED, compiled=True, fused_loss=True, fp8=True), RECIPE_FP8, float8=True),
-    Example("full", "sdpa/flash_attention.py", "", ("--fused_loss", "--gradient_checkpointing"),
-            replace(PACKED, fused_loss=True, checkpointing="hf"), "FA2 padding-free", speed=CHECKPOINT_SPEED),
-    Example("full", "trainer/sharded/fsdp.py", "accelerate_config_fsdp.yaml", (),
-            replace(BLOCKS, sharding="fsdp2", checkpointing="fsdp"), "trainer/sharded/fsdp.py", min_gpus=2, measured_gpus=2),
-    Example("full", "trainer/sharded/zero.py", "accelerate_config.yaml + deepspeed_config.json", (),
-            replace(BLOCKS, sharding="zero3", precision="bf16"), "trainer/sharded/zero.py", min_gpus=2, measured_gpus=2),
-    Example("full", "trainer/getting_started.py", "accelerate_config.yaml", (),
-            BLOCKS, "trainer/getting_started.py", min_gpus=2, measured_gpus=2),
+    Example(
+        "full",
+        "sdpa/flash_attention.py",
+        "",
+        ("--compile_layers", "--fused_loss"),
+        replace(PACKED, compiled=True, fused_loss=True),
+        RECIPE,
+    ),
+    Example(
+        "full",
+        "sdpa/flash_attention.py",
+        "",
+        ("--compile_layers", "--fused_loss", "--fp8"),
+        replace(PACKED, compiled=True, fused_loss=True, fp8=True),
+        RECIPE_FP8,
+        float8=True,
+    ),
+    Example(
+        "full",
+        "sdpa/flash_attention.py",
+        "",
+        ("--fused_loss", "--gradient_checkpointing"),
+        replace(PACKED, fused_loss=True, checkpointing="hf"),
+        "FA2 padding-free",
+        speed=CHECKPOINT_SPEED,
+    ),
+    Example(
+        "full",
+        "trainer/sharded/fsdp.py",
+        "accelerate_config_fsdp.yaml",
+        (),
+        replace(BLOCKS, sharding="fsdp2", checkpointing="fsdp"),
+        "trainer/sharded/fsdp.py",
+        min_gpus=2,
+        measured_gpus=2,
+    ),
+    Example(
+        "full",
+        "trainer/sharded/zero.py",
+        "accelerate_config.yaml + deepspeed_config.json",
+        (),
+        replace(BLOCKS, sharding="zero3", precision="bf16"),
+        "trainer/sharded/zero.py",
+        min_gpus=2,
+        measured_gpus=2,
+    ),
+    Example(
+        "full",
+        "trainer/getting_started.py",
+        "accelerate_config.yaml",
+        (),
+        BLOCKS,
+        "trainer/getting_started.py",
+        min_gpus=2,
+        measured_gpus=2,
+    ),
     Example("lora", "lora/custom_loop.py", "", (), replace(BLOCKS, method="lora"), "LoRA (FA2 padding-free)", max_gpus=1),
-    Example("lora", "lora/custom_loop_accelerate.py", "accelerate_config.yaml", (),
-            replace(BLOCKS, method="lora"), "LoRA (FA2 padding-free)", min_gpus=2),
-    Example("lora", "trainer/sharded/fsdp_lora.py", "accelerate_config_fsdp_lora.yaml", (),
-            replace(BLOCKS, method="lora", sharding="fsdp2", checkpointing="hf"), "trainer/sharded/fsdp_lora.py",
-            min_gpus=2, measured_gpus=2),
-    Example("qlora", "trainer/qlora.py", "", (), replace(BLOCKS, method="qlora", checkpointing="hf"), "memory.py: qlora",
-            max_gpus=1),
-    Example("qlora", "trainer/sharded/fsdp_qlora.py", "accelerate_config_fsdp_qlora.yaml", (),
-            replace(BLOCKS, method="qlora", sharding="fsdp2", precision="bf16", checkpointing="hf"),
-            "trainer/sharded/fsdp_qlora.py", min_gpus=2, measured_gpus=2),
-    Example("galore", "trainer/galore.py", "", ("--optim", "galore_adamw"), replace(BLOCKS, method="galore"),
-            "GaLore (FA2 padding-free)"),
-    Example("galore", "trainer/galore.py", "", ("--optim", "galore_adamw", "--gradient_checkpointing"),
-            replace(BLOCKS, method="galore", checkpointing="hf"), "GaLore (FA2 padding-free)", speed=CHECKPOINT_SPEED),
-    Example("galore", "trainer/galore.py", "", ("--optim", "galore_adamw_8bit_layerwise", "--gradient_checkpointing"),
-            replace(BLOCKS, method="galore8_layerwise", checkpointing="hf"), "memory.py: galore_adamw_8bit_layerwise",
-            max_gpus=1),
-    Example("adam8bit", "trainer/galore.py", "", ("--optim", "adamw_bnb_8bit"), replace(BLOCKS, method="adam8bit"),
-            "8-bit AdamW (FA2 padding-free)"),
-    Example("adam8bit", "trainer/galore.py", "", ("--optim", "adamw_bnb_8bit", "--gradient_checkpointing"),
-            replace(BLOCKS, method="adam8bit", checkpointing="hf"), "8-bit AdamW (FA2 padding-free)",
-            speed=CHECKPOINT_SPEED),
+    Example(
+        "lora",
+        "lora/custom_loop_accelerate.py",
+        "accelerate_config.yaml",
+        (),
+        replace(BLOCKS, method="lora"),
+        "LoRA (FA2 padding-free)",
+        min_gpus=2,
+    ),
+    Example(
+        "lora",
+        "trainer/sharded/fsdp_lora.py",
+        "accelerate_config_fsdp_lora.yaml",
+        (),
+        replace(BLOCKS, method="lora", sharding="fsdp2", checkpointing="hf"),
+        "trainer/sharded/fsdp_lora.py",
+        min_gpus=2,
+        measured_gpus=2,
+    ),
+    Example(
+        "qlora", "trainer/qlora.py", "", (), replace(BLOCKS, method="qlora", checkpointing="hf"), "memory.py: qlora", max_gpus=1
+    ),
+    Example(
+        "qlora",
+        "trainer/sharded/fsdp_qlora.py",
+        "accelerate_config_fsdp_qlora.yaml",
+        (),
+        replace(BLOCKS, method="qlora", sharding="fsdp2", precision="bf16", checkpointing="hf"),
+        "trainer/sharded/fsdp_qlora.py",
+        min_gpus=2,
+        measured_gpus=2,
+    ),
+    Example(
+        "galore",
+        "trainer/galore.py",
+        "",
+        ("--optim", "galore_adamw"),
+        replace(BLOCKS, method="galore"),
+        "GaLore (FA2 padding-free)",
+    ),
+    Example(
+        "galore",
+        "trainer/galore.py",
+        "",
+        ("--optim", "galore_adamw", "--gradient_checkpointing"),
+        replace(BLOCKS, method="galore", checkpointing="hf"),
+        "GaLore (FA2 padding-free)",
+        speed=CHECKPOINT_SPEED,
+    ),
+    Example(
+        "galore",
+        "trainer/galore.py",
+        "",
+        ("--optim", "galore_adamw_8bit_layerwise", "--gradient_checkpointing"),
+        replace(BLOCKS, method="galore8_layerwise", checkpointing="hf"),
+        "memory.py: galore_adamw_8bit_layerwise",
+        max_gpus=1,
+    ),
+    Example(
+        "adam8bit",
+        "trainer/galore.py",
+        "",
+        ("--optim", "adamw_bnb_8bit"),
+        replace(BLOCKS, method="adam8bit"),
+        "8-bit AdamW (FA2 padding-free)",
+    ),
+    Example(
+        "adam8bit",
+        "trainer/galore.py",
+        "",
+        ("--optim", "adamw_bnb_8bit", "--gradient_checkpointing"),
+        replace(BLOCKS, method="adam8bit", checkpointing="hf"),
+        "8-bit AdamW (FA2 padding-free)",
+        speed=CHECKPOINT_SPEED,
+    ),
 ]
 MICRO_BATCHES = (32, 16, 8, 4, 2, 1)  # rows per GPU tried, largest first (the benchmarks measured 1-32)
 

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from hftrain.gpus import gpu_by_device_name
 from hftrain.models import count_parameters, full_numel
 
+
 def peak_flops(device_name: str) -> float | None:
     """The GPU's dense bf16 peak in FLOP/s (hftrain.gpus, vendor datasheets), None for an unknown device."""
     gpu = gpu_by_device_name(device_name)
