@@ -30,6 +30,7 @@ from hftrain.planner import (
     load_shape,
     measured_rows,
     memory_terms,
+    needed_gib,
     plan,
     tokens_per_second_per_gpu,
 )
@@ -151,8 +152,9 @@ def main() -> None:
     for o, r in zip(options, rows):
         if not o.fits:
             print(
-                f"does not fit: {r['script']} {' '.join(o.example.flags)}: {o.peak_memory_gib:.1f} GiB at micro-batch 1 "
-                f"(largest term: {o.breaks} {o.memory[o.breaks]:.1f} GiB) > {gpu.memory_gib:g} GiB"
+                f"does not fit: {r['script']} {' '.join(o.example.flags)}: {o.peak_memory_gib:.1f} GiB at micro-batch 1, "
+                f"{needed_gib(o.peak_memory_gib):.1f} GiB with the margin > {gpu.memory_gib:g} GiB (largest term: "
+                f"{o.breaks} {o.memory[o.breaks]:.1f} GiB)"
             )
     if not options:
         print(f"no example runs {args.method} on {gpus} GPU(s)")
