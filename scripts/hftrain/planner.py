@@ -200,8 +200,11 @@ def shape_of(name: str, config: Any) -> Shape:
     """The model's parameter counts and linear layers, from a model built on the meta device (no memory, no weights)."""
     if getattr(config, "num_hidden_layers", None) is None:
         raise UserError(f"--model {name} has no decoder layers in its config (num_hidden_layers); pass a causal language model")
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"--model {name} is not a causal language model transformers can build ({type(e).__name__})")
     embedding = meta.get_input_embeddings().weight.numel()
     head = meta.get_output_embeddings()
     tied = getattr(config, "tie_word_embeddings", False)
