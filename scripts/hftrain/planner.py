@@ -805,8 +805,7 @@ def plan(
         setup = replace(base, micro_batch=mb)
         speed = ex.speed
         if gpus > ex.measured_gpus:
-            kind = "fsdp2" if setup.sharding == "fsdp2" else setup.sharding
-            speed *= scaling(kind, gpus, gpus_per_node) / scaling(kind, ex.measured_gpus, gpus_per_node)
+            speed *= scaling(setup.sharding, gpus, gpus_per_node) / scaling(setup.sharding, ex.measured_gpus, gpus_per_node)
         tps = tokens_per_second_per_gpu(shape, setup, gpu, speed) if gpu.bf16_tflops else None
         breaks = "" if chosen else max(memory, key=lambda k: memory[k])
         out.append(Option(ex, mb, math.ceil(rows_per_step / (mb * gpus)), chosen is not None, memory, tps, breaks))
