@@ -20,27 +20,14 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hftrain.gpus import gpu_by_device_name
 from hftrain.models import count_parameters, full_numel
-
-# Dense bf16 tensor-core peak per GPU (vendor datasheets, no sparsity), matched by name, first hit wins.
-PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("GH200", 989e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-]
 
 
 def peak_flops(device_name: str) -> float | None:
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in device_name), None)
+    """The GPU's dense bf16 peak in FLOP/s (hftrain.gpus, vendor datasheets), None for an unknown device."""
+    gpu = gpu_by_device_name(device_name)
+    return gpu.bf16_tflops * 1e12 if gpu else None
 
 
 def device_name() -> str:

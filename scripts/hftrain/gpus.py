@@ -1,0 +1,57 @@
+"""The GPUs the project knows, in one table: dense bf16 peak, memory, float8 tensor cores, and where each figure is from.
+
+`reporting.peak_flops` (MFU) reads the peaks from here by device name; `scripts/plan.py` reads it by key (`--gpu h200`).
+Peaks are the vendor datasheets' dense bf16 tensor-core figures (no sparsity). Memory is what `torch.cuda` /
+`nvidia-smi` report as the card's total (an "80 GB" H100 shows 79.6 GiB), not the marketing figure.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GPU:
+    key: str  # what --gpu takes
+    device_name: str  # matched against torch.cuda.get_device_name(), first hit in GPUS' order wins
+    bf16_tflops: float  # dense bf16 tensor-core peak
+    memory_gib: float
+    float8: bool  # float8 tensor cores (compute capability 8.9+): --fp8
+    source: str
+
+
+H100_DATASHEET = "https://www.nvidia.com/en-us/data-center/h100/ (SXM: 1,979 TFLOPS bf16 with sparsity, 989 dense)"
+A100_DATASHEET = "https://www.nvidia.com/en-us/data-center/a100/ (312 TFLOPS bf16 dense)"
+# More specific names first: "H100 PCIe" must match before "H100", "GH200" before "H200"'s substring checks.
+GPUS = [
+    GPU("h100-pcie", "H100 PCIe", 756, 79.6, True, H100_DATASHEET + "; PCIe: 756 dense"),
+    GPU("h100-nvl", "H100 NVL", 835, 93.1, True, H100_DATASHEET + "; NVL: 835 dense, 94 GB"),
+    GPU("gh200", "GH200", 989, 94.5, True, "https://www.nvidia.com/en-us/data-center/grace-hopper-superchip/ (H100 SXM compute)"),
+    GPU("h100", "H100", 989, 79.6, True, H100_DATASHEET + "; 80 GB = 81,559 MiB in nvidia-smi"),
+    GPU(
+        "h200",
+        "H200",
+        989,
+        139.8,
+        True,
+        "https://www.nvidia.com/en-us/data-center/h200/ (989 dense bf16, 141 GB; 143,771 MiB in nvidia-smi)",
+    ),
+    GPU("b200", "B200", 2250, 178.4, True, "https://www.nvidia.com/en-us/data-center/dgx-b200/ (2.25 PFLOPS dense bf16 per GPU)"),
+    GPU("a100-80", "A100-SXM4-80GB", 312, 79.2, False, A100_DATASHEET + "; 80 GB = 81,920 MiB"),
+    GPU("a100-40", "A100", 312, 39.4, False, A100_DATASHEET + "; 40 GB = 40,960 MiB"),
+    GPU("l40s", "L40S", 362, 44.4, True, "https://www.nvidia.com/en-us/data-center/l40s/ (362 TFLOPS bf16 dense, 48 GB)"),
+    GPU("l4", "L4", 121, 22.0, True, "https://www.nvidia.com/en-us/data-center/l4/ (121 TFLOPS bf16 dense, 24 GB)"),
+    GPU("a10", "A10", 125, 22.1, False, "https://www.nvidia.com/en-us/data-center/products/a10-gpu/ (125 TFLOPS bf16, 24 GB)"),
+    GPU(
+        "4090",
+        "RTX 4090",
+        165,
+        23.6,
+        True,
+        "NVIDIA Ada Lovelace architecture whitepaper, RTX 4090: 165.2 TFLOPS bf16 dense (fp32 accumulate), 24 GB",
+    ),
+    GPU("3090", "RTX 3090", 71, 23.6, False, "NVIDIA Ampere GA102 whitepaper, RTX 3090: 71 TFLOPS bf16 dense, 24 GB"),
+]
+BY_KEY = {g.key: g for g in GPUS}
+
+
+def gpu_by_device_name(device_name: str) -> GPU | None:
+    return next((g for g in GPUS if g.device_name in device_name), None)
