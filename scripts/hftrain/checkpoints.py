@@ -1,6 +1,7 @@
 """Checkpoint integrity and --resume_from_checkpoint: a damaged or incomplete checkpoint is refused in one
 sentence, and nothing in one is unpickled."""
 
+import importlib
 import json
 import os
 import pickle
@@ -21,26 +22,64 @@ ACCELERATE_CHECKPOINT = ("model.safetensors", "optimizer.bin", "random_states_0.
 # Files that the resume paths read with torch.load(weights_only=True); a Trainer checkpoint's training_args.bin
 # is a pickle too, but nothing reads it back.
 NOT_LOADED = ("training_args.bin",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+# DeepSpeed loads a ZeRO checkpoint's global_step*/ files with torch.load(weights_only=False). They are loaded here
+# first with weights_only=True, allowing besides torch's own types only these two DeepSpeed classes (an enum and a
+# plain object whose attributes are set): a file that passes holds nothing else that unpickling could call.
+DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler")
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """Every file below `folder`, in subfolders too and through symbolic links (a loader follows them as well)."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already walked
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        files += [Path(root, name) for name in names if Path(root, name).is_file()]
+    return sorted(files)
+
+
+def loads_without_unpickling(path: Path) -> bool:
+    """Whether torch.load(weights_only=True) loads `path` (memory-mapped: only the pickled structure is read, whatever
+    the size of the tensors); False only for a file that needs other objects unpickled, not for a damaged one."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # numpy's RNG state, as accelerate allows
+
+    allowed = list(TORCH_SAFE_GLOBALS)
+    try:
+        for name in torch.serialization.get_unsafe_globals_in_checkpoint(path):  # reads the pickle's opcodes only
+            if name in DEEPSPEED_SAFE_GLOBALS:
+                module, _, attr = name.rpartition(".")
+                allowed.append(getattr(importlib.import_module(module), attr))
+        with torch.serialization.safe_globals(allowed):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        return False
+    except Exception:
+        pass  # cut short or damaged: checkpoint_problem says so
+    return True
 
 
 def unpicklable_file(folder: Path) -> str | None:
-    """A file in `folder` that only unpickling arbitrary objects could load, or None. The accelerate loops of earlier
-    versions pickled their scheduler and history (custom_checkpoint_*.pkl, loaded by accelerate with
-    weights_only=False); any other pickle must load with weights_only=True, as the resume paths load it. Memory-mapped,
-    so only the pickled structure is read, whatever the size of the tensors."""
-    from accelerate.utils.other import TORCH_SAFE_GLOBALS
-
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        if path.name.startswith("custom_checkpoint_"):
-            return path.name
-        if path.suffix in (".bin", ".pt", ".pth", ".pkl") and path.name not in NOT_LOADED and zipfile.is_zipfile(path):
-            try:
-                with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):  # numpy's RNG state, as accelerate allows
-                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except pickle.UnpicklingError:
-                return path.name
-            except Exception:
-                pass  # cut short or damaged: checkpoint_problem says so
+    """A file below `folder` (relative path) that only unpickling arbitrary objects could load, or None. The accelerate
+    loops of earlier versions pickled their scheduler and history (custom_checkpoint_*.pkl, loaded by accelerate with
+    weights_only=False); a sharded FSDP checkpoint's `.metadata` and the values in its `.distcp` files are unpickled by
+    torch.distributed.checkpoint; any other pickle, a ZeRO checkpoint's global_step*/ files included, must load with
+    weights_only=True. A ZeRO checkpoint's `latest` must name a folder inside it: DeepSpeed loads from the one it names."""
+    latest = folder / "latest"
+    if latest.is_file():
+        tag = latest.read_text(errors="replace").strip()
+        if not re.fullmatch(r"[\w.-]+", tag) or tag in (".", "..") or not (folder / tag).is_dir():
+            return "latest (it names a folder outside the checkpoint)"
+    for path in checkpoint_files(folder):
+        name = str(path.relative_to(folder))
+        if path.name.startswith("custom_checkpoint_") or path.name == ".metadata" or path.suffix == ".distcp":
+            return name
+        pickled = path.suffix in PICKLE_SUFFIXES and name not in NOT_LOADED and zipfile.is_zipfile(path)
+        if pickled and not loads_without_unpickling(path):
+            return name
     return None
 
 
@@ -74,6 +113,13 @@ def resolve_checkpoint(
 
     def refuse_unpickling(folder: Path) -> None:
         name = unpicklable_file(folder)
+        if name is not None and (name.endswith(".metadata") or name.endswith(".distcp")):
+            raise UserError(
+                f"--resume_from_checkpoint {resume_from_checkpoint}: {folder} is a sharded FSDP checkpoint ({name}), which "
+                "torch.distributed.checkpoint loads by unpickling, so nothing was loaded; for resumable FSDP runs set "
+                "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (loaded with weights_only=True), or start "
+                "again with --overwrite_output_dir"
+            )
         if name is not None:
             raise UserError(
                 f"--resume_from_checkpoint {resume_from_checkpoint}: {folder} holds {name}, which only unpickling "

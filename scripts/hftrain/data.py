@@ -21,7 +21,7 @@ from hftrain import task
 from hftrain.corpus import DEFAULT_BLOCK_SIZE, LOADERS, read_file, split_tail, tokenize_documents
 from hftrain.corpus import group_texts as group_texts_
 from hftrain.errors import UserError
-from hftrain.models import PRESETS, check_checkpoint_format, model_positions
+from hftrain.models import PRESETS, check_checkpoint_format, check_remote_code, model_positions
 from hftrain.safety import check_prepare_target, publish_folder, rebuild_command, record_files, temporary_folder, verify_files
 
 DEFAULT_DATA_DIR = "data/synthetic"
@@ -191,6 +191,7 @@ def prepare(
     sample_by: str | None = None,
     block_size: int | None = None,
     group_texts: bool = True,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Build data/<name>/ once; a second call with the same arguments returns at once.
 
@@ -199,7 +200,7 @@ def prepare(
     `block_size` tokens (default: min(1024, the model's positions)), the held-out split the end of the
     corpus unless the source has its own. `group_texts=False` keeps one example per document instead."""
     out = Path(output_dir)
-    request = {k: v for k, v in locals().items() if k not in ("output_dir", "force", "out")}
+    request = {k: v for k, v in locals().items() if k not in ("output_dir", "force", "out", "trust_remote_code")}
     # Arguments added later are recorded only when set, so folders prepared before them still match.
     request = {k: v for k, v in request.items() if k not in NEWER_ARGUMENTS or v != NEWER_ARGUMENTS[k]}
     check_prepare_target(dataset, output_dir, force)  # never over the source, nor over a folder prepare() did not make
@@ -216,10 +217,11 @@ def prepare(
     if not 0 < test_size < 1:
         raise UserError(f"--test_size {test_size} must be a fraction between 0 and 1")
     tokenizer_name = tokenizer_name or (model if model is not None and model not in PRESETS else None)
-    for name in (model, tokenizer_name):
+    for name, flag in ((model, "--model"), (tokenizer_name, "--tokenizer")):
         if name is not None:
             check_checkpoint_format(name)
-    positions, positions_of = model_positions(model or tokenizer_name or "tiny")
+            check_remote_code(name, trust_remote_code, flag)
+    positions, positions_of = model_positions(model or tokenizer_name or "tiny", trust_remote_code)
     if block_size is not None and (block_size < 2 or positions is not None and block_size > positions):
         limit = f"the {positions} positions of the model {positions_of}" if positions is not None else "2 tokens"
         raise UserError(
@@ -253,7 +255,7 @@ def prepare(
         tokenizer: PreTrainedTokenizerBase = train_tokenizer(raw["train"]["text"], vocab_size)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, trust_remote_code=trust_remote_code)
         except Exception as e:
             raise UserError(
                 f"could not load the tokenizer '{tokenizer_name}' ({type(e).__name__}); pass a local directory or omit --tokenizer"
@@ -324,17 +326,27 @@ def default_data_dir(dataset: str, tokenizer: str | None = None) -> str:
     return f"data/{name}"
 
 
-def load_prepared(data_dir: str = DEFAULT_DATA_DIR, dataset: str | None = None, model: str | None = None) -> Prepared:
+def data_folder(data_dir: str, dataset: str | None, model: str | None) -> str:
+    """Where a training script's data is: --data_dir, or with --dataset and the default --data_dir data/<name>[-<model>]."""
+    if dataset is not None and Path(data_dir).resolve() == Path(DEFAULT_DATA_DIR).resolve():
+        return default_data_dir(dataset, model)
+    return data_dir
+
+
+def load_prepared(
+    data_dir: str = DEFAULT_DATA_DIR, dataset: str | None = None, model: str | None = None, trust_remote_code: bool = False
+) -> Prepared:
     """Load data/<name>/; the default synthetic data is prepared on first use.
 
     With `dataset` (a training script's --dataset), it is prepared first, for `model` (a checkpoint's tokenizer and
     positions), into `data_dir` or, left at its default, data/<name>[-<checkpoint>]: one command from a file to
     training. A second run finds it prepared."""
-    if model is not None:
-        check_checkpoint_format(model)  # before anything is written
+    if model is not None:  # before anything is written
+        check_checkpoint_format(model)
+        check_remote_code(model, trust_remote_code)
     if dataset is not None:
-        data_dir = default_data_dir(dataset, model) if Path(data_dir).resolve() == Path(DEFAULT_DATA_DIR).resolve() else data_dir
-        prepare(dataset, data_dir, model=model if model not in PRESETS else None)
+        data_dir = data_folder(data_dir, dataset, model)
+        prepare(dataset, data_dir, model=model if model not in PRESETS else None, trust_remote_code=trust_remote_code)
     path = Path(data_dir)
     if not (path / "info.json").exists():
         if Path(data_dir).resolve() != Path(DEFAULT_DATA_DIR).resolve():
@@ -357,7 +369,8 @@ def load_prepared(data_dir: str = DEFAULT_DATA_DIR, dataset: str | None = None, 
             f"the prepared data in {data_dir} is damaged ({rows[0]} train / {rows[1]} test rows instead of "
             f"{info['num_train']} / {info['num_test']}); rebuild it: {rebuild}"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    check_remote_code(str(path / "tokenizer"), trust_remote_code, "the prepared tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", trust_remote_code=trust_remote_code)
     add_pad_token(tokenizer)  # folders prepared before the tokenizer got one
     return Prepared(
         tokenizer=tokenizer,

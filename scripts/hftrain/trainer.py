@@ -74,7 +74,7 @@ def parse_args(
         check(args, training_args)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, args
     )
     if checkpoint and training_args.process_index == 0:
         print(f"resuming from {checkpoint}")
@@ -84,7 +84,7 @@ def parse_args(
 def load_data(training_args: TrainingArguments, args: Any) -> Prepared:
     """args.data_dir, or args.dataset prepared for args.model first (see `load_prepared`); the script seeds next."""
     with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
-        data = load_prepared(args.data_dir, args.dataset, args.model)
+        data = load_prepared(args.data_dir, args.dataset, args.model, args.trust_remote_code)
     data.model = args.model
     return data
 

@@ -76,11 +76,12 @@ def main() -> None:
     check_launch(accelerator.num_processes, accelerator.device)  # every process the launcher started joins, one per GPU
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, ACCELERATE_CHECKPOINT)
     # The main process alone takes the output directory's run lock: a second run on the same folder stops.
-    check_output_dir(args.output_dir, args.overwrite_output_dir, checkpoint is not None, accelerator.is_main_process)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, checkpoint is not None, accelerator.is_main_process, args)
     device = accelerator.device  # this process's device: cuda:<local rank>, or the CPU
 
     with accelerator.local_main_process_first():  # each machine's main process prepares the data; the others then load it
-        data = load_prepared(args.data_dir, args.dataset, args.model)  # --dataset: prepared for --model first
+        # --dataset: prepared for --model first
+        data = load_prepared(args.data_dir, args.dataset, args.model, args.trust_remote_code)
     set_seed(args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions

@@ -120,7 +120,7 @@ def main() -> None:
     check_training_args(training_args)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, model_args
     )
     if checkpoint and training_args.process_index == 0:
         print(f"resuming from {checkpoint}")
