@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
-from hftrain.checkpoints import ACCELERATE_CHECKPOINT, resolve_checkpoint
+from hftrain.checkpoints import ACCELERATE_CHECKPOINT, check_same_model, resolve_checkpoint
 from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
 from hftrain.data import PadCollator, load_prepared
 from hftrain.launch import check_launch
@@ -115,6 +115,7 @@ def main() -> None:
     # checkpointing: accelerate would pickle it and unpickle it on resume; its state and the history go in JSON instead.
     step = 0
     if checkpoint:
+        check_same_model(checkpoint, model)  # saved from another --model: one sentence, not a size mismatch
         accelerator.load_state(checkpoint)  # weights (safetensors), optimizer and RNG states (torch.load weights_only=True)
         load_loop_state(checkpoint, scheduler, history)  # the scheduler and the log history, from the checkpoint's JSON
         step = int(os.path.basename(os.path.normpath(checkpoint)).removeprefix("checkpoint-"))

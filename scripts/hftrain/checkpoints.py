@@ -164,3 +164,29 @@ def resolve_checkpoint(
             "pass an earlier checkpoint-* folder, or 'latest' for the newest complete one"
         )
     return resume_from_checkpoint
+
+
+def _weight_name(name: str) -> str:
+    """A weight's name without the wrappers' parts that differ between a checkpoint and the model in memory (DDP's
+    `module.`, PEFT's adapter name `default`)."""
+    return re.sub(r"(^|\.)(module|default)(?=\.)", "", name).lstrip(".")
+
+
+def check_same_model(checkpoint: str | None, model: torch.nn.Module) -> None:
+    """A checkpoint resumed into a model of another shape (another --model than the run started with) is refused in
+    one sentence, before loading fails with a size mismatch: the shapes in its safetensors headers against the model's
+    (ZeRO-3 keeps the full shape of a partitioned weight in `ds_shape`)."""
+    if not checkpoint:
+        return
+    shapes = {_weight_name(n): tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    for path in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                here, there = shapes.get(_weight_name(key)), tuple(f.get_slice(key).get_shape())
+                if here is not None and here != there:
+                    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "model_type", "")
+                    raise UserError(
+                        f"--resume_from_checkpoint {checkpoint} was saved from another model than this run's {name} "
+                        f"({key} is {list(there)} there, {list(here)} here); resume with the --model the run started "
+                        "with, or start again with --overwrite_output_dir"
+                    )

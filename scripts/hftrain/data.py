@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,17 @@ from hftrain.corpus import DEFAULT_BLOCK_SIZE, LOADERS, read_file, split_tail, t
 from hftrain.corpus import group_texts as group_texts_
 from hftrain.errors import UserError
 from hftrain.models import PRESETS, check_checkpoint_format, check_remote_code, model_positions
-from hftrain.safety import check_prepare_target, publish_folder, rebuild_command, record_files, temporary_folder, verify_files
+from hftrain.safety import (
+    check_prepare_target,
+    full_disk_cause,
+    publish_folder,
+    rebuild_command,
+    record_files,
+    source_change,
+    source_files,
+    temporary_folder,
+    verify_files,
+)
 
 DEFAULT_DATA_DIR = "data/synthetic"
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
@@ -53,6 +64,39 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     bos = SPECIAL_TOKENS["bos_token"]
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **SPECIAL_TOKENS)
+
+
+# The share of a text's characters a tokenizer may lose (they decode to nothing) before preparation stops.
+MAX_CHARACTERS_LOST = 0.10
+
+
+def characters_lost(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> float:
+    """The share of the characters of `texts` (white space aside) that do not come back when their tokens are decoded:
+    characters the vocabulary lacks, turned into an unknown token or dropped."""
+    total = lost = 0
+    for text in texts:
+        text = text[:4000]
+        back = Counter(tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True))
+        for char, count in Counter(text).items():
+            if not char.isspace():
+                total += count
+                lost += max(0, count - back[char])
+    return lost / total if total else 0.0
+
+
+def check_characters_kept(tokenizer: PreTrainedTokenizerBase, name: str, texts: list[str], dataset: str) -> None:
+    """Refuse a tokenizer that loses more than MAX_CHARACTERS_LOST of the text, and say so when it loses any."""
+    share = characters_lost(tokenizer, texts)
+    if share > MAX_CHARACTERS_LOST:
+        raise UserError(
+            f"the tokenizer of {name} loses {share:.0%} of the characters of --dataset {dataset} (they are not in its "
+            "vocabulary and decode to nothing), so the model would never see them; use a checkpoint whose tokenizer "
+            "covers this text (a byte-level one covers any)"
+        )
+    if share >= 0.001:
+        print(
+            f"warning: the tokenizer of {name} loses {share:.1%} of the characters of --dataset {dataset} (not in its vocabulary)"
+        )
 
 
 def is_rating_task(texts: list[str]) -> bool:
@@ -206,7 +250,12 @@ def prepare(
     check_prepare_target(dataset, output_dir, force)  # never over the source, nor over a folder prepare() did not make
     info_path = out / "info.json"
     if info_path.exists() and not force:
-        if json.loads(info_path.read_text())["request"] == request:
+        info = json.loads(info_path.read_text())
+        if info["request"] == request:
+            change = source_change(dataset, info["source_files"]) if "source_files" in info else None
+            if change is not None:
+                rebuild = rebuild_command(str(out), request, lambda key: inspect.signature(prepare).parameters[key].default)
+                raise UserError(f"--dataset {dataset} changed since it was prepared into {out} ({change}); rebuild it: {rebuild}")
             return out
         raise UserError(
             f"{out} holds data prepared with other arguments; rebuild it with scripts/prepare_datasets.py --force, or "
@@ -230,6 +279,7 @@ def prepare(
         )
     block_size = block_size or min(DEFAULT_BLOCK_SIZE, positions or DEFAULT_BLOCK_SIZE)
 
+    sources = source_files(dataset)  # a local source's size, mtime and hash, before it is read
     raw = _read_source(
         dataset,
         text_column,
@@ -262,6 +312,7 @@ def prepare(
             )
         if tokenizer.eos_token is None:
             raise UserError(f"the tokenizer '{tokenizer_name}' has no eos token; choose a causal-LM tokenizer")
+        check_characters_kept(tokenizer, tokenizer_name, raw["train"]["text"][:200], dataset)
         add_pad_token(tokenizer)
     answers = answer_token_ids(tokenizer) if is_rating else []
 
@@ -287,22 +338,32 @@ def prepare(
     # Write beside the target and rename, so a crash or a second process never leaves half a folder (the temporary
     # one is deleted if anything fails). Several machines sharing a disk each prepare their own copy at once
     # (main_process_first is per machine): the first rename wins, and the others find its complete copy and keep it.
-    with temporary_folder(out) as tmp:
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        tokenized.save_to_disk(str(tmp / "dataset"))
-        info = {
-            "task": "rating" if is_rating else "text",
-            "answer_token_ids": answers,
-            "num_train": len(tokenized["train"]),
-            "num_test": len(tokenized["test"]),
-            "max_length": max(max(len(x) for x in tokenized[s]["input_ids"]) for s in ("train", "test")),
-            **({"block_size": block_size} if "position_ids" in tokenized["train"].column_names else {}),
-            "source": dataset if dataset.startswith("synthetic") or not Path(dataset).exists() else Path(dataset).name,
-            "request": request,
-            "files": record_files(tmp),  # size, rows and SHA-256 of each file, checked by load_prepared
-        }
-        (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-        publish_folder(tmp, out, replace=force)  # a replaced folder is deleted only once the new one is in place
+    try:
+        with temporary_folder(out) as tmp:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            tokenized.save_to_disk(str(tmp / "dataset"))
+            info = {
+                "task": "rating" if is_rating else "text",
+                "answer_token_ids": answers,
+                "num_train": len(tokenized["train"]),
+                "num_test": len(tokenized["test"]),
+                "max_length": max(max(len(x) for x in tokenized[s]["input_ids"]) for s in ("train", "test")),
+                **({"block_size": block_size} if "position_ids" in tokenized["train"].column_names else {}),
+                "source": dataset if dataset.startswith("synthetic") or not Path(dataset).exists() else Path(dataset).name,
+                "request": request,
+                "files": record_files(tmp),  # size, rows and SHA-256 of each file, checked by load_prepared
+                **({"source_files": sources} if sources is not None else {}),  # compared when it is reused
+            }
+            (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+            publish_folder(tmp, out, replace=force)  # a replaced folder is deleted only once the new one is in place
+    except Exception as e:
+        cause = full_disk_cause(e, str(out.parent))
+        if cause is None:
+            raise
+        raise UserError(
+            f"no space left in {out.parent} while preparing the data folder {out} (while writing: {cause}); free some "
+            "space there, or prepare the data on another disk (prepare_datasets.py --output_dir, then --data_dir)"
+        ) from None
     return out
 
 

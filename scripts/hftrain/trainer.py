@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from hftrain.checkpoints import resolve_checkpoint
+from hftrain.checkpoints import check_same_model, resolve_checkpoint
 from hftrain.cli import check_batch_size, check_output_dir, check_training_args, set_model_defaults
 from hftrain.data import PadCollator, Prepared, load_prepared
 from hftrain.errors import UserError
@@ -78,6 +78,7 @@ def parse_args(
     )
     if checkpoint and training_args.process_index == 0:
         print(f"resuming from {checkpoint}")
+    training_args.resume_from_checkpoint = checkpoint  # the folder resolved, for build_trainer's check
     return args, training_args, checkpoint
 
 
@@ -95,6 +96,7 @@ def build_trainer(
     """A Trainer on the prepared data with the accuracy metric, the throughput callback and the preemption
     callback (SIGTERM or Ctrl-C: save a checkpoint, then exit); refuses data longer than the model takes."""
     check_max_length(model, data.max_length)
+    check_same_model(training_args.resume_from_checkpoint, model)  # a checkpoint of another --model: one sentence
     check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data.train))
     accuracy = Accuracy(data.answer_token_ids)
     throughput = ThroughputCallback(seq_len=data.max_length)

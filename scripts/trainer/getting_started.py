@@ -27,7 +27,7 @@ import torch
 from huggingface_hub import upload_folder
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hftrain.checkpoints import resolve_checkpoint
+from hftrain.checkpoints import check_same_model, resolve_checkpoint
 from hftrain.cli import ScriptArguments, check_batch_size, check_output_dir, check_training_args, set_model_defaults
 from hftrain.data import PadCollator, load_prepared
 from hftrain.errors import UserError
@@ -78,6 +78,7 @@ def main() -> None:
     set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
+    check_same_model(checkpoint, model)  # a checkpoint saved from another --model: one sentence, not a size mismatch
     check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data.train))
 
     accuracy = Accuracy(data.answer_token_ids)

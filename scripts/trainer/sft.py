@@ -39,8 +39,8 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from hftrain.chat import DEFAULT_CHAT_TEMPLATE, answer_accuracy, load_chat_data
-from hftrain.checkpoints import resolve_checkpoint
-from hftrain.cli import check_output_dir, check_training_args, flags_given
+from hftrain.checkpoints import check_same_model, resolve_checkpoint
+from hftrain.cli import check_batch_size, check_output_dir, check_training_args, flags_given
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
@@ -129,6 +129,7 @@ def main() -> None:
     data, fmt = load_chat_data(
         args.dataset, args.dataset_config_name, args.eval_dataset, args.eval_size, args.num_examples, training_args.seed
     )
+    check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data["train"]))
     if preset:
         with training_args.main_process_first():  # the project's tokenizer, trained on the rating task's reviews
             tokenizer = load_prepared(DEFAULT_DATA_DIR).tokenizer
@@ -188,6 +189,7 @@ def main() -> None:
     )
     if model_args.use_peft:
         trainer.model.print_trainable_parameters()
+    check_same_model(checkpoint, trainer.model)  # a checkpoint saved from another --model: one sentence
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
     trainer.save_model()  # the model (or the adapter) in safetensors, the tokenizer with its chat template
