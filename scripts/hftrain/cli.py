@@ -88,8 +88,8 @@ def check_not_an_input(output_dir: str, model: str | None, data_dir: str | None,
     if model is not None and is_local_path(model) and Path(model).expanduser().is_dir():
         inputs.append(("--model", model, Path(model).expanduser().resolve()))
     if data_dir is not None:
-        folder = data_folder(data_dir, dataset, model)
-        inputs.append(("the prepared data folder" if dataset else "--data_dir", folder, Path(folder).resolve()))
+        data = data_folder(data_dir, dataset, model)
+        inputs.append(("the prepared data folder" if dataset else "--data_dir", data, Path(data).resolve()))
     # A prepared data folder above the output, whichever data this run reads.
     inputs += [
         ("the prepared data folder", str(p), p)
