@@ -39,6 +39,8 @@ def trainer_checkpoint(folder: Path) -> Path:
 
 
 def test_zero3_files_are_checked_before_deepspeed_unpickles_them(tmp_path):
+    import pickle
+
     from hftrain.checkpoints import resolve_checkpoint
 
     checkpoint = trainer_checkpoint(tmp_path / "checkpoint-2")
@@ -54,10 +56,15 @@ def test_zero3_files_are_checked_before_deepspeed_unpickles_them(tmp_path):
     torch.load(planted, weights_only=False)
     assert marker.exists()
 
+    planted.write_bytes(pickle.dumps(RunsAShellCommand(marker)))  # a bare pickle, as torch.load's legacy format
+    marker.unlink()
+    with pytest.raises(UserError, match="is incomplete or damaged .global_step2/.*optim_states.pt is cut short"):
+        resolve_checkpoint(str(checkpoint), str(tmp_path))
     (checkpoint / "latest").write_text("../../elsewhere")  # DeepSpeed loads from the folder `latest` names
     planted.unlink()
     with pytest.raises(UserError, match="holds latest"):
         resolve_checkpoint("latest", str(tmp_path))
+    assert not marker.exists()
 
 
 def test_zero3_files_that_hold_only_deepspeed_state_still_resume(tmp_path):

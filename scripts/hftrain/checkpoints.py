@@ -33,7 +33,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
     """Every file below `folder`, in subfolders too and through symbolic links (a loader follows them as well)."""
     files, seen = [], set()
     for root, dirs, names in os.walk(folder, followlinks=True):
-        st = os.stat(root)
+        try:
+            st = os.stat(root)
+        except OSError:  # removed meanwhile (the main process clears a save cut short while the others look)
+            continue
         if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already walked
             dirs.clear()
             continue
@@ -42,9 +45,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return sorted(files)
 
 
-def loads_without_unpickling(path: Path) -> bool:
+def loads_without_unpickling(path: Path, strict: bool) -> bool:
     """Whether torch.load(weights_only=True) loads `path` (memory-mapped: only the pickled structure is read, whatever
-    the size of the tensors); False only for a file that needs other objects unpickled, not for a damaged one."""
+    the size of the tensors); False for a file that needs other objects unpickled and, if `strict` (a file that will
+    be loaded with weights_only=False), for one that fails to load in any other way."""
     from accelerate.utils.other import TORCH_SAFE_GLOBALS  # numpy's RNG state, as accelerate allows
 
     allowed = list(TORCH_SAFE_GLOBALS)
@@ -58,7 +62,7 @@ def loads_without_unpickling(path: Path) -> bool:
     except pickle.UnpicklingError:
         return False
     except Exception:
-        pass  # cut short or damaged: checkpoint_problem says so
+        return not strict  # cut short or damaged: the loader that reads it with weights_only=True fails on it too
     return True
 
 
@@ -78,7 +82,8 @@ def unpicklable_file(folder: Path) -> str | None:
         if path.name.startswith("custom_checkpoint_") or path.name == ".metadata" or path.suffix == ".distcp":
             return name
         pickled = path.suffix in PICKLE_SUFFIXES and name not in NOT_LOADED and zipfile.is_zipfile(path)
-        if pickled and not loads_without_unpickling(path):
+        # DeepSpeed reads the files in subfolders with weights_only=False; the rest is read with weights_only=True.
+        if pickled and not loads_without_unpickling(path, strict=path.parent != folder):
             return name
     return None
 
@@ -89,17 +94,20 @@ def checkpoint_problem(folder: Path, required: tuple[str, ...] = TRAINER_CHECKPO
     for name in required:
         if not (folder / name).is_file():
             return f"it has no {name}"
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in checkpoint_files(folder):
+        name = str(path.relative_to(folder))
         try:
             if path.suffix == ".safetensors":  # the header must parse and the tensors it lists must fit the file
                 with safe_open(path, "pt"):
                     pass
-            elif path.suffix in (".bin", ".pt", ".pth", ".pkl") and not zipfile.is_zipfile(path):
-                return f"{path.name} is cut short"  # torch.save writes a zip archive, whose directory comes last
+            elif path.suffix in PICKLE_SUFFIXES and not zipfile.is_zipfile(path):
+                # torch.save writes a zip archive, whose directory comes last; a file without is cut short (or a bare
+                # pickle, which torch.load(weights_only=False) would unpickle): never loaded
+                return f"{name} is cut short"
             elif path.suffix == ".json":
                 json.loads(path.read_text())
         except Exception:
-            return f"{path.name} is cut short or damaged"
+            return f"{name} is cut short or damaged"
     return None
 
 
@@ -168,8 +176,8 @@ def resolve_checkpoint(
 
 def _weight_name(name: str) -> str:
     """A weight's name without the wrappers' parts that differ between a checkpoint and the model in memory (DDP's
-    `module.`, PEFT's adapter name `default`)."""
-    return re.sub(r"(^|\.)(module|default)(?=\.)", "", name).lstrip(".")
+    `module.`, PEFT's adapter name `default` and its trained copy `modules_to_save` of a module)."""
+    return re.sub(r"(^|\.)(module|default|modules_to_save)(?=\.)", "", name).lstrip(".")
 
 
 def check_same_model(checkpoint: str | None, model: torch.nn.Module) -> None:

@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -177,7 +178,8 @@ def report_full_disk(output_dir: str, is_main_process: bool = True) -> None:
             return
         if is_main_process:
             for partial in Path(output_dir).glob("checkpoint-*.tmp"):
-                shutil.rmtree(partial, ignore_errors=True)
+                if re.fullmatch(r"checkpoint-\d+\.tmp", partial.name):  # a loop's save, not a user's folder of that name
+                    shutil.rmtree(partial, ignore_errors=True)
         print(f"error: {message}", file=sys.stderr, flush=True)
 
     sys.excepthook = hook
