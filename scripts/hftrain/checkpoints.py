@@ -24,9 +24,13 @@ ACCELERATE_CHECKPOINT = ("model.safetensors", "optimizer.bin", "random_states_0.
 NOT_LOADED = ("training_args.bin",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 # DeepSpeed loads a ZeRO checkpoint's global_step*/ files with torch.load(weights_only=False). They are loaded here
-# first with weights_only=True, allowing besides torch's own types only these two DeepSpeed classes (an enum and a
-# plain object whose attributes are set): a file that passes holds nothing else that unpickling could call.
-DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler")
+# first with weights_only=True, allowing besides torch's own types only these DeepSpeed classes (an enum, and loss
+# scalers: plain objects whose attributes are set): a file that passes holds nothing else that unpickling could call.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+)
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
