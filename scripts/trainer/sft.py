@@ -129,7 +129,6 @@ def main() -> None:
     data, fmt = load_chat_data(
         args.dataset, args.dataset_config_name, args.eval_dataset, args.eval_size, args.num_examples, training_args.seed
     )
-    check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data["train"]))
     if preset:
         with training_args.main_process_first():  # the project's tokenizer, trained on the rating task's reviews
             tokenizer = load_prepared(DEFAULT_DATA_DIR).tokenizer
@@ -161,6 +160,8 @@ def main() -> None:
                 "with the markers, or --assistant_only_loss false to learn whole conversations"
             )
 
+    # A batch larger than the training rows is refused, as in the other Trainer scripts.
+    check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data["train"]))
     set_seed(training_args.seed)  # the preset's random weights depend on it
     base = model_name
     if model_args.use_peft and preset:  # an adapter needs its base saved: a preset's random weights exist nowhere else
