@@ -5,12 +5,13 @@ silence or end in a traceback stops with one sentence that names the cause.
 Most checks call the shared helpers in this process; a few run a script (the tiny preset, refused before training).
 """
 
+import contextlib
 import json
 import os
 import pty
 import signal
-import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import torch
 from test_safety import GS, RunsAShellCommand, one_sentence
 
-from conftest import SCRIPTS, run_script
+from conftest import SCRIPTS, run_forked, run_script
 from hftrain.errors import UserError
 
 
@@ -121,52 +122,6 @@ def ships_code(folder: Path, marker: Path, config: bool = True) -> Path:
     return folder
 
 
-def run_on_a_terminal(args: list[str], cwd: Path, answer: bytes, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python script args` (a fork of this process, as conftest's run_forked) with a pseudo-terminal as its stdin,
-    into which `answer` is typed again and again until it exits."""
-    import runpy
-
-    primary, secondary = pty.openpty()
-    with open(cwd / ".out", "w+") as out, open(cwd / ".err", "w+") as err:
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            status = 1
-            try:
-                os.dup2(secondary, 0)
-                os.dup2(out.fileno(), 1)
-                os.dup2(err.fileno(), 2)
-                sys.stdin = open(0)  # noqa: SIM115
-                sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-                sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-                os.chdir(cwd)
-                sys.argv = args
-                runpy.run_path(args[0], run_name="__main__")
-                status = 0
-            except SystemExit as e:
-                print(e.code, file=sys.stderr) if isinstance(e.code, str) else None
-                status = 1 if isinstance(e.code, str) else (e.code or 0)
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(status)
-        os.close(secondary)
-        deadline = time.monotonic() + timeout
-        while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
-            os.write(primary, answer)
-            time.sleep(0.1)
-        if not done[0]:
-            os.kill(pid, signal.SIGKILL)
-            done = os.waitpid(pid, 0)
-        os.close(primary)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(args, os.waitstatus_to_exitcode(done[1]), out.read(), err.read())
-
-
 def test_code_in_a_checkpoint_does_not_run_when_a_terminal_answers_yes(workdir, tmp_path, monkeypatch):
     """transformers asks "Do you wish to run the custom code? [y/N]" when trust_remote_code is not passed and a terminal
     is attached; every load passes it, and a folder that ships code is refused before any load."""
@@ -177,8 +132,26 @@ def test_code_in_a_checkpoint_does_not_run_when_a_terminal_answers_yes(workdir, 
     model = ships_code(tmp_path / "model", marker)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Some text to train on.\n\nAnother document.\n" * 20)
-    args = [str(SCRIPTS / GS), "--model", str(model), "--dataset", str(corpus), "--max_steps", "1"]
-    proc = run_on_a_terminal([*args, "--output_dir", str(tmp_path / "out")], tmp_path, b"y\n")
+    args = [sys.executable, str(SCRIPTS / GS), "--model", str(model), "--dataset", str(corpus), "--max_steps", "1"]
+    primary, secondary = pty.openpty()  # the script's stdin: a terminal, on which "y" is typed again and again
+    os.set_blocking(primary, False)
+    typing = threading.Event()
+
+    def type_yes() -> None:
+        while not typing.wait(0.1):
+            with contextlib.suppress(BlockingIOError):  # the terminal's input is full: nobody reads it
+                os.write(primary, b"y\n")
+
+    typist = threading.Thread(target=type_yes)
+    typist.start()
+    try:
+        proc = run_forked([*args, "--output_dir", str(tmp_path / "out")], tmp_path, timeout=300, stdin=secondary)
+    finally:
+        typing.set()
+        typist.join()
+        os.close(primary)
+        os.close(secondary)
+    assert proc is not None, "the script did not finish"
     assert not marker.exists(), "the checkpoint's code ran"
     one_sentence(
         proc, f"--model {model} ships its own Python code (auto_map in config.json), which runs only with --trust_remote_code"
