@@ -279,6 +279,8 @@ def test_a_source_file_changed_after_preparation_is_refused(tmp_path):
     with pytest.raises(UserError) as e:
         prepare(str(corpus), str(out), block_size=16)
     assert str(e.value).endswith(f"rebuild it: {rebuild}")  # shell-quoted: the path has a space
+    corpus.unlink()  # deleted once prepared: the prepared data stands on its own
+    assert prepare(str(corpus), str(out), block_size=16) == out
 
 
 def test_a_tokenizer_that_loses_characters_is_refused_or_named(tmp_path, capsys):

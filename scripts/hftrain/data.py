@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from hftrain import task
 from hftrain.corpus import DEFAULT_BLOCK_SIZE, LOADERS, read_file, split_tail, tokenize_documents
 from hftrain.corpus import group_texts as group_texts_
-from hftrain.errors import UserError
+from hftrain.errors import UserError, cause_of
 from hftrain.models import PRESETS, check_checkpoint_format, check_remote_code, model_positions
 from hftrain.safety import (
     check_prepare_target,
@@ -308,7 +308,7 @@ def prepare(
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, trust_remote_code=trust_remote_code)
         except Exception as e:
             raise UserError(
-                f"could not load the tokenizer '{tokenizer_name}' ({type(e).__name__}); pass a local directory or omit --tokenizer"
+                f"could not load the tokenizer '{tokenizer_name}' ({cause_of(e)}); pass a local directory or omit --tokenizer"
             )
         if tokenizer.eos_token is None:
             raise UserError(f"the tokenizer '{tokenizer_name}' has no eos token; choose a causal-LM tokenizer")

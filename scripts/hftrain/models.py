@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from hftrain.errors import UserError
+from hftrain.errors import UserError, cause_of
 
 # Llama architecture throughout (RMSNorm, SwiGLU, RoPE, grouped-query attention).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -208,7 +208,7 @@ def load_config(model: str, trust_remote_code: bool = False) -> Any:
 def _load_error(model: str, e: Exception, config: bool) -> UserError:
     """The sentence for a failed load, naming its real cause: `config` says whether the config is what failed, or the
     model after its config had loaded (a missing package, a damaged weights file)."""
-    cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else type(e).__name__
+    cause = cause_of(e)
     if is_local_path(model):
         if not Path(model).exists():
             return UserError(

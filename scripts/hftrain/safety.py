@@ -370,8 +370,10 @@ def source_files(dataset: str) -> dict[str, list[Any]] | None:
 
 def source_change(dataset: str, recorded: dict[str, list[Any]]) -> str | None:
     """How the local source differs from when it was recorded (`source_files`), or None; a file whose size and mtime
-    are unchanged is not hashed again."""
+    are unchanged is not hashed again. A source deleted since is no change: the prepared data stands on its own."""
     path = Path(dataset)
+    if not path.exists():
+        return None
     now = {str(p.relative_to(path)) if p != path else p.name: p for p in ([path] if path.is_file() else path.rglob("*"))}
     now = {name: p for name, p in now.items() if p.is_file()}
     if set(now) != set(recorded):
