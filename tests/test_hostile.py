@@ -378,11 +378,15 @@ def test_sigterm_during_preparation_leaves_no_temporary_folder(tmp_path):
 
     from hftrain.data import prepare
 
+    def terminated(*args, **kwargs) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+
     pid = os.fork()
     if pid == 0:
         status = 3
         try:
-            DatasetDict.save_to_disk = lambda *args, **kwargs: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(10))
+            DatasetDict.save_to_disk = terminated  # type: ignore[method-assign]
             prepare(output_dir=str(tmp_path / "data"), num_examples=100)
         except SystemExit as e:
             status = 1 if "stopped by SIGTERM" in str(e.code) else 2
