@@ -47,8 +47,12 @@ def main() -> None:
         raise UserError(
             f"--model_dir {args.model_dir} holds neither a model (config.json) nor a PEFT adapter (adapter_config.json)"
         )
-    data = load_prepared(args.data_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else data.tokenizer
+    data = load_prepared(args.data_dir, trust_remote_code=args.trust_remote_code)
+    tokenizer = (
+        AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        if (path / "tokenizer_config.json").exists()
+        else data.tokenizer
+    )
     if tokenizer.get_vocab() != data.tokenizer.get_vocab():
         raise UserError(f"{args.model_dir} was trained with another tokenizer than {args.data_dir}; pass the matching --data_dir")
 
@@ -60,7 +64,7 @@ def main() -> None:
         )
     base = adapter_base(str(path)) if is_adapter else str(path)  # an adapter names its base relative to its folder
     if not is_adapter:
-        check_tokenizer_matches(str(path), load_config(str(path), args.trust_remote_code), data.tokenizer)
+        check_tokenizer_matches(str(path), load_config(str(path), args.trust_remote_code), data.tokenizer, args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         base, dtype=dtype, trust_remote_code=args.trust_remote_code, use_safetensors=True, use_kernels=False, **kwargs
     )

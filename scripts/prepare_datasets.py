@@ -96,6 +96,10 @@ class PrepareArguments:
     num_examples: int = field(default=6000, metadata={"help": "Size of the synthetic task (train + test)."})
     seed: int = field(default=0, metadata={"help": "Seed of the synthetic task and of the rating task's train/test split."})
     force: bool = field(default=False, metadata={"help": "Rebuild the folder even if it was prepared with other arguments."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run Python code shipped with --model or --tokenizer. Off: only enable for code you trust."},
+    )
 
 
 def main() -> None:
@@ -118,8 +122,9 @@ def main() -> None:
         sample_by=args.sample_by,
         block_size=args.block_size,
         group_texts=args.group_texts,
+        trust_remote_code=args.trust_remote_code,
     )
-    data = load_prepared(str(out))
+    data = load_prepared(str(out), trust_remote_code=args.trust_remote_code)
     info = json.loads((out / "info.json").read_text())
     unit = f"blocks of {info['block_size']} tokens" if "block_size" in info else "examples"
     print(

@@ -77,14 +77,15 @@ def tail(output: str, chars: int) -> str:
     return "\n".join(kept)[-chars:]
 
 
-def run_forked(args: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess | None:
+def run_forked(args: list[str], cwd: Path, timeout: int, stdin: int | None = None) -> subprocess.CompletedProcess | None:
     """`python script.py args` in a forked child of this test process, which has torch and transformers imported
     already: a run then starts in a fraction of a second instead of a fresh interpreter's ~5 s of imports, which
     were half of the suite's time (a refusal is all start-up). Each pytest-xdist worker computes on one thread, as
     the scripts it starts do (OMP_NUM_THREADS=1), so there is no thread pool for the fork to break. The child runs
     the script as `python` would (`__main__`, sys.argv, cwd, the script's folder first on sys.path, its
     own stdout/stderr), exits with the status `python` would give and runs the exit handlers the script registered
-    (a run lock's release). None if the child did not finish in time: the caller runs the command afresh."""
+    (a run lock's release). None if the child did not finish in time: the caller runs the command afresh. `stdin`: a file
+    descriptor the child reads as its standard input (a pseudo-terminal, say)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         pid = os.fork()
         if pid == 0:  # the child: never returns into pytest
@@ -92,6 +93,9 @@ def run_forked(args: list[str], cwd: Path, timeout: int) -> subprocess.Completed
             try:
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
+                if stdin is not None:
+                    os.dup2(stdin, 0)
+                    sys.stdin = open(0, closefd=False)  # noqa: SIM115
                 sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
                 sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
                 for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:

@@ -47,12 +47,12 @@ def main() -> None:
     set_model_defaults(parser, parser.parse_known_args()[0].model)
     (args,) = parser.parse_args_into_dataclasses()
     check_loop_args(args)  # sizes, steps and rates no run can use, refused as the Trainer scripts refuse them
-    check_output_dir(args.output_dir, args.overwrite_output_dir, resuming=False)  # and take its run lock
+    check_output_dir(args.output_dir, args.overwrite_output_dir, resuming=False, inputs=args)  # and take its run lock
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # "cuda": the current GPU, no hard-coded index
     # bf16 autocast on CUDA: matmuls run in bf16 while weights, gradients and AdamW's state stay float32.
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    data = load_prepared(args.data_dir, args.dataset, args.model)  # --dataset: prepared for --model first
+    data = load_prepared(args.data_dir, args.dataset, args.model, args.trust_remote_code)  # --dataset: prepared for --model first
     set_seed(args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
-from hftrain.checkpoints import ACCELERATE_CHECKPOINT, resolve_checkpoint
+from hftrain.checkpoints import ACCELERATE_CHECKPOINT, check_same_model, resolve_checkpoint
 from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
 from hftrain.data import PadCollator, load_prepared
 from hftrain.launch import check_launch
@@ -79,11 +79,12 @@ def main() -> None:
     check_launch(accelerator.num_processes, accelerator.device)  # every process the launcher started joins, one per GPU
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir, ACCELERATE_CHECKPOINT)
     # The main process alone takes the output directory's run lock: a second run on the same folder stops.
-    check_output_dir(args.output_dir, args.overwrite_output_dir, checkpoint is not None, accelerator.is_main_process)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, checkpoint is not None, accelerator.is_main_process, args)
     device = accelerator.device  # this process's device: cuda:<local rank>, or the CPU
 
     with accelerator.local_main_process_first():  # each machine's main process prepares the data; the others then load it
-        data = load_prepared(args.data_dir, args.dataset, args.model)  # --dataset: prepared for --model first
+        # --dataset: prepared for --model first
+        data = load_prepared(args.data_dir, args.dataset, args.model, args.trust_remote_code)
     set_seed(args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
@@ -114,6 +115,7 @@ def main() -> None:
     # checkpointing: accelerate would pickle it and unpickle it on resume; its state and the history go in JSON instead.
     step = 0
     if checkpoint:
+        check_same_model(checkpoint, model)  # saved from another --model: one sentence, not a size mismatch
         accelerator.load_state(checkpoint)  # weights (safetensors), optimizer and RNG states (torch.load weights_only=True)
         load_loop_state(checkpoint, scheduler, history)  # the scheduler and the log history, from the checkpoint's JSON
         step = int(os.path.basename(os.path.normpath(checkpoint)).removeprefix("checkpoint-"))

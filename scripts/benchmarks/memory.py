@@ -125,7 +125,7 @@ def measure_case(case: str, args: TableArguments) -> dict[str, Any]:
     if not cuda and optim == "paged_adamw_8bit":
         optim = "adamw_bnb_8bit"  # paging is a CUDA feature; the same 8-bit AdamW runs unpaged on CPU
     set_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(args.base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.base_dir, trust_remote_code=False)  # the base this script saved
     if lora:  # imported only where needed: peft imports bitsandbytes, seconds per process
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     if four_bit:

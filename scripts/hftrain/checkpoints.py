@@ -1,6 +1,7 @@
 """Checkpoint integrity and --resume_from_checkpoint: a damaged or incomplete checkpoint is refused in one
 sentence, and nothing in one is unpickled."""
 
+import importlib
 import json
 import os
 import pickle
@@ -21,26 +22,73 @@ ACCELERATE_CHECKPOINT = ("model.safetensors", "optimizer.bin", "random_states_0.
 # Files that the resume paths read with torch.load(weights_only=True); a Trainer checkpoint's training_args.bin
 # is a pickle too, but nothing reads it back.
 NOT_LOADED = ("training_args.bin",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+# DeepSpeed loads a ZeRO checkpoint's global_step*/ files with torch.load(weights_only=False). They are loaded here
+# first with weights_only=True, allowing besides torch's own types only these DeepSpeed classes (an enum, and loss
+# scalers: plain objects whose attributes are set): a file that passes holds nothing else that unpickling could call.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+)
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """Every file below `folder`, in subfolders too and through symbolic links (a loader follows them as well)."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:  # removed meanwhile (the main process clears a save cut short while the others look)
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already walked
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        files += [Path(root, name) for name in names if Path(root, name).is_file()]
+    return sorted(files)
+
+
+def loads_without_unpickling(path: Path, strict: bool) -> bool:
+    """Whether torch.load(weights_only=True) loads `path` (memory-mapped: only the pickled structure is read, whatever
+    the size of the tensors); False for a file that needs other objects unpickled and, if `strict` (a file that will
+    be loaded with weights_only=False), for one that fails to load in any other way."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # numpy's RNG state, as accelerate allows
+
+    allowed = list(TORCH_SAFE_GLOBALS)
+    try:
+        for name in torch.serialization.get_unsafe_globals_in_checkpoint(path):  # reads the pickle's opcodes only
+            if name in DEEPSPEED_SAFE_GLOBALS:
+                module, _, attr = name.rpartition(".")
+                allowed.append(getattr(importlib.import_module(module), attr))
+        with torch.serialization.safe_globals(allowed):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        return False
+    except Exception:
+        return not strict  # cut short or damaged: the loader that reads it with weights_only=True fails on it too
+    return True
 
 
 def unpicklable_file(folder: Path) -> str | None:
-    """A file in `folder` that only unpickling arbitrary objects could load, or None. The accelerate loops of earlier
-    versions pickled their scheduler and history (custom_checkpoint_*.pkl, loaded by accelerate with
-    weights_only=False); any other pickle must load with weights_only=True, as the resume paths load it. Memory-mapped,
-    so only the pickled structure is read, whatever the size of the tensors."""
-    from accelerate.utils.other import TORCH_SAFE_GLOBALS
-
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        if path.name.startswith("custom_checkpoint_"):
-            return path.name
-        if path.suffix in (".bin", ".pt", ".pth", ".pkl") and path.name not in NOT_LOADED and zipfile.is_zipfile(path):
-            try:
-                with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):  # numpy's RNG state, as accelerate allows
-                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except pickle.UnpicklingError:
-                return path.name
-            except Exception:
-                pass  # cut short or damaged: checkpoint_problem says so
+    """A file below `folder` (relative path) that only unpickling arbitrary objects could load, or None. The accelerate
+    loops of earlier versions pickled their scheduler and history (custom_checkpoint_*.pkl, loaded by accelerate with
+    weights_only=False); a sharded FSDP checkpoint's `.metadata` and the values in its `.distcp` files are unpickled by
+    torch.distributed.checkpoint; any other pickle, a ZeRO checkpoint's global_step*/ files included, must load with
+    weights_only=True. A ZeRO checkpoint's `latest` must name a folder inside it: DeepSpeed loads from the one it names."""
+    latest = folder / "latest"
+    if latest.is_file():
+        tag = latest.read_text(errors="replace").strip()
+        if not re.fullmatch(r"[\w.-]+", tag) or tag in (".", "..") or not (folder / tag).is_dir():
+            return "latest (it names a folder outside the checkpoint)"
+    for path in checkpoint_files(folder):
+        name = str(path.relative_to(folder))
+        if path.name.startswith("custom_checkpoint_") or path.name == ".metadata" or path.suffix == ".distcp":
+            return name
+        pickled = path.suffix in PICKLE_SUFFIXES and name not in NOT_LOADED and zipfile.is_zipfile(path)
+        # DeepSpeed reads the files in subfolders with weights_only=False; the rest is read with weights_only=True.
+        if pickled and not loads_without_unpickling(path, strict=path.parent != folder):
+            return name
     return None
 
 
@@ -50,17 +98,20 @@ def checkpoint_problem(folder: Path, required: tuple[str, ...] = TRAINER_CHECKPO
     for name in required:
         if not (folder / name).is_file():
             return f"it has no {name}"
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in checkpoint_files(folder):
+        name = str(path.relative_to(folder))
         try:
             if path.suffix == ".safetensors":  # the header must parse and the tensors it lists must fit the file
                 with safe_open(path, "pt"):
                     pass
-            elif path.suffix in (".bin", ".pt", ".pth", ".pkl") and not zipfile.is_zipfile(path):
-                return f"{path.name} is cut short"  # torch.save writes a zip archive, whose directory comes last
+            elif path.suffix in PICKLE_SUFFIXES and not zipfile.is_zipfile(path):
+                # torch.save writes a zip archive, whose directory comes last; a file without is cut short (or a bare
+                # pickle, which torch.load(weights_only=False) would unpickle): never loaded
+                return f"{name} is cut short"
             elif path.suffix == ".json":
                 json.loads(path.read_text())
         except Exception:
-            return f"{path.name} is cut short or damaged"
+            return f"{name} is cut short or damaged"
     return None
 
 
@@ -74,6 +125,13 @@ def resolve_checkpoint(
 
     def refuse_unpickling(folder: Path) -> None:
         name = unpicklable_file(folder)
+        if name is not None and (name.endswith(".metadata") or name.endswith(".distcp")):
+            raise UserError(
+                f"--resume_from_checkpoint {resume_from_checkpoint}: {folder} is a sharded FSDP checkpoint ({name}), which "
+                "torch.distributed.checkpoint loads by unpickling, so nothing was loaded; for resumable FSDP runs set "
+                "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config (loaded with weights_only=True), or start "
+                "again with --overwrite_output_dir"
+            )
         if name is not None:
             raise UserError(
                 f"--resume_from_checkpoint {resume_from_checkpoint}: {folder} holds {name}, which only unpickling "
@@ -118,3 +176,29 @@ def resolve_checkpoint(
             "pass an earlier checkpoint-* folder, or 'latest' for the newest complete one"
         )
     return resume_from_checkpoint
+
+
+def _weight_name(name: str) -> str:
+    """A weight's name without the wrappers' parts that differ between a checkpoint and the model in memory (DDP's
+    `module.`, PEFT's adapter name `default` and its trained copy `modules_to_save` of a module)."""
+    return re.sub(r"(^|\.)(module|default|modules_to_save)(?=\.)", "", name).lstrip(".")
+
+
+def check_same_model(checkpoint: str | None, model: torch.nn.Module) -> None:
+    """A checkpoint resumed into a model of another shape (another --model than the run started with) is refused in
+    one sentence, before loading fails with a size mismatch: the shapes in its safetensors headers against the model's
+    (ZeRO-3 keeps the full shape of a partitioned weight in `ds_shape`)."""
+    if not checkpoint:
+        return
+    shapes = {_weight_name(n): tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    for path in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                here, there = shapes.get(_weight_name(key)), tuple(f.get_slice(key).get_shape())
+                if here is not None and here != there:
+                    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "model_type", "")
+                    raise UserError(
+                        f"--resume_from_checkpoint {checkpoint} was saved from another model than this run's {name} "
+                        f"({key} is {list(there)} there, {list(here)} here); resume with the --model the run started "
+                        "with, or start again with --overwrite_output_dir"
+                    )

@@ -1,6 +1,7 @@
 """Argument and output-folder checks shared by every script, run before any model is loaded."""
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,20 +37,95 @@ class ScriptArguments:
 
 
 RUN_MARKERS = ("metrics.json", "config.json", "adapter_config.json", "model.safetensors")
+# checkpoint-<step> folders, and the loops' checkpoint-<step>.tmp ones that a save cut short left behind.
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d+(\.tmp)?")
+# Files the Trainer, accelerate or DeepSpeed write into a checkpoint: a checkpoint-<step> folder holding none of them
+# (and not empty) is not one a run wrote, and stays.
+CHECKPOINT_FILES = (
+    "trainer_state.json",
+    "loop_state.json",
+    "model.safetensors",
+    "adapter_model.safetensors",
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "training_args.bin",
+    "rng_state.pth",
+    "random_states_0.pkl",
+    "latest",
+    "config.json",
+)
+
+
+def run_checkpoints(output_dir: str) -> list[Path]:
+    """The checkpoint folders that runs wrote in `output_dir`; a folder of that name that no run wrote is refused."""
+    found = []
+    for path in sorted(Path(output_dir).iterdir()) if Path(output_dir).is_dir() else []:
+        if not CHECKPOINT_NAME.fullmatch(path.name) or not path.is_dir() or path.is_symlink():
+            continue  # a user's checkpoint-best-model folder, a checkpoint-notes.txt file
+        if any(path.iterdir()) and not any((path / name).exists() for name in CHECKPOINT_FILES):
+            raise UserError(
+                f"{path} was not written by a training run (it holds none of a checkpoint's files), so it is left alone; "
+                "move it out of --output_dir, or choose another --output_dir"
+            )
+        found.append(path)
+    return found
 
 
 def holds_run(output_dir: str) -> bool:
     out = Path(output_dir)
-    return out.is_dir() and (any((out / m).exists() for m in RUN_MARKERS) or any(out.glob("checkpoint-*")))
+    return out.is_dir() and (any((out / m).exists() for m in RUN_MARKERS) or bool(run_checkpoints(output_dir)))
 
 
-def check_output_dir(output_dir: str, overwrite: bool, resuming: bool, is_main_process: bool = True) -> None:
-    """Take the output directory's run lock (main process; one run per folder, released at exit), turn a full disk
-    into one sentence, and refuse to write into another run's folder unless asked; with --overwrite_output_dir drop
-    its checkpoints."""
+def check_not_an_input(output_dir: str, model: str | None, data_dir: str | None, dataset: str | None) -> None:
+    """The output folder is never an input of the run, inside one or holding one: a run writes its model and
+    checkpoints there, and `prepare_datasets.py --force` replaces a prepared data folder with whatever it holds."""
+    from hftrain.data import data_folder
+    from hftrain.models import is_local_path
+
+    out = Path(output_dir).expanduser().resolve()
+    inputs = []
+    if model is not None and is_local_path(model) and Path(model).expanduser().is_dir():
+        inputs.append(("--model", model, Path(model).expanduser().resolve()))
+    if data_dir is not None:
+        data = data_folder(data_dir, dataset, model)
+        inputs.append(("the prepared data folder" if dataset else "--data_dir", data, Path(data).resolve()))
+    # A prepared data folder above the output, whichever data this run reads.
+    inputs += [
+        ("the prepared data folder", str(p), p)
+        for p in [out, *out.parents]
+        if (p / "info.json").is_file() and (p / "dataset").is_dir()
+    ]
+    for flag, given, folder in inputs:
+        if out == folder:
+            raise UserError(
+                f"--output_dir {output_dir} is {flag} {given} itself, which the run would write over; choose another "
+                f"--output_dir (e.g. output/{folder.name}-finetuned)"
+            )
+        if folder.is_relative_to(out):
+            raise UserError(f"--output_dir {output_dir} holds {flag} {given}; choose an --output_dir outside it")
+        if out.is_relative_to(folder):
+            raise UserError(f"--output_dir {output_dir} is inside {flag} {given}; choose an --output_dir outside it")
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resuming: bool, is_main_process: bool = True, inputs: Any = None) -> None:
+    """Refuse an output folder that is, holds or sits inside an input of the run (`inputs`: the script's arguments, their
+    --model, --data_dir and --dataset), take its run lock (main process; one run per folder, released at exit), turn a
+    full disk into one sentence, and refuse to write into another run's folder unless asked; with --overwrite_output_dir
+    drop the checkpoints runs wrote there."""
+    model = getattr(inputs, "model", None) or getattr(inputs, "model_name_or_path", None)
+    check_not_an_input(output_dir, model, getattr(inputs, "data_dir", None), getattr(inputs, "dataset", None))
     RunLock(output_dir, is_main_process).acquire()
     report_full_disk(output_dir, is_main_process)
-    if resuming or not holds_run(output_dir):
+    if resuming:
+        if is_main_process:  # saves that a kill cut short: a save of the same step would otherwise write into them
+            for partial in run_checkpoints(output_dir):
+                if partial.name.endswith(".tmp") or not any(
+                    (partial / n).exists() for n in ("trainer_state.json", "loop_state.json")
+                ):
+                    shutil.rmtree(partial)
+        return
+    if not holds_run(output_dir):
         return
     if not overwrite:
         raise UserError(
@@ -57,7 +133,7 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool, is_main_p
             "--resume_from_checkpoint to continue it, or choose another --output_dir"
         )
     if is_main_process:  # old checkpoints would otherwise be mistaken for this run's on resume
-        for ckpt in Path(output_dir).glob("checkpoint-*"):
+        for ckpt in run_checkpoints(output_dir):
             shutil.rmtree(ckpt)
 
 

@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,19 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from hftrain import task
 from hftrain.corpus import DEFAULT_BLOCK_SIZE, LOADERS, read_file, split_tail, tokenize_documents
 from hftrain.corpus import group_texts as group_texts_
-from hftrain.errors import UserError
-from hftrain.models import PRESETS, check_checkpoint_format, model_positions
-from hftrain.safety import check_prepare_target, publish_folder, rebuild_command, record_files, temporary_folder, verify_files
+from hftrain.errors import UserError, cause_of
+from hftrain.models import PRESETS, check_checkpoint_format, check_remote_code, model_positions
+from hftrain.safety import (
+    check_prepare_target,
+    full_disk_cause,
+    publish_folder,
+    rebuild_command,
+    record_files,
+    source_change,
+    source_files,
+    temporary_folder,
+    verify_files,
+)
 
 DEFAULT_DATA_DIR = "data/synthetic"
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
@@ -53,6 +64,39 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     bos = SPECIAL_TOKENS["bos_token"]
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **SPECIAL_TOKENS)
+
+
+# The share of a text's characters a tokenizer may lose (they decode to nothing) before preparation stops.
+MAX_CHARACTERS_LOST = 0.10
+
+
+def characters_lost(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> float:
+    """The share of the characters of `texts` (white space aside) that do not come back when their tokens are decoded:
+    characters the vocabulary lacks, turned into an unknown token or dropped."""
+    total = lost = 0
+    for text in texts:
+        text = text[:4000]
+        back = Counter(tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True))
+        for char, count in Counter(text).items():
+            if not char.isspace():
+                total += count
+                lost += max(0, count - back[char])
+    return lost / total if total else 0.0
+
+
+def check_characters_kept(tokenizer: PreTrainedTokenizerBase, name: str, texts: list[str], dataset: str) -> None:
+    """Refuse a tokenizer that loses more than MAX_CHARACTERS_LOST of the text, and say so when it loses any."""
+    share = characters_lost(tokenizer, texts)
+    if share > MAX_CHARACTERS_LOST:
+        raise UserError(
+            f"the tokenizer of {name} loses {share:.0%} of the characters of --dataset {dataset} (they are not in its "
+            "vocabulary and decode to nothing), so the model would never see them; use a checkpoint whose tokenizer "
+            "covers this text (a byte-level one covers any)"
+        )
+    if share >= 0.001:
+        print(
+            f"warning: the tokenizer of {name} loses {share:.1%} of the characters of --dataset {dataset} (not in its vocabulary)"
+        )
 
 
 def is_rating_task(texts: list[str]) -> bool:
@@ -191,6 +235,7 @@ def prepare(
     sample_by: str | None = None,
     block_size: int | None = None,
     group_texts: bool = True,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Build data/<name>/ once; a second call with the same arguments returns at once.
 
@@ -199,13 +244,18 @@ def prepare(
     `block_size` tokens (default: min(1024, the model's positions)), the held-out split the end of the
     corpus unless the source has its own. `group_texts=False` keeps one example per document instead."""
     out = Path(output_dir)
-    request = {k: v for k, v in locals().items() if k not in ("output_dir", "force", "out")}
+    request = {k: v for k, v in locals().items() if k not in ("output_dir", "force", "out", "trust_remote_code")}
     # Arguments added later are recorded only when set, so folders prepared before them still match.
     request = {k: v for k, v in request.items() if k not in NEWER_ARGUMENTS or v != NEWER_ARGUMENTS[k]}
     check_prepare_target(dataset, output_dir, force)  # never over the source, nor over a folder prepare() did not make
     info_path = out / "info.json"
     if info_path.exists() and not force:
-        if json.loads(info_path.read_text())["request"] == request:
+        info = json.loads(info_path.read_text())
+        if info["request"] == request:
+            change = source_change(dataset, info["source_files"]) if "source_files" in info else None
+            if change is not None:
+                rebuild = rebuild_command(str(out), request, lambda key: inspect.signature(prepare).parameters[key].default)
+                raise UserError(f"--dataset {dataset} changed since it was prepared into {out} ({change}); rebuild it: {rebuild}")
             return out
         raise UserError(
             f"{out} holds data prepared with other arguments; rebuild it with scripts/prepare_datasets.py --force, or "
@@ -216,10 +266,11 @@ def prepare(
     if not 0 < test_size < 1:
         raise UserError(f"--test_size {test_size} must be a fraction between 0 and 1")
     tokenizer_name = tokenizer_name or (model if model is not None and model not in PRESETS else None)
-    for name in (model, tokenizer_name):
+    for name, flag in ((model, "--model"), (tokenizer_name, "--tokenizer")):
         if name is not None:
             check_checkpoint_format(name)
-    positions, positions_of = model_positions(model or tokenizer_name or "tiny")
+            check_remote_code(name, trust_remote_code, flag)
+    positions, positions_of = model_positions(model or tokenizer_name or "tiny", trust_remote_code)
     if block_size is not None and (block_size < 2 or positions is not None and block_size > positions):
         limit = f"the {positions} positions of the model {positions_of}" if positions is not None else "2 tokens"
         raise UserError(
@@ -228,6 +279,7 @@ def prepare(
         )
     block_size = block_size or min(DEFAULT_BLOCK_SIZE, positions or DEFAULT_BLOCK_SIZE)
 
+    sources = source_files(dataset)  # a local source's size, mtime and hash, before it is read
     raw = _read_source(
         dataset,
         text_column,
@@ -253,13 +305,14 @@ def prepare(
         tokenizer: PreTrainedTokenizerBase = train_tokenizer(raw["train"]["text"], vocab_size)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, trust_remote_code=trust_remote_code)
         except Exception as e:
             raise UserError(
-                f"could not load the tokenizer '{tokenizer_name}' ({type(e).__name__}); pass a local directory or omit --tokenizer"
+                f"could not load the tokenizer '{tokenizer_name}' ({cause_of(e)}); pass a local directory or omit --tokenizer"
             )
         if tokenizer.eos_token is None:
             raise UserError(f"the tokenizer '{tokenizer_name}' has no eos token; choose a causal-LM tokenizer")
+        check_characters_kept(tokenizer, tokenizer_name, raw["train"]["text"][:200], dataset)
         add_pad_token(tokenizer)
     answers = answer_token_ids(tokenizer) if is_rating else []
 
@@ -285,22 +338,32 @@ def prepare(
     # Write beside the target and rename, so a crash or a second process never leaves half a folder (the temporary
     # one is deleted if anything fails). Several machines sharing a disk each prepare their own copy at once
     # (main_process_first is per machine): the first rename wins, and the others find its complete copy and keep it.
-    with temporary_folder(out) as tmp:
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        tokenized.save_to_disk(str(tmp / "dataset"))
-        info = {
-            "task": "rating" if is_rating else "text",
-            "answer_token_ids": answers,
-            "num_train": len(tokenized["train"]),
-            "num_test": len(tokenized["test"]),
-            "max_length": max(max(len(x) for x in tokenized[s]["input_ids"]) for s in ("train", "test")),
-            **({"block_size": block_size} if "position_ids" in tokenized["train"].column_names else {}),
-            "source": dataset if dataset.startswith("synthetic") or not Path(dataset).exists() else Path(dataset).name,
-            "request": request,
-            "files": record_files(tmp),  # size, rows and SHA-256 of each file, checked by load_prepared
-        }
-        (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-        publish_folder(tmp, out, replace=force)  # a replaced folder is deleted only once the new one is in place
+    try:
+        with temporary_folder(out) as tmp:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            tokenized.save_to_disk(str(tmp / "dataset"))
+            info = {
+                "task": "rating" if is_rating else "text",
+                "answer_token_ids": answers,
+                "num_train": len(tokenized["train"]),
+                "num_test": len(tokenized["test"]),
+                "max_length": max(max(len(x) for x in tokenized[s]["input_ids"]) for s in ("train", "test")),
+                **({"block_size": block_size} if "position_ids" in tokenized["train"].column_names else {}),
+                "source": dataset if dataset.startswith("synthetic") or not Path(dataset).exists() else Path(dataset).name,
+                "request": request,
+                "files": record_files(tmp),  # size, rows and SHA-256 of each file, checked by load_prepared
+                **({"source_files": sources} if sources is not None else {}),  # compared when it is reused
+            }
+            (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+            publish_folder(tmp, out, replace=force)  # a replaced folder is deleted only once the new one is in place
+    except Exception as e:
+        cause = full_disk_cause(e, str(out.parent))
+        if cause is None:
+            raise
+        raise UserError(
+            f"no space left in {out.parent} while preparing the data folder {out} (while writing: {cause}); free some "
+            "space there, or prepare the data on another disk (prepare_datasets.py --output_dir, then --data_dir)"
+        ) from None
     return out
 
 
@@ -324,17 +387,27 @@ def default_data_dir(dataset: str, tokenizer: str | None = None) -> str:
     return f"data/{name}"
 
 
-def load_prepared(data_dir: str = DEFAULT_DATA_DIR, dataset: str | None = None, model: str | None = None) -> Prepared:
+def data_folder(data_dir: str, dataset: str | None, model: str | None) -> str:
+    """Where a training script's data is: --data_dir, or with --dataset and the default --data_dir data/<name>[-<model>]."""
+    if dataset is not None and Path(data_dir).resolve() == Path(DEFAULT_DATA_DIR).resolve():
+        return default_data_dir(dataset, model)
+    return data_dir
+
+
+def load_prepared(
+    data_dir: str = DEFAULT_DATA_DIR, dataset: str | None = None, model: str | None = None, trust_remote_code: bool = False
+) -> Prepared:
     """Load data/<name>/; the default synthetic data is prepared on first use.
 
     With `dataset` (a training script's --dataset), it is prepared first, for `model` (a checkpoint's tokenizer and
     positions), into `data_dir` or, left at its default, data/<name>[-<checkpoint>]: one command from a file to
     training. A second run finds it prepared."""
-    if model is not None:
-        check_checkpoint_format(model)  # before anything is written
+    if model is not None:  # before anything is written
+        check_checkpoint_format(model)
+        check_remote_code(model, trust_remote_code)
     if dataset is not None:
-        data_dir = default_data_dir(dataset, model) if Path(data_dir).resolve() == Path(DEFAULT_DATA_DIR).resolve() else data_dir
-        prepare(dataset, data_dir, model=model if model not in PRESETS else None)
+        data_dir = data_folder(data_dir, dataset, model)
+        prepare(dataset, data_dir, model=model if model not in PRESETS else None, trust_remote_code=trust_remote_code)
     path = Path(data_dir)
     if not (path / "info.json").exists():
         if Path(data_dir).resolve() != Path(DEFAULT_DATA_DIR).resolve():
@@ -357,7 +430,8 @@ def load_prepared(data_dir: str = DEFAULT_DATA_DIR, dataset: str | None = None, 
             f"the prepared data in {data_dir} is damaged ({rows[0]} train / {rows[1]} test rows instead of "
             f"{info['num_train']} / {info['num_test']}); rebuild it: {rebuild}"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    check_remote_code(str(path / "tokenizer"), trust_remote_code, "the prepared tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", trust_remote_code=trust_remote_code)
     add_pad_token(tokenizer)  # folders prepared before the tokenizer got one
     return Prepared(
         tokenizer=tokenizer,

@@ -5,6 +5,7 @@
 `from_pretrained`.
 """
 
+import json
 import os
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from hftrain.errors import UserError
+from hftrain.errors import UserError, cause_of
 
 # Llama architecture throughout (RMSNorm, SwiGLU, RoPE, grouped-query attention).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -132,12 +133,31 @@ def check_checkpoint_format(model: str) -> None:
         )
 
 
-def model_positions(model: str) -> tuple[int | None, str]:
+def check_remote_code(model: str, trust_remote_code: bool, flag: str = "--model") -> None:
+    """Refuse a local checkpoint or tokenizer folder that ships its own Python code (an `auto_map` in its config.json or
+    tokenizer_config.json) unless --trust_remote_code: transformers would otherwise ask on a terminal, and one "y" runs it.
+    Every load also passes trust_remote_code explicitly, so a Hub id's code never runs without the flag either."""
+    folder = Path(model).expanduser()
+    if trust_remote_code or not is_local_path(model) or not folder.is_dir():
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((folder / name).read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if auto_map:
+            raise UserError(
+                f"{flag} {model} ships its own Python code (auto_map in {name}), which runs only with --trust_remote_code; "
+                "pass that flag if you trust the code, or use a checkpoint without it"
+            )
+
+
+def model_positions(model: str, trust_remote_code: bool = False) -> tuple[int | None, str]:
     """The model's maximum positions (None if unknown: a tokenizer folder without a model config) and its name."""
     if model in PRESETS:
         return PRESETS[model]["max_position_embeddings"], model
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception:
         return None, model
     return getattr(config, "max_position_embeddings", None), model
@@ -178,26 +198,34 @@ def describe_defaults(model: str, applied: dict[str, Any]) -> str:
 
 def load_config(model: str, trust_remote_code: bool = False) -> Any:
     check_checkpoint_format(model)
+    check_remote_code(model, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise _load_error(model, e)
+        raise _load_error(model, e, config=True)
 
 
-def _load_error(model: str, e: Exception) -> UserError:
+def _load_error(model: str, e: Exception, config: bool) -> UserError:
+    """The sentence for a failed load, naming its real cause: `config` says whether the config is what failed, or the
+    model after its config had loaded (a missing package, a damaged weights file)."""
+    cause = cause_of(e)
     if is_local_path(model):
         if not Path(model).exists():
             return UserError(
                 f"--model {model} does not exist; pass a preset ({', '.join(PRESETS)}), a checkpoint directory or a Hub id"
             )
-        return UserError(f"--model {model} is not a model checkpoint directory (no loadable config.json: {type(e).__name__})")
+        if config:
+            return UserError(f"--model {model} is not a model checkpoint directory (no loadable config.json: {cause})")
+        return UserError(f"--model {model}: its config loaded but the model did not ({cause})")
+    if not config:
+        return UserError(f"could not load the model '{model}' ({cause})")
     return UserError(
-        f"could not load '{model}' from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+        f"could not load '{model}' from the Hugging Face Hub ({cause}); "
         f"check the id and your network, or pass a local checkpoint directory or a preset ({', '.join(PRESETS)})"
     )
 
 
-def check_tokenizer_matches(model: str, config: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+def check_tokenizer_matches(model: str, config: Any, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False) -> None:
     """The data was tokenized with `tokenizer`; a checkpoint must share its vocabulary."""
     if config.vocab_size < len(tokenizer):
         raise UserError(
@@ -207,7 +235,7 @@ def check_tokenizer_matches(model: str, config: Any, tokenizer: PreTrainedTokeni
     if is_local_path(model) and (Path(model) / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
-        own = AutoTokenizer.from_pretrained(model)
+        own = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
         if own.get_vocab() != tokenizer.get_vocab():
             raise UserError(
                 f"--model {model} comes with a different tokenizer than the prepared data; prepare the data with it: "
@@ -260,7 +288,7 @@ def load_model(
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     config = load_config(model, trust_remote_code)
     check_weights_exist(model)
-    check_tokenizer_matches(model, config, tokenizer)
+    check_tokenizer_matches(model, config, tokenizer, trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(
             model,
@@ -274,7 +302,7 @@ def load_model(
             **kwargs,
         )
     except Exception as e:
-        raise _load_error(model, e)
+        raise _load_error(model, e, config=False)
 
 
 def full_numel(p: torch.nn.Parameter) -> int:

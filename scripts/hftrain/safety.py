@@ -18,10 +18,14 @@ import errno
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -135,8 +139,8 @@ def free_bytes(path: str) -> int:
     return shutil.disk_usage(folder).free
 
 
-def full_disk_message(error: BaseException, output_dir: str) -> str | None:
-    """The sentence for an error that a full disk caused (looking through its causes), else None. torch.save's
+def full_disk_cause(error: BaseException, folder: str) -> str | None:
+    """What was being written when a full disk caused `error` (looking through its causes), else None. torch.save's
     own errors ("file write failed", "unexpected pos") do not name the cause: they count when under 1 GiB is free."""
     seen: BaseException | None = error
     while seen is not None:
@@ -144,14 +148,22 @@ def full_disk_message(error: BaseException, output_dir: str) -> str | None:
         certain = isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT)
         certain = certain or any(s in text for s in ("No space left", "StorageFull", "Disk quota exceeded"))
         torch_write = any(s in text for s in ("file write failed", "inline_container", "unexpected pos"))
-        if certain or (torch_write and free_bytes(output_dir) < 2**30):
-            return (
-                f"no space left in {output_dir} (while writing: {text.splitlines()[0][:160] if text else type(seen).__name__}); "
-                "free some space or choose another --output_dir, then run again: the checkpoints saved completely are kept, "
-                "and --resume_from_checkpoint latest continues from the newest"
-            )
+        if certain or (torch_write and free_bytes(folder) < 2**30):
+            return text.splitlines()[0][:160] if text else type(seen).__name__
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def full_disk_message(error: BaseException, output_dir: str) -> str | None:
+    """The sentence for an error that a full disk caused during a run, else None."""
+    cause = full_disk_cause(error, output_dir)
+    if cause is None:
+        return None
+    return (
+        f"no space left in {output_dir} (while writing: {cause}); "
+        "free some space or choose another --output_dir, then run again: the checkpoints saved completely are kept, "
+        "and --resume_from_checkpoint latest continues from the newest"
+    )
 
 
 def report_full_disk(output_dir: str, is_main_process: bool = True) -> None:
@@ -166,7 +178,8 @@ def report_full_disk(output_dir: str, is_main_process: bool = True) -> None:
             return
         if is_main_process:
             for partial in Path(output_dir).glob("checkpoint-*.tmp"):
-                shutil.rmtree(partial, ignore_errors=True)
+                if re.fullmatch(r"checkpoint-\d+\.tmp", partial.name):  # a loop's save, not a user's folder of that name
+                    shutil.rmtree(partial, ignore_errors=True)
         print(f"error: {message}", file=sys.stderr, flush=True)
 
     sys.excepthook = hook
@@ -199,6 +212,20 @@ def check_prepare_target(dataset: str, output_dir: str, force: bool) -> None:
             f"{output_dir} exists and was not made by prepare_datasets.py (it has no info.json), so it is left alone, "
             "--force included; choose another --output_dir"
         )
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(PREPARED_ENTRIES)) if out.is_dir() else []
+    if force and (out / "info.json").exists() and foreign:
+        raise UserError(
+            f"{output_dir} holds {foreign[0]}, which prepare_datasets.py did not write (a training run's output?), and "
+            "--force would delete it with the data; move it out of the folder, or choose another --output_dir"
+        )
+
+
+# What prepare() writes into a data folder (.verified.json and its temporary .verified-* files included).
+PREPARED_ENTRIES = ("info.json", "tokenizer", "dataset", ".verified")
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise UserError(f"stopped by {signal.Signals(signum).name}: nothing was prepared (run the same command again)")
 
 
 @contextlib.contextmanager
@@ -206,11 +233,18 @@ def temporary_folder(beside: Path) -> Any:
     """A new folder next to `beside` (same file system, so it can be renamed into place), deleted if the block fails."""
     beside.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}-", dir=beside.parent))
+    # SIGTERM (a job's time limit, `kill`) ends the process without cleaning up unless it raises here instead.
+    sigterm = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if sigterm:
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def publish_folder(tmp: Path, out: Path, replace: bool) -> None:
@@ -310,13 +344,42 @@ def verify_files(folder: Path, files: dict[str, dict[str, Any]], rebuild: str) -
 
 
 def rebuild_command(output_dir: str, request: dict[str, Any], defaults: Callable[[str], Any]) -> str:
-    """The prepare_datasets.py command that makes `output_dir` again from its recorded request."""
+    """The prepare_datasets.py command that makes `output_dir` again from its recorded request, quoted for a shell."""
     flags = {"tokenizer_name": "tokenizer"}
-    parts = ["python scripts/prepare_datasets.py"]
+    parts = ["python", "scripts/prepare_datasets.py"]
     if request.get("dataset", "synthetic") != "synthetic":
-        parts.append(f"--dataset {request['dataset']}")
-    parts.append(f"--output_dir {output_dir}")
+        parts += ["--dataset", str(request["dataset"])]
+    parts += ["--output_dir", str(output_dir)]
     for key, value in request.items():
         if key != "dataset" and value != defaults(key) and value is not None:
-            parts.append(f"--{flags.get(key, key)} {value}")
-    return " ".join([*parts, "--force"])
+            parts += [f"--{flags.get(key, key)}", str(value)]
+    return shlex.join([*parts, "--force"])
+
+
+# ---------------------------------------------------------------- the source of prepared data, recorded
+
+
+def source_files(dataset: str) -> dict[str, list[Any]] | None:
+    """Size, mtime and SHA-256 of a local source (a file, or each file of a saved dataset), None for other sources."""
+    path = Path(dataset)
+    if dataset.startswith("synthetic") or not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path)) if p != path else p.name: [*_stat_key(p), file_digest(p)] for p in files}
+
+
+def source_change(dataset: str, recorded: dict[str, list[Any]]) -> str | None:
+    """How the local source differs from when it was recorded (`source_files`), or None; a file whose size and mtime
+    are unchanged is not hashed again. A source deleted since is no change: the prepared data stands on its own."""
+    path = Path(dataset)
+    if not path.exists():
+        return None
+    now = {str(p.relative_to(path)) if p != path else p.name: p for p in ([path] if path.is_file() else path.rglob("*"))}
+    now = {name: p for name, p in now.items() if p.is_file()}
+    if set(now) != set(recorded):
+        return "its files are not the same"
+    for name, p in now.items():
+        size, mtime, digest = recorded[name]
+        if _stat_key(p) != [size, mtime] and (p.stat().st_size != size or file_digest(p) != digest):
+            return f"{name} changed" if path.is_dir() else "it changed"
+    return None

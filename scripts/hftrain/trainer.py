@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from hftrain.checkpoints import resolve_checkpoint
+from hftrain.checkpoints import check_same_model, resolve_checkpoint
 from hftrain.cli import check_batch_size, check_output_dir, check_training_args, set_model_defaults
 from hftrain.data import PadCollator, Prepared, load_prepared
 from hftrain.errors import UserError
@@ -74,17 +74,18 @@ def parse_args(
         check(args, training_args)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, args
     )
     if checkpoint and training_args.process_index == 0:
         print(f"resuming from {checkpoint}")
+    training_args.resume_from_checkpoint = checkpoint  # the folder resolved, for build_trainer's check
     return args, training_args, checkpoint
 
 
 def load_data(training_args: TrainingArguments, args: Any) -> Prepared:
     """args.data_dir, or args.dataset prepared for args.model first (see `load_prepared`); the script seeds next."""
     with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
-        data = load_prepared(args.data_dir, args.dataset, args.model)
+        data = load_prepared(args.data_dir, args.dataset, args.model, args.trust_remote_code)
     data.model = args.model
     return data
 
@@ -95,6 +96,7 @@ def build_trainer(
     """A Trainer on the prepared data with the accuracy metric, the throughput callback and the preemption
     callback (SIGTERM or Ctrl-C: save a checkpoint, then exit); refuses data longer than the model takes."""
     check_max_length(model, data.max_length)
+    check_same_model(training_args.resume_from_checkpoint, model)  # a checkpoint of another --model: one sentence
     check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data.train))
     accuracy = Accuracy(data.answer_token_ids)
     throughput = ThroughputCallback(seq_len=data.max_length)

@@ -27,7 +27,7 @@ import torch
 from huggingface_hub import upload_folder
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hftrain.checkpoints import resolve_checkpoint
+from hftrain.checkpoints import check_same_model, resolve_checkpoint
 from hftrain.cli import ScriptArguments, check_batch_size, check_output_dir, check_training_args, set_model_defaults
 from hftrain.data import PadCollator, load_prepared
 from hftrain.errors import UserError
@@ -67,16 +67,18 @@ def main() -> None:
     check_training_args(training_args)  # e.g. a batch size or step count of 0, more processes than GPUs
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(  # and take its run lock: a second run on the same folder stops
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, args
     )
     if checkpoint and training_args.process_index == 0:
         print(f"resuming from {checkpoint}")
 
     with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
-        data = load_prepared(args.data_dir, args.dataset, args.model)  # --dataset: prepared for --model first
+        # --dataset: prepared for --model first
+        data = load_prepared(args.data_dir, args.dataset, args.model, args.trust_remote_code)
     set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
+    check_same_model(checkpoint, model)  # a checkpoint saved from another --model: one sentence, not a size mismatch
     check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data.train))
 
     accuracy = Accuracy(data.answer_token_ids)

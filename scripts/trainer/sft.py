@@ -39,8 +39,8 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from hftrain.chat import DEFAULT_CHAT_TEMPLATE, answer_accuracy, load_chat_data
-from hftrain.checkpoints import resolve_checkpoint
-from hftrain.cli import check_output_dir, check_training_args, flags_given
+from hftrain.checkpoints import check_same_model, resolve_checkpoint
+from hftrain.cli import check_batch_size, check_output_dir, check_training_args, flags_given
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
@@ -120,7 +120,7 @@ def main() -> None:
     check_training_args(training_args)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, model_args
     )
     if checkpoint and training_args.process_index == 0:
         print(f"resuming from {checkpoint}")
@@ -160,6 +160,8 @@ def main() -> None:
                 "with the markers, or --assistant_only_loss false to learn whole conversations"
             )
 
+    # A batch larger than the training rows is refused, as in the other Trainer scripts.
+    check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data["train"]))
     set_seed(training_args.seed)  # the preset's random weights depend on it
     base = model_name
     if model_args.use_peft and preset:  # an adapter needs its base saved: a preset's random weights exist nowhere else
@@ -188,6 +190,7 @@ def main() -> None:
     )
     if model_args.use_peft:
         trainer.model.print_trainable_parameters()
+    check_same_model(checkpoint, trainer.model)  # a checkpoint saved from another --model: one sentence
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
     trainer.save_model()  # the model (or the adapter) in safetensors, the tokenizer with its chat template
