@@ -10,11 +10,13 @@ from hftrain.data import DEFAULT_DATA_DIR
 from hftrain.errors import UserError
 from hftrain.launch import check_launch
 from hftrain.safety import RunLock, report_full_disk
+from hftrain.streaming import StreamingArguments
 
 
 @dataclass
-class ScriptArguments:
-    """The flags every example takes beside its technique's: the model, the data, and the output folder's safety."""
+class ScriptArguments(StreamingArguments):
+    """The flags every example takes beside its technique's: the model, the data (or --streaming), and the output
+    folder's safety."""
 
     model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
     data_dir: str = field(
