@@ -81,16 +81,16 @@ def test_ddp_processes_read_their_own_blocks(corpus, tokenizer_dir, workdir, exp
     assert [h for step in range(3) for h in rank0[2 * step : 2 * step + 2] + rank1[2 * step : 2 * step + 2]] == expected
 
 
-def test_resumed_run_continues_with_the_next_unseen_block(corpus, tokenizer_dir, workdir, expected):
+def test_resumed_run_continues_with_the_next_unseen_block(corpus, tokenizer_dir, workdir, expected, monkeypatch):
+    monkeypatch.setenv(BLOCK_LOG, "1")  # in this process's environment: under xdist the runs start as forks of it
     out = workdir / "stream-resume"
     common = ["--dataset", str(corpus), "--tokenizer", tokenizer_dir, *STREAM, "--output_dir", str(out)]
-    run_script("trainer/getting_started.py", *common, "--max_steps", "3", cwd=workdir, **{BLOCK_LOG: "1"})
+    run_script("trainer/getting_started.py", *common, "--max_steps", "3", cwd=workdir)
     state = json.loads((out / "checkpoint-3" / STATE_FILE).read_text())  # plain JSON, nothing pickled
     assert state["step"] == 3 and state["blocks_per_step"] == 2
     run_script(
-        "trainer/getting_started.py", *common, "--max_steps", "6", "--resume_from_checkpoint", "latest",
-        cwd=workdir, **{BLOCK_LOG: "1"},
-    )  # fmt: skip
+        "trainer/getting_started.py", *common, "--max_steps", "6", "--resume_from_checkpoint", "latest", cwd=workdir
+    )
     seen = trained(out)
     assert seen["stream_blocks-rank0-from0"] + seen["stream_blocks-rank0-from3"] == expected
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6
