@@ -11,8 +11,15 @@ import pytest
 from conftest import accelerate_cpu, run_script
 from hftrain import task
 from hftrain.errors import UserError
-from hftrain.streaming import BLOCK_LOG, STATE_FILE, BlockLog, check_streaming_args, load_streamed, stream_blocks
-from hftrain.streaming import stream_documents
+from hftrain.streaming import (
+    BLOCK_LOG,
+    STATE_FILE,
+    BlockLog,
+    check_streaming_args,
+    load_streamed,
+    stream_blocks,
+    stream_documents,
+)
 
 BLOCK = 32
 # 2 blocks a step: 6 steps of one process, or 3 steps of two, read the same 12 blocks.
@@ -58,7 +65,9 @@ def test_streamed_blocks_equal_prepared_blocks(corpus, tokenizer_dir, tmp_path):
 
     from hftrain.data import prepare
 
-    prepared = prepare(str(corpus), str(tmp_path / "prepared"), tokenizer_name=tokenizer_dir, sample_by="paragraph", block_size=BLOCK)
+    prepared = prepare(
+        str(corpus), str(tmp_path / "prepared"), tokenizer_name=tokenizer_dir, sample_by="paragraph", block_size=BLOCK
+    )
     train = load_from_disk(str(prepared / "dataset"))["train"]
     streamed = list(stream_blocks(stream_documents(str(corpus)), AutoTokenizer.from_pretrained(tokenizer_dir), BLOCK))
     # Prepared data holds out the corpus's end: every training block but the last (cut there) is a streamed block.
@@ -88,12 +97,25 @@ def test_resumed_run_continues_with_the_next_unseen_block(corpus, tokenizer_dir,
     run_script("trainer/getting_started.py", *common, "--max_steps", "3", cwd=workdir)
     state = json.loads((out / "checkpoint-3" / STATE_FILE).read_text())  # plain JSON, nothing pickled
     assert state["step"] == 3 and state["blocks_per_step"] == 2
-    run_script(
-        "trainer/getting_started.py", *common, "--max_steps", "6", "--resume_from_checkpoint", "latest", cwd=workdir
-    )
+    run_script("trainer/getting_started.py", *common, "--max_steps", "6", "--resume_from_checkpoint", "latest", cwd=workdir)
     seen = trained(out)
     assert seen["stream_blocks-rank0-from0"] + seen["stream_blocks-rank0-from3"] == expected
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+
+
+def test_accelerate_loop_saves_the_stream_position(corpus, tokenizer_dir, workdir):
+    out = workdir / "stream-loop"
+    run_script(
+        "basic/custom_loop_accelerate.py", "--dataset", str(corpus), "--tokenizer", tokenizer_dir, *STREAM,
+        "--max_steps", "2", "--checkpointing_steps", "1", "--output_dir", str(out), cwd=workdir,
+    )  # fmt: skip
+    stream = load_streamed(stream_args(corpus, tokenizer_dir), blocks_per_step=2, seed=7).train
+    blocks = iter(stream)
+    for _ in range(4):  # the 2 steps' blocks
+        next(blocks)
+    for step in (1, 2):
+        saved = json.loads((out / f"checkpoint-{step}" / STATE_FILE).read_text())
+        assert saved == json.loads(json.dumps({"step": step, "blocks_per_step": 2, "stream": stream.positions[step]}))
 
 
 def test_bad_streaming_input_in_one_sentence(corpus, tokenizer_dir, tmp_path, workdir):
@@ -115,3 +137,5 @@ def test_bad_streaming_input_in_one_sentence(corpus, tokenizer_dir, tmp_path, wo
     refused(f"holds [0-9]+ tokens, less than one block of {BLOCK}", dataset=str(tmp_path / "short.txt"))
     refused("holds only [0-9]+ blocks of 32 tokens, none left to train on", eval_blocks=10_000)
     refused("needs --tokenizer", tokenizer=None)
+    sft = run_script("trainer/sft.py", "--streaming", "--output_dir", str(tmp_path / "sft"), cwd=workdir, check=False)
+    assert sft.returncode == 1 and "error: sft.py does not stream" in sft.stderr

@@ -10,7 +10,7 @@ from hftrain.data import DEFAULT_DATA_DIR
 from hftrain.errors import UserError
 from hftrain.launch import check_launch
 from hftrain.safety import RunLock, report_full_disk
-from hftrain.streaming import StreamingArguments
+from hftrain.streaming import StreamingArguments, check_streaming_args
 
 
 @dataclass
@@ -81,6 +81,7 @@ def check_loop_args(args: Any) -> None:
     if args.max_grad_norm <= 0:
         raise UserError(f"--max_grad_norm is {args.max_grad_norm}; it must be above 0")
     check_report_to(getattr(args, "report_to", "none"))
+    check_streaming_args(args, args.max_steps)
 
 
 def check_report_to(report_to: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, Features, IterableDataset, Value, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 
 from hftrain.corpus import DEFAULT_BLOCK_SIZE, LOADERS, group_texts, tokenize_documents
@@ -97,9 +97,13 @@ def check_streaming_args(args: Any, max_steps: int, num_workers: int = 0) -> Non
             f"with --data_dir {args.dataset} and without --streaming"
         )
     if num_workers:
-        raise UserError("--streaming reads the stream in the training process (its position is saved); drop --dataloader_num_workers")
+        raise UserError(
+            "--streaming reads the stream in the training process (its position is saved); drop --dataloader_num_workers"
+        )
     if args.eval_blocks < 1 or args.shuffle_buffer < 0:
-        raise UserError(f"--eval_blocks must be at least 1 and --shuffle_buffer 0 or more (got {args.eval_blocks}, {args.shuffle_buffer})")
+        raise UserError(
+            f"--eval_blocks must be at least 1 and --shuffle_buffer 0 or more (got {args.eval_blocks}, {args.shuffle_buffer})"
+        )
 
 
 def stream_training_args(training_args: Any) -> None:
@@ -225,8 +229,16 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
                 self.positions.pop(self.step - 16, None)  # the DataLoader reads at most a few steps ahead
             yield block
 
-    def position_at(self, step: int) -> dict[str, Any]:
-        return {"step": step, "blocks_per_step": self.blocks_per_step, "stream": self.positions[step]}
+    def save_position(self, checkpoint: str | Path, step: int) -> None:
+        """Write into `checkpoint` where the stream stood after `step` (stream_state.json, plain JSON)."""
+        position = {"step": step, "blocks_per_step": self.blocks_per_step, "stream": self.positions[step]}
+        (Path(checkpoint) / STATE_FILE).write_text(json.dumps(position) + "\n")
+
+
+def save_stream_position(train: Any, checkpoint: str, step: int) -> None:
+    """A custom loop's checkpoint: with --streaming, where the stream stands after `step` (else nothing)."""
+    if isinstance(train, StreamedBlocks):
+        train.save_position(checkpoint, step)
 
 
 class BlockLog:
@@ -251,8 +263,7 @@ class StreamPositionCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero or (args.save_on_each_node and state.is_local_process_zero):
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (checkpoint / STATE_FILE).write_text(json.dumps(self.stream.position_at(state.global_step)) + "\n")
+            self.stream.save_position(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.log is not None:  # the blocks trained on, not those the DataLoader read ahead
