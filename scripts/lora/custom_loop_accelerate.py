@@ -152,7 +152,7 @@ def main() -> None:
         accelerator.save_state(path + ".tmp")
         if accelerator.is_main_process:
             save_loop_state(path + ".tmp", scheduler, history)  # loop_state.json beside accelerate's checkpoint files
-            save_stream_position(data.train, path + ".tmp", step)  # --streaming: stream_state.json, where the stream stands
+            save_stream_position(data.train, path + ".tmp", step)  # --streaming: the checkpoint's stream_state.json
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             publish_checkpoint(path + ".tmp", path, keep=args.save_total_limit)  # and delete all but the newest few
@@ -169,7 +169,7 @@ def main() -> None:
     for epoch in range(resume_epoch, math.ceil(total_steps / steps_per_epoch)):
         train_loader.set_epoch(epoch)  # the seedable sampler's order for this epoch: seed + epoch
         # A resumed run skips the micro-batches its checkpoint had already seen in this epoch, without loading them.
-        # (A stream is not skipped: it was loaded at its saved position.)
+        # (A stream is not skipped when resuming: it was loaded at its checkpoint's position.)
         seen = resume_steps * args.gradient_accumulation_steps if epoch == resume_epoch and not args.streaming else 0
         for micro_batches in accumulation_groups(
             accelerator.skip_first_batches(train_loader, seen), args.gradient_accumulation_steps
