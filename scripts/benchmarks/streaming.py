@@ -114,7 +114,7 @@ def main() -> None:
         sliced = tmp / "slice.txt"
         head_of(corpus, sliced, int(args.prepared_mb * 1e6))
         prepare = [sys.executable, str(SCRIPTS / "prepare_datasets.py"), "--dataset", str(sliced), "--output_dir"]
-        prepare += [str(tmp / "prepared"), "--tokenizer", args.tokenizer, "--sample_by", "paragraph"]
+        prepare += [str(tmp / "prepared-data"), "--tokenizer", args.tokenizer, "--sample_by", "paragraph"]
         prepare += ["--block_size", str(args.block_size), "--test_size", "0.01"]
         start = time.perf_counter()
         subprocess.run(prepare, env=case_env(True), check=True, capture_output=True)
@@ -123,9 +123,9 @@ def main() -> None:
             "text_bytes": sliced.stat().st_size,
             "seconds": round(seconds, 1),
             "seconds_per_gb": round(seconds / (sliced.stat().st_size / 1e9), 1),
-            "disk_bytes": sum(p.stat().st_size for p in (tmp / "prepared").rglob("*") if p.is_file()),
+            "disk_bytes": sum(p.stat().st_size for p in (tmp / "prepared-data").rglob("*") if p.is_file()),
         }
-        result["prepared"] = train("prepared", ["--data_dir", str(tmp / "prepared")], args, tmp)
+        result["prepared"] = train("prepared", ["--data_dir", str(tmp / "prepared-data")], args, tmp)
     finally:
         shutil.rmtree(tmp)
     result["load_average_end"] = os.getloadavg()

@@ -154,7 +154,10 @@ def stream_documents(dataset: str, text_column: str = "text", split: str = "trai
     if first is None:
         raise UserError(f"--dataset {dataset} is empty: there is no text to stream")
     if text_column not in first:
-        raise UserError(f"--dataset {dataset} has no column '{text_column}' (it has: {', '.join(first)}); pass --text_column")
+        raise UserError(
+            f"--dataset {dataset} has no column '{text_column}' (it has: {', '.join(first)}); --streaming reads the text from "
+            f"a '{text_column}' column: rename yours"
+        )
     if not isinstance(first[text_column], str):
         raise UserError(f"--dataset {dataset}: column '{text_column}' holds {type(first[text_column]).__name__}, not text")
     stream = stream.select_columns([text_column])
