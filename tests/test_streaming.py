@@ -137,5 +137,6 @@ def test_bad_streaming_input_in_one_sentence(corpus, tokenizer_dir, tmp_path, wo
     refused(f"holds [0-9]+ tokens, less than one block of {BLOCK}", dataset=str(tmp_path / "short.txt"))
     refused("holds only [0-9]+ blocks of 32 tokens, none left to train on", eval_blocks=10_000)
     refused("needs --tokenizer", tokenizer=None)
+    refused("--pack_rows packs the whole prepared set at once", pack_rows=1280)
     sft = run_script("trainer/sft.py", "--streaming", "--output_dir", str(tmp_path / "sft"), cwd=workdir, check=False)
     assert sft.returncode == 1 and "error: sft.py does not stream" in sft.stderr

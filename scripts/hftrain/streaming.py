@@ -96,6 +96,11 @@ def check_streaming_args(args: Any, max_steps: int, num_workers: int = 0) -> Non
             f"--dataset {args.dataset} is a folder prepared by prepare_datasets.py, not a corpus to stream; train on it "
             f"with --data_dir {args.dataset} and without --streaming"
         )
+    if getattr(args, "pack_rows", 0):
+        raise UserError(
+            "--pack_rows packs the whole prepared set at once; with --streaming use --padding_free (each block keeps its "
+            "document boundaries)"
+        )
     if num_workers:
         raise UserError(
             "--streaming reads the stream in the training process (its position is saved); drop --dataloader_num_workers"
