@@ -34,7 +34,7 @@ from hftrain.corpus import DEFAULT_BLOCK_SIZE, LOADERS, group_texts, tokenize_do
 from hftrain.errors import UserError
 
 STATE_FILE = "stream_state.json"  # in each checkpoint folder: where the stream stood after its last step
-BLOCK_LOG = "HFTRAIN_STREAM_LOG"  # set (tests): each process writes the hashes of the blocks it trained on
+BLOCK_LOG = "HFTRAIN_STREAM_LOG"  # set (tests): each process writes the hashes of the blocks its model trained on
 
 
 @dataclass
@@ -113,8 +113,9 @@ def check_streaming_args(args: Any, max_steps: int, num_workers: int = 0) -> Non
 
 def stream_training_args(training_args: Any) -> None:
     """The Trainer settings a stream needs: every process reads the stream itself and accelerate gives each its part of
-    every batch (rather than the main process reading for all); on resume the stream's saved position is loaded instead
-    of the Trainer replaying the batches already trained on."""
+    every batch (rather than the main process reading and sending each its part), so every process knows the position
+    a checkpoint records (`--save_on_each_node` writes it on every machine); on resume the stream's saved position is
+    loaded instead of the Trainer replaying the batches already trained on."""
     training_args.accelerator_config.dispatch_batches = False
     training_args.ignore_data_skip = True
 
@@ -249,43 +250,41 @@ def save_stream_position(train: Any, checkpoint: str, step: int) -> None:
         train.save_position(checkpoint, step)
 
 
-class BlockLog:
-    """A collator that also records a hash of each block it batches (with HFTRAIN_STREAM_LOG set: tests count them)."""
-
-    def __init__(self, collator: Any) -> None:
-        self.collator = collator
-        self.hashes: list[str] = []
-
-    def __call__(self, examples: list[dict[str, Any]]) -> Any:
-        self.hashes += [hashlib.sha1(np.asarray(ex["input_ids"], dtype=np.int64).tobytes()).hexdigest()[:16] for ex in examples]
-        return self.collator(examples)
+def block_hash(input_ids: Any) -> str:
+    return hashlib.sha1(np.asarray(input_ids, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 class StreamPositionCallback(TrainerCallback):
-    """Writes the stream's position into every checkpoint the Trainer saves (stream_state.json, plain JSON)."""
+    """Writes the stream's position into every checkpoint the Trainer saves (stream_state.json, plain JSON). With
+    HFTRAIN_STREAM_LOG set (tests), each process also writes the hashes of the blocks its model trained on."""
 
-    def __init__(self, stream: StreamedBlocks, log: BlockLog | None = None) -> None:
+    def __init__(self, stream: StreamedBlocks) -> None:
         self.stream = stream
-        self.log = log
         self.first_step = stream.step
+        self.hashes: list[str] = []
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero or (args.save_on_each_node and state.is_local_process_zero):
             self.stream.save_position(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if os.environ.get(BLOCK_LOG) and model is not None:  # what the model is given, not what the DataLoader read
+            model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: Any, inputs: Any, kwargs: dict[str, Any]) -> None:
+        if module.training:
+            for ids, mask in zip(kwargs["input_ids"], kwargs["attention_mask"]):
+                self.hashes.append(block_hash(ids[mask.bool()].tolist()))
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.log is not None:  # the blocks trained on, not those the DataLoader read ahead
-            trained = (state.global_step - self.first_step) * args.gradient_accumulation_steps * args.per_device_train_batch_size
+        if os.environ.get(BLOCK_LOG):
             name = f"stream_blocks-rank{args.process_index}-from{self.first_step}.json"
-            (Path(args.output_dir) / name).write_text(json.dumps(self.log.hashes[:trained]) + "\n")
+            (Path(args.output_dir) / name).write_text(json.dumps(self.hashes) + "\n")
 
 
-def stream_callbacks(data: Any, collator: Any) -> tuple[list[TrainerCallback], Any]:
-    """For a streamed `data.train`: the position callback, and the collator (logging blocks under HFTRAIN_STREAM_LOG)."""
-    if not isinstance(data.train, StreamedBlocks):
-        return [], collator
-    log = BlockLog(collator) if os.environ.get(BLOCK_LOG) else None
-    return [StreamPositionCallback(data.train, log)], log or collator
+def stream_callbacks(data: Any) -> list[TrainerCallback]:
+    """For a streamed `data.train`, the callback that saves its position in each checkpoint."""
+    return [StreamPositionCallback(data.train)] if isinstance(data.train, StreamedBlocks) else []
 
 
 def load_tokenizer(args: Any) -> PreTrainedTokenizerBase:

@@ -110,20 +110,18 @@ def build_trainer(
         check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data.train))
     accuracy = Accuracy(data.answer_token_ids)
     throughput = ThroughputCallback(seq_len=data.max_length)
-    collator = kwargs.pop("data_collator", None) or PadCollator(
-        data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None
-    )
-    stream_position, collator = stream_callbacks(data, collator)  # --streaming: its position saved in each checkpoint
     trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=data.train,
         eval_dataset=data.test,
-        data_collator=collator,
+        data_collator=kwargs.pop("data_collator", None)
+        or PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
         processing_class=data.tokenizer,
         compute_metrics=accuracy.compute_metrics,
         preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        callbacks=[*kwargs.pop("callbacks", []), throughput, PreemptionCallback(), *stream_position],
+        # --streaming: the stream's position saved in each checkpoint
+        callbacks=[*kwargs.pop("callbacks", []), throughput, PreemptionCallback(), *stream_callbacks(data)],
         **kwargs,
     )
     return trainer

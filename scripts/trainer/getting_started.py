@@ -91,18 +91,17 @@ def main() -> None:
 
     accuracy = Accuracy(data.answer_token_ids)
     throughput = ThroughputCallback(seq_len=data.max_length)
-    collator = PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    stream_position, collator = stream_callbacks(data, collator)  # --streaming: its position saved in each checkpoint
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=data.train,
         eval_dataset=data.test,
-        data_collator=collator,
+        data_collator=PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
         processing_class=data.tokenizer,  # saved beside the model
         compute_metrics=accuracy.compute_metrics,
         preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        callbacks=[throughput, PreemptionCallback(), *stream_position],  # SIGTERM or Ctrl-C: save a checkpoint, then exit
+        # SIGTERM or Ctrl-C: save a checkpoint, then exit; --streaming: the stream's position saved in each checkpoint
+        callbacks=[throughput, PreemptionCallback(), *stream_callbacks(data)],
     )
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
