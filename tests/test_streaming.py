@@ -75,6 +75,17 @@ def test_streamed_blocks_equal_prepared_blocks(corpus, tokenizer_dir, tmp_path):
     assert [b["position_ids"] for b in streamed[:n]] == train["position_ids"][:n]
 
 
+def test_held_out_blocks_are_never_trained_on(corpus, tokenizer_dir):
+    all_blocks = [block_hash(b["input_ids"]) for b in load_streamed(stream_args(corpus, tokenizer_dir, eval_blocks=1), 1).test]
+    data = load_streamed(stream_args(corpus, tokenizer_dir, shuffle_buffer=0), blocks_per_step=1)
+    held_out = [block_hash(b["input_ids"]) for b in data.test]
+    train = [block_hash(b["input_ids"]) for b in data.train]
+    assert len(held_out) == 4 and not set(held_out) & set(train)  # the stream's first 4 blocks, then the rest
+    assert held_out[:1] == all_blocks and len(train) > 100
+    separate = load_streamed(stream_args(corpus, tokenizer_dir, shuffle_buffer=0, eval_dataset=str(corpus)), 1)
+    assert [block_hash(b["input_ids"]) for b in separate.test] == held_out + train  # --eval_dataset: none skipped
+
+
 def test_ddp_processes_read_their_own_blocks(corpus, tokenizer_dir, workdir, expected):
     out = workdir / "stream-ddp"
     accelerate_cpu(
