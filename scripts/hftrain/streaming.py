@@ -4,7 +4,7 @@
   Hub name, `to_iterable_dataset()` for a folder saved with `save_to_disk`); a text file is read by paragraph.
 - `stream_blocks`: tokenized and cut into blocks on the fly by `hftrain.corpus` (`tokenize_documents`, `group_texts`),
   the functions `prepare_datasets.py` uses, so the blocks are those of `prepare_datasets.py --sample_by paragraph`.
-- `load_streamed`: the held-out blocks (`--eval_dataset`, the source's test split, or the stream's first
+- `load_streamed`: the held-out blocks (`--eval_dataset`, or the stream's first
   `--eval_blocks`, never trained on) in memory, and the training blocks as a `StreamedBlocks`, shuffled in windows.
 - `StreamedBlocks` records the stream's position (the datasets library's `state_dict()`, plain JSON) after each
   optimizer step's blocks; `StreamPositionCallback` writes it into each checkpoint (stream_state.json), and a resumed
