@@ -39,6 +39,7 @@ from hftrain.metrics import Accuracy
 from hftrain.models import check_max_length, load_model
 from hftrain.preemption import StopWithoutSaving
 from hftrain.reporting import ThroughputMeter, flops_per_token, write_results
+from hftrain.streaming import load_streamed
 
 
 def main() -> None:
@@ -52,23 +53,29 @@ def main() -> None:
     # bf16 autocast on CUDA: matmuls run in bf16 while weights, gradients and AdamW's state stay float32.
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    data = load_prepared(args.data_dir, args.dataset, args.model, args.trust_remote_code)  # --dataset: prepared for --model first
+    if args.streaming:  # --dataset read, tokenized and cut into blocks as training goes (hftrain/streaming.py)
+        data = load_streamed(args, args.per_device_train_batch_size * args.gradient_accumulation_steps, args.seed)
+    else:
+        data = load_prepared(
+            args.data_dir, args.dataset, args.model, args.trust_remote_code
+        )  # --dataset: prepared for --model first
     set_seed(args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
-    check_batch_size(args.per_device_train_batch_size, 1, len(data.train))
+    if not args.streaming:  # a stream has no length
+        check_batch_size(args.per_device_train_batch_size, 1, len(data.train))
     meter = ThroughputMeter(flops_per_token(model, data.max_length))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
 
     collator = PadCollator(data.tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
     generator = torch.Generator()  # the shuffling order: reseeded with seed + epoch at each epoch below
-    sampler = RandomSampler(data.train, generator=generator)
+    sampler = None if args.streaming else RandomSampler(data.train, generator=generator)  # a stream is shuffled as read
     pin = device.type == "cuda"  # page-locked host memory: faster, asynchronous copies to the GPU
     train_loader = DataLoader(
         data.train, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator, pin_memory=pin
     )
     test_loader = DataLoader(data.test, batch_size=args.per_device_eval_batch_size, collate_fn=collator, pin_memory=pin)
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    steps_per_epoch = args.max_steps if args.streaming else math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * steps_per_epoch
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps

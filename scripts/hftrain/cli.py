@@ -11,11 +11,13 @@ from hftrain.data import DEFAULT_DATA_DIR
 from hftrain.errors import UserError
 from hftrain.launch import check_launch
 from hftrain.safety import RunLock, report_full_disk
+from hftrain.streaming import StreamingArguments, check_streaming_args
 
 
 @dataclass
-class ScriptArguments:
-    """The flags every example takes beside its technique's: the model, the data, and the output folder's safety."""
+class ScriptArguments(StreamingArguments):
+    """The flags every example takes beside its technique's: the model, the data (or --streaming), and the output
+    folder's safety."""
 
     model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
     data_dir: str = field(
@@ -155,6 +157,7 @@ def check_loop_args(args: Any) -> None:
     if args.max_grad_norm <= 0:
         raise UserError(f"--max_grad_norm is {args.max_grad_norm}; it must be above 0")
     check_report_to(getattr(args, "report_to", "none"))
+    check_streaming_args(args, args.max_steps)
 
 
 def check_report_to(report_to: str) -> None:

@@ -17,7 +17,7 @@ Docs: https://github.com/huggingface/transformers/blob/main/examples/pytorch/lan
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 # File extension -> the datasets library's packaged loader.
@@ -65,7 +65,7 @@ def split_tail(documents: Dataset, test_size: float, whole_documents: bool = Fal
     return DatasetDict(train=Dataset.from_list(train), test=Dataset.from_list(test))
 
 
-def tokenize_documents(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+def tokenize_documents(dataset: Any, tokenizer: PreTrainedTokenizerBase) -> Any:
     """`input_ids` per document: the whole text (no truncation) followed by EOS (unless the document is `cut` short
     by the held-out split), so that documents stay apart once concatenated."""
 
@@ -74,10 +74,10 @@ def tokenize_documents(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> 
         cut = batch.get("cut") or [False] * len(ids)
         return {"input_ids": [x if c else x + [tokenizer.eos_token_id] for x, c in zip(ids, cut)]}
 
-    return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
+    return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, **_progress(dataset, "tokenizing"))
 
 
-def group_texts(documents: Dataset, block_size: int) -> Dataset:
+def group_texts(documents: Any, block_size: int) -> Any:
     """Blocks of `block_size` tokens (the last one of each batch of 1000 documents may be shorter) with
     `position_ids` restarting at each document start and at each block start."""
 
@@ -99,7 +99,14 @@ def group_texts(documents: Dataset, block_size: int) -> Dataset:
             blocks["prompt_len"].append(0)  # every token is a target, as for any text
         return blocks
 
-    return documents.map(group, batched=True, batch_size=1000, remove_columns=documents.column_names, desc="grouping")
+    return documents.map(
+        group, batched=True, batch_size=1000, remove_columns=documents.column_names, **_progress(documents, "grouping")
+    )
+
+
+def _progress(dataset: Dataset | IterableDataset, desc: str) -> dict[str, str]:
+    """A progress bar's label for a Dataset's map; a streamed IterableDataset maps lazily, without one."""
+    return {} if isinstance(dataset, IterableDataset) else {"desc": desc}
 
 
 def document_segments(position_ids: list[int]) -> list[tuple[int, int]]:

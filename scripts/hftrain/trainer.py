@@ -22,6 +22,7 @@ from hftrain.models import PRESETS, check_max_length
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results
 from hftrain.sharding import check_deepspeed_config
+from hftrain.streaming import check_streaming_args, load_streamed, stream_callbacks, stream_training_args
 
 # The project's TrainingArguments defaults for the rating task; a script overrides what it teaches.
 DEFAULTS: dict[str, Any] = dict(
@@ -70,9 +71,13 @@ def parse_args(
         )
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
     check_training_args(training_args)
+    check_streaming_args(args, training_args.max_steps, training_args.dataloader_num_workers)
     if check is not None:
         check(args, training_args)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if args.streaming:
+        stream_training_args(training_args)
+        training_args.resume_from_checkpoint = checkpoint  # the folder `load_data` reads the stream's position from
     check_output_dir(
         training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, args
     )
@@ -83,7 +88,13 @@ def parse_args(
 
 
 def load_data(training_args: TrainingArguments, args: Any) -> Prepared:
-    """args.data_dir, or args.dataset prepared for args.model first (see `load_prepared`); the script seeds next."""
+    """args.data_dir, or args.dataset prepared for args.model first (see `load_prepared`), or with --streaming read as
+    training goes (see `load_streamed`); the script seeds next."""
+    if args.streaming:
+        per_step = training_args.train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+        data = load_streamed(args, per_step, training_args.seed, training_args.resume_from_checkpoint)
+        data.model = args.model
+        return data
     with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
         data = load_prepared(args.data_dir, args.dataset, args.model, args.trust_remote_code)
     data.model = args.model
@@ -97,7 +108,8 @@ def build_trainer(
     callback (SIGTERM or Ctrl-C: save a checkpoint, then exit); refuses data longer than the model takes."""
     check_max_length(model, data.max_length)
     check_same_model(training_args.resume_from_checkpoint, model)  # a checkpoint of another --model: one sentence
-    check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data.train))
+    if hasattr(data.train, "__len__"):  # a stream has no length
+        check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data.train))
     accuracy = Accuracy(data.answer_token_ids)
     throughput = ThroughputCallback(seq_len=data.max_length)
     trainer = trainer_class(
@@ -110,7 +122,8 @@ def build_trainer(
         processing_class=data.tokenizer,
         compute_metrics=accuracy.compute_metrics,
         preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        callbacks=[*kwargs.pop("callbacks", []), throughput, PreemptionCallback()],
+        # --streaming: the stream's position saved in each checkpoint
+        callbacks=[*kwargs.pop("callbacks", []), throughput, PreemptionCallback(), *stream_callbacks(data)],
         **kwargs,
     )
     return trainer

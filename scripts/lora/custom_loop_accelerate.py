@@ -56,6 +56,7 @@ from hftrain.metrics import Accuracy
 from hftrain.models import PRESETS, check_max_length, load_model
 from hftrain.preemption import Preemption
 from hftrain.reporting import ThroughputMeter, flops_per_token, write_results
+from hftrain.streaming import load_streamed, save_stream_position
 
 
 def main() -> None:
@@ -69,7 +70,8 @@ def main() -> None:
     accelerator = Accelerator(
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # dispatch_batches=False: each process reads its own batches; a --streaming one reads the stream and keeps its part.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, dispatch_batches=False),
         log_with=None if args.report_to == "none" else args.report_to.split(","),  # accelerate's trackers: TensorBoard, W&B...
         project_dir=args.output_dir,  # where TensorBoard's events go (output_dir/runs/<date>, as the Trainer's)
     )
@@ -79,13 +81,19 @@ def main() -> None:
     check_output_dir(args.output_dir, args.overwrite_output_dir, checkpoint is not None, accelerator.is_main_process, args)
     device = accelerator.device  # this process's device: cuda:<local rank>, or the CPU
 
-    with accelerator.local_main_process_first():  # each machine's main process prepares the data; the others then load it
-        # --dataset: prepared for --model first
-        data = load_prepared(args.data_dir, args.dataset, args.model, args.trust_remote_code)
+    if args.streaming:  # --dataset read, tokenized and cut into blocks as training goes, from the checkpoint's position
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        data = load_streamed(args, per_step, args.seed, checkpoint)
+    else:
+        with accelerator.local_main_process_first():  # each machine's main process prepares the data; the others then load it
+            data = load_prepared(
+                args.data_dir, args.dataset, args.model, args.trust_remote_code
+            )  # --dataset: prepared for --model first
     set_seed(args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code).to(device)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
-    check_batch_size(args.per_device_train_batch_size, accelerator.num_processes, len(data.train))
+    if not args.streaming:  # a stream has no length
+        check_batch_size(args.per_device_train_batch_size, accelerator.num_processes, len(data.train))
     if args.model in PRESETS:  # random base weights exist nowhere else: save them beside the adapter
         base_dir = os.path.abspath(os.path.join(args.output_dir, "base"))
         model.save_pretrained(base_dir, is_main_process=accelerator.is_main_process)
@@ -113,7 +121,7 @@ def main() -> None:
 
     collator = PadCollator(data.tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None)
     generator = torch.Generator()  # the shuffling order: reseeded with seed + epoch at each epoch below
-    sampler = RandomSampler(data.train, generator=generator)
+    sampler = None if args.streaming else RandomSampler(data.train, generator=generator)  # a stream is shuffled as read
     pin = device.type == "cuda"  # page-locked host memory: faster, asynchronous copies to the GPU
     train_loader = DataLoader(
         data.train, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator, pin_memory=pin
@@ -121,7 +129,7 @@ def main() -> None:
     test_loader = DataLoader(data.test, batch_size=args.per_device_eval_batch_size, collate_fn=collator, pin_memory=pin)
     # DDP-wrapped model; each process's loaders now yield every num_processes-th batch, on its device.
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    steps_per_epoch = args.max_steps if args.streaming else math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * steps_per_epoch
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps
@@ -147,6 +155,7 @@ def main() -> None:
         accelerator.save_state(path + ".tmp")
         if accelerator.is_main_process:
             save_loop_state(path + ".tmp", scheduler, history)  # loop_state.json beside accelerate's checkpoint files
+            save_stream_position(data.train, path + ".tmp", step)  # --streaming: the checkpoint's stream_state.json
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             publish_checkpoint(path + ".tmp", path, keep=args.save_total_limit)  # and delete all but the newest few
@@ -163,7 +172,8 @@ def main() -> None:
     for epoch in range(resume_epoch, math.ceil(total_steps / steps_per_epoch)):
         train_loader.set_epoch(epoch)  # the seedable sampler's order for this epoch: seed + epoch
         # A resumed run skips the micro-batches its checkpoint had already seen in this epoch, without loading them.
-        seen = resume_steps * args.gradient_accumulation_steps if epoch == resume_epoch else 0
+        # (A stream is not skipped when resuming: it was loaded at its checkpoint's position.)
+        seen = resume_steps * args.gradient_accumulation_steps if epoch == resume_epoch and not args.streaming else 0
         for micro_batches in accumulation_groups(
             accelerator.skip_first_batches(train_loader, seen), args.gradient_accumulation_steps
         ):

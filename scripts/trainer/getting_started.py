@@ -10,6 +10,8 @@ the embedded rating task (data prepared on first use) in about a minute on a lap
     python scripts/trainer/getting_started.py --help              # every flag, TrainingArguments' too
     python scripts/trainer/getting_started.py --model path/to/checkpoint --dataset corpus.txt \
         --eval_on_start                                           # your model and text: perplexity before and after
+    python scripts/trainer/getting_started.py --model path/to/checkpoint --dataset big.jsonl \
+        --streaming --max_steps 10000                             # a corpus larger than memory, read as it trains
 
 SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint after the current step and
 exits with status 143 or 130; the same command plus `--resume_from_checkpoint latest` continues
@@ -36,6 +38,7 @@ from hftrain.metrics import Accuracy
 from hftrain.models import PRESETS, check_max_length, load_model
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback, write_results
+from hftrain.streaming import check_streaming_args, load_streamed, stream_callbacks, stream_training_args
 
 
 def main() -> None:
@@ -65,6 +68,7 @@ def main() -> None:
         raise UserError(f"--push_to_hub shares a fine-tuned model, but --model {args.model} is a preset with random weights")
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens, not padding
     check_training_args(training_args)  # e.g. a batch size or step count of 0, more processes than GPUs
+    check_streaming_args(args, training_args.max_steps, training_args.dataloader_num_workers)  # e.g. without --max_steps
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(  # and take its run lock: a second run on the same folder stops
         training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, args
@@ -72,14 +76,20 @@ def main() -> None:
     if checkpoint and training_args.process_index == 0:
         print(f"resuming from {checkpoint}")
 
-    with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
-        # --dataset: prepared for --model first
-        data = load_prepared(args.data_dir, args.dataset, args.model, args.trust_remote_code)
+    if args.streaming:  # --dataset read, tokenized and cut into blocks as training goes, from the checkpoint's position
+        stream_training_args(training_args)  # each process reads its part of every batch; no replay on resume
+        per_step = training_args.train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+        data = load_streamed(args, per_step, training_args.seed, checkpoint)
+    else:
+        with training_args.main_process_first():  # each machine's main process prepares the data; the others then load it
+            # --dataset: prepared for --model first
+            data = load_prepared(args.data_dir, args.dataset, args.model, args.trust_remote_code)
     set_seed(training_args.seed)  # the preset's random weights depend on it
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
     check_max_length(model, data.max_length)  # the data's longest example must fit the model's positions
     check_same_model(checkpoint, model)  # a checkpoint saved from another --model: one sentence, not a size mismatch
-    check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data.train))
+    if not args.streaming:  # a stream has no length
+        check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data.train))
 
     accuracy = Accuracy(data.answer_token_ids)
     throughput = ThroughputCallback(seq_len=data.max_length)
@@ -92,7 +102,8 @@ def main() -> None:
         processing_class=data.tokenizer,  # saved beside the model
         compute_metrics=accuracy.compute_metrics,
         preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        callbacks=[throughput, PreemptionCallback()],  # SIGTERM or Ctrl-C: save a checkpoint, then exit
+        # SIGTERM or Ctrl-C: save a checkpoint, then exit; --streaming: the stream's position saved in each checkpoint
+        callbacks=[throughput, PreemptionCallback(), *stream_callbacks(data)],
     )
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()

@@ -64,6 +64,9 @@ class ScriptArguments:
         metadata={"help": "'default' (the project's ChatML template) or a .jinja file; else the tokenizer's own."},
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Not here: chats are checked and rendered whole; stream text with getting_started.py."}
+    )
 
 
 @dataclass
@@ -114,6 +117,11 @@ def main() -> None:
     applied = {k: v for k, v in defaults.items() if k not in given and f"lora_{k}" not in given}
     if applied:
         print(describe_defaults(model_name, applied))
+    if args.streaming:
+        raise UserError(
+            "sft.py does not stream: every chat is checked before training and TRL renders and tokenizes the whole set; "
+            "stream a text corpus with --streaming in scripts/trainer/getting_started.py or the custom loops"
+        )
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise UserError("sft.py trains bf16/float32 weights; for a 4-bit base use scripts/trainer/qlora.py")
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
