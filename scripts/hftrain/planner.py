@@ -9,8 +9,8 @@ Memory per GPU is a sum of terms, each a count times bytes:
 - logits and loss: tokens x vocabulary x the bytes HF's loss holds per logit, or nearly nothing with the fused loss;
 - buffers: bf16 copies of the weights that autocast or FSDP2 make, 4-bit dequantisation, CUDA workspaces.
 Time per step is FLOPs (reporting.flops_per_token, the harness's own formula) over the GPU's datasheet peak times the
-MFU measured for that recipe here (`efficiency()`, fitted on CALIBRATION_FILES), plus the per-step overhead
-measured for the example scripts.
+MFU measured for that recipe here (`efficiency()`, fitted on CALIBRATION_FILES), plus the unfused loss's memory
+traffic over the GPU's bandwidth (`loss_traffic_seconds`), plus the per-step overhead measured for the example scripts.
 Every constant is traced to its source in docs/planner.md.
 """
 
