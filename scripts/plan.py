@@ -16,7 +16,7 @@ per method and sharding plus the MFU each recipe measured here; docs/planner.md 
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ METHODS = ("full", "lora", "qlora", "galore", "adam8bit")
 def the_gpu(args: PlanArguments) -> GPU:
     if args.gpu in BY_KEY:
         gpu = BY_KEY[args.gpu]
-        return GPU(gpu.key, gpu.device_name, gpu.bf16_tflops, args.gpu_memory_gib or gpu.memory_gib, gpu.float8, gpu.source)
+        return replace(gpu, memory_gib=args.gpu_memory_gib or gpu.memory_gib)
     if not args.gpu_memory_gib:
         raise UserError(
             f"unknown --gpu {args.gpu}; pass one of {', '.join(BY_KEY)}, or give its memory with --gpu_memory_gib "

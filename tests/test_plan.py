@@ -1,5 +1,7 @@
 """scripts/plan.py: the planner's answers, its refusals, and its predictions against every committed results row."""
 
+import contextlib
+import io
 import json
 import runpy
 import sys
@@ -41,17 +43,74 @@ def plan(monkeypatch, capsys, *args: str) -> str:
     return capsys.readouterr().out
 
 
-def test_check_every_committed_results_row_within_targets(monkeypatch, capsys):
-    files = sorted(str(p) for p in ROOT.glob("results/*/*.json"))
-    report = json.loads(plan(monkeypatch, capsys, "--check", *files, "--json"))
-    assert len(report["rows"]) >= 96, len(report["rows"])
-    worst = max(report["rows"], key=lambda r: abs(r["memory_error"]))
-    assert report["worst_memory_error"] <= 0.10, worst
-    worst = max(report["rows"], key=lambda r: abs(r["tokens_per_s_error"]))
-    assert report["worst_tokens_per_s_error"] <= 0.20, worst
+# The configurations measured after the planner was fitted (results/throughput/after-fit-*.json), with the errors
+# docs/planner.md quotes for them: (memory, tokens/s). The qwen2.5-0.5b P2 row missed by +48.9% tokens/s before the
+# unfused loss's memory traffic (hftrain.planner.LOSS_TRAFFIC_BYTES) was counted: that term was added after seeing
+# it, so the row is no longer an out-of-sample check of the time model; the other two rows are (the term leaves them).
+AFTER_FIT = {
+    "llama-3.2-1b: P3: blocks + Liger (big batch)": (-0.030, +0.095),
+    "qwen2.5-0.5b: P2: 2048-token blocks + SDPA": (+0.091, +0.108),
+    "qwen2.5-0.5b: P3: blocks + compiled layers + fused loss (big batch)": (+0.041, +0.162),
+}
+
+
+@pytest.fixture(scope="module")
+def check_report():
+    """plan.py --check --json over every committed results file, run once for the module."""
+    files = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("results/*/*.json"))
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(out):
+        m.chdir(ROOT)
+        m.setattr(sys, "argv", [str(SCRIPTS / "plan.py"), "--check", *files, "--json"])
+        runpy.run_path(str(SCRIPTS / "plan.py"), run_name="__main__")
+    return json.loads(out.getvalue())
+
+
+def test_check_calibration_rows_within_targets(check_report):
+    from hftrain.planner import CALIBRATION_FILES
+
+    rows = [r for r in check_report["rows"] if r["file"] in CALIBRATION_FILES]
+    assert len(rows) >= 96, len(rows)
+    worst = max(rows, key=lambda r: abs(r["memory_error"]))
+    assert abs(worst["memory_error"]) <= 0.10, worst
+    worst = max(rows, key=lambda r: abs(r["tokens_per_s_error"]))
+    assert abs(worst["tokens_per_s_error"]) <= 0.20, worst
+
+
+def test_check_after_fit_rows_within_targets_and_as_documented(check_report):
+    from hftrain.planner import CALIBRATION_FILES
+
+    rows = [r for r in check_report["rows"] if r["file"] not in CALIBRATION_FILES]
+    assert {r["file"] for r in rows} == {str(p.relative_to(ROOT)) for p in ROOT.glob("results/*/after-fit-*.json")}
+    # every after-fit row is documented: a new one needs its numbers in docs/planner.md and in AFTER_FIT
+    assert sorted(r["row"] for r in rows) == sorted(AFTER_FIT), [r["row"] for r in rows]
+    for r in rows:
+        memory, tokens = AFTER_FIT[r["row"]]
+        assert abs(r["memory_error"]) <= 0.10 and abs(r["tokens_per_s_error"]) <= 0.20, r
+        # as docs/planner.md quotes them (to 0.1 point): a change to the model that moves them shows here
+        assert abs(r["memory_error"] - memory) < 0.0006 and abs(r["tokens_per_s_error"] - tokens) < 0.0006, r
+
+
+def test_check_text_ends_with_the_worst_errors(monkeypatch, capsys):
+    files = [str(p) for p in sorted(ROOT.glob("results/throughput/after-fit-*.json"))]
     text = plan(monkeypatch, capsys, "--check", *files)
-    assert text.strip().splitlines()[-1].startswith("worst error: memory ")
-    assert text.strip().endswith(f"over {len(report['rows'])} rows")
+    assert text.strip().splitlines()[-1] == "worst error: memory 9.1%, tokens/s 16.2% over 3 rows"
+
+
+def test_without_the_loss_traffic_term_the_qwen_p2_row_misses_as_documented(monkeypatch):
+    """docs/planner.md: +48.9% tokens/s before the term, which was added after seeing this row."""
+    from hftrain import planner
+
+    path = ROOT / "results/throughput/after-fit-qwen2.5-0.5b-T2048.json"
+    (row,) = planner.measured_rows(json.loads(path.read_text()), str(path))
+    monkeypatch.setattr(planner, "LOSS_TRAFFIC_BYTES", 0)
+    planner.efficiency.cache_clear()
+    try:
+        before = planner.tokens_per_second_per_gpu(row.shape, row.setup, row.gpu) / row.tokens_per_s_per_gpu - 1
+    finally:
+        monkeypatch.undo()
+        planner.efficiency.cache_clear()
+    assert abs(before - 0.489) < 0.0006, before
 
 
 def test_24_gb_full_fine_tune_of_llama_3_2_1b_at_4k_fits(monkeypatch, capsys):

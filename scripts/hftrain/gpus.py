@@ -1,7 +1,8 @@
-"""The GPUs the project knows, in one table: dense bf16 peak, memory, float8 tensor cores, and where each figure is from.
+"""The GPUs the project knows, in one table: dense bf16 peak, memory, its bandwidth, float8 tensor cores, and sources.
 
 `reporting.peak_flops` (MFU) reads the peaks from here by device name; `scripts/plan.py` reads it by key (`--gpu h200`).
-Peaks are the vendor datasheets' dense bf16 tensor-core figures (no sparsity). Memory is what `torch.cuda` /
+Peaks are the vendor datasheets' dense bf16 tensor-core figures (no sparsity); bandwidths are the same datasheets'
+memory bandwidth (TB/s, 10^12 bytes per second). Memory is what `torch.cuda` /
 `nvidia-smi` report as the card's total (an "80 GB" H100 shows 79.6 GiB), not the marketing figure.
 """
 
@@ -16,39 +17,84 @@ class GPU:
     memory_gib: float
     float8: bool  # float8 tensor cores (compute capability 8.9+): --fp8
     source: str
+    memory_tb_s: float = 0.0  # datasheet memory bandwidth, TB/s (0: unknown)
 
 
-H100_DATASHEET = "https://www.nvidia.com/en-us/data-center/h100/ (SXM: 1,979 TFLOPS bf16 with sparsity, 989 dense)"
-A100_DATASHEET = "https://www.nvidia.com/en-us/data-center/a100/ (312 TFLOPS bf16 dense)"
+H100_DATASHEET = "https://www.nvidia.com/en-us/data-center/h100/ (SXM: 1,979 TFLOPS bf16 with sparsity, 989 dense, 3.35 TB/s)"
+A100_DATASHEET = "https://www.nvidia.com/en-us/data-center/a100/ (312 TFLOPS bf16 dense; 80 GB SXM 2,039 GB/s, 40 GB 1,555 GB/s)"
 # More specific names first: "H100 PCIe" must match before "H100", "GH200" before "H200"'s substring checks.
 GPUS = [
-    GPU("h100-pcie", "H100 PCIe", 756, 79.6, True, H100_DATASHEET + "; PCIe: 756 dense"),
-    GPU("h100-nvl", "H100 NVL", 835, 93.1, True, H100_DATASHEET + "; NVL: 835 dense, 94 GB"),
-    GPU("gh200", "GH200", 989, 94.5, True, "https://www.nvidia.com/en-us/data-center/grace-hopper-superchip/ (H100 SXM compute)"),
-    GPU("h100", "H100", 989, 79.6, True, H100_DATASHEET + "; 80 GB = 81,559 MiB in nvidia-smi"),
+    GPU("h100-pcie", "H100 PCIe", 756, 79.6, True, H100_DATASHEET + "; PCIe: 756 dense, 2 TB/s", 2.0),
+    GPU("h100-nvl", "H100 NVL", 835, 93.1, True, H100_DATASHEET + "; NVL: 835 dense, 94 GB, 3.9 TB/s", 3.9),
+    GPU(
+        "gh200",
+        "GH200",
+        989,
+        94.5,
+        True,
+        "https://www.nvidia.com/en-us/data-center/grace-hopper-superchip/ (H100 SXM compute; 96 GB HBM3, 4 TB/s)",
+        4.0,
+    ),
+    GPU("h100", "H100", 989, 79.6, True, H100_DATASHEET + "; 80 GB = 81,559 MiB in nvidia-smi", 3.35),
     GPU(
         "h200",
         "H200",
         989,
         139.8,
         True,
-        "https://www.nvidia.com/en-us/data-center/h200/ (989 dense bf16, 141 GB; 143,771 MiB in nvidia-smi)",
+        "https://www.nvidia.com/en-us/data-center/h200/ (989 dense bf16, 141 GB, 4.8 TB/s; 143,771 MiB in nvidia-smi)",
+        4.8,
     ),
-    GPU("b200", "B200", 2250, 178.4, True, "https://www.nvidia.com/en-us/data-center/dgx-b200/ (2.25 PFLOPS dense bf16 per GPU)"),
-    GPU("a100-80", "A100-SXM4-80GB", 312, 79.2, False, A100_DATASHEET + "; 80 GB = 81,920 MiB"),
-    GPU("a100-40", "A100", 312, 39.4, False, A100_DATASHEET + "; 40 GB = 40,960 MiB"),
-    GPU("l40s", "L40S", 362, 44.4, True, "https://www.nvidia.com/en-us/data-center/l40s/ (362 TFLOPS bf16 dense, 48 GB)"),
-    GPU("l4", "L4", 121, 22.0, True, "https://www.nvidia.com/en-us/data-center/l4/ (121 TFLOPS bf16 dense, 24 GB)"),
-    GPU("a10", "A10", 125, 22.1, False, "https://www.nvidia.com/en-us/data-center/products/a10-gpu/ (125 TFLOPS bf16, 24 GB)"),
+    GPU(
+        "b200",
+        "B200",
+        2250,
+        178.4,
+        True,
+        "https://www.nvidia.com/en-us/data-center/dgx-b200/ (2.25 PFLOPS dense bf16 per GPU; 64 TB/s over 8 GPUs)",
+        8.0,
+    ),
+    GPU("a100-80", "A100-SXM4-80GB", 312, 79.2, False, A100_DATASHEET + "; 80 GB = 81,920 MiB", 2.039),
+    GPU("a100-40", "A100", 312, 39.4, False, A100_DATASHEET + "; 40 GB = 40,960 MiB", 1.555),
+    GPU(
+        "l40s",
+        "L40S",
+        362,
+        44.4,
+        True,
+        "https://www.nvidia.com/en-us/data-center/l40s/ (362 TFLOPS bf16 dense, 48 GB, 864 GB/s)",
+        0.864,
+    ),
+    GPU(
+        "l4", "L4", 121, 22.0, True, "https://www.nvidia.com/en-us/data-center/l4/ (121 TFLOPS bf16 dense, 24 GB, 300 GB/s)", 0.3
+    ),
+    GPU(
+        "a10",
+        "A10",
+        125,
+        22.1,
+        False,
+        "https://www.nvidia.com/en-us/data-center/products/a10-gpu/ (125 TFLOPS bf16, 24 GB, 600 GB/s)",
+        0.6,
+    ),
     GPU(
         "4090",
         "RTX 4090",
         165,
         23.6,
         True,
-        "NVIDIA Ada Lovelace architecture whitepaper, RTX 4090: 165.2 TFLOPS bf16 dense (fp32 accumulate), 24 GB",
+        "NVIDIA Ada Lovelace architecture whitepaper, RTX 4090: 165.2 TFLOPS bf16 dense (fp32 accumulate), 24 GB, 1,008 GB/s",
+        1.008,
     ),
-    GPU("3090", "RTX 3090", 71, 23.6, False, "NVIDIA Ampere GA102 whitepaper, RTX 3090: 71 TFLOPS bf16 dense, 24 GB"),
+    GPU(
+        "3090",
+        "RTX 3090",
+        71,
+        23.6,
+        False,
+        "NVIDIA Ampere GA102 whitepaper, RTX 3090: 71 TFLOPS bf16 dense, 24 GB, 936 GB/s",
+        0.936,
+    ),
 ]
 BY_KEY = {g.key: g for g in GPUS}
 

@@ -9,8 +9,8 @@ Memory per GPU is a sum of terms, each a count times bytes:
 - logits and loss: tokens x vocabulary x the bytes HF's loss holds per logit, or nearly nothing with the fused loss;
 - buffers: bf16 copies of the weights that autocast or FSDP2 make, 4-bit dequantisation, CUDA workspaces.
 Time per step is FLOPs (reporting.flops_per_token, the harness's own formula) over the GPU's datasheet peak times the
-MFU measured for that recipe here (`efficiency()`, fitted on CALIBRATION_FILES), plus the per-step overhead
-measured for the example scripts.
+MFU measured for that recipe here (`efficiency()`, fitted on CALIBRATION_FILES), plus the unfused loss's memory
+traffic over the GPU's bandwidth (`loss_traffic_seconds`), plus the per-step overhead measured for the example scripts.
 Every constant is traced to its source in docs/planner.md.
 """
 
@@ -55,6 +55,11 @@ SCORE_BYTES = {"eager": 5.84, "math": 4.33}
 MASK_BYTES = 20.4
 # Bytes per logit that HF's loss holds at its peak (bf16 logits, their float32 copy, log-softmax, gradient).
 LOGIT_BYTES = 13.5
+# Bytes each logit moves through memory in HF's unfused loss (ForCausalLMLoss under autocast), counted kernel by kernel:
+# the output layer writes bf16 (2); logits.float() reads and writes (2 + 4); log_softmax reads and writes (4 + 4);
+# backward, nll_loss fills its gradient (4), log_softmax's backward reads two and writes one (12), the cast back to bf16
+# reads and writes (4 + 2). These kernels do no matmul work: their time is this traffic over the memory bandwidth.
+LOSS_TRAFFIC_BYTES = 38
 FUSED_LOSS_BYTES_PER_TOKEN_HIDDEN = 11.1  # Liger's fused linear + cross-entropy: the input's gradient, float32
 # The synthetic-long documents (256-2048 tokens) the harnesses train on: mean length (results/throughput P1 rows:
 # 8,243.3 real tokens per 8 documents) and the expected longest of a micro-batch, which padded batches pad to.
@@ -369,12 +374,20 @@ def peak_memory_gib(shape: Shape, s: Setup) -> float:
     return sum(memory_terms(shape, s).values())
 
 
+def loss_traffic_seconds(shape: Shape, s: Setup, gpu: GPU) -> float:
+    """Per processed token: the unfused loss's memory traffic (LOSS_TRAFFIC_BYTES per logit) at the GPU's datasheet
+    bandwidth. Not FLOPs, so not in the recipe's MFU: it weighs most where the vocabulary is large against the body."""
+    if s.fused_loss or s.liger or not gpu.memory_tb_s:
+        return 0.0
+    return shape.vocab * LOSS_TRAFFIC_BYTES / (gpu.memory_tb_s * 1e12)
+
+
 def step_seconds(shape: Shape, s: Setup, gpu: GPU, eff: Efficiency) -> float:
     tokens = s.micro_batch * s.row_tokens()  # padding is computed too
     dense, full = shape.flops_per_token(0), shape.flops_per_token(s.attention_span())
     peak = gpu.bf16_tflops * 1e12
     attention = (full - dense) / (peak * eff.attention_mfu) if eff.attention_mfu else (full - dense) / (peak * eff.mfu)
-    return tokens * (dense / (peak * eff.mfu) + attention) + eff.overhead_s
+    return tokens * (dense / (peak * eff.mfu) + attention + loss_traffic_seconds(shape, s, gpu)) + eff.overhead_s
 
 
 def tokens_per_second_per_gpu(shape: Shape, s: Setup, gpu: GPU, speed: float = 1.0) -> float:
@@ -412,9 +425,11 @@ def fit_efficiency(rows: list["Measured"]) -> dict[str, Efficiency]:
         peak = group[0].gpu.bf16_tflops * 1e12
         dense = [m.shape.flops_per_token(0) for m in group]
         full = [m.shape.flops_per_token(m.setup.attention_span()) for m in group]
-        # seconds per processed token (padding included)
+        # seconds per processed token (padding included), less the loss's memory traffic (not FLOPs)
         seconds = [
-            m.setup.real_tokens_per_step() / (m.tokens_per_s_per_gpu * m.setup.micro_batch * m.setup.row_tokens()) for m in group
+            m.setup.real_tokens_per_step() / (m.tokens_per_s_per_gpu * m.setup.micro_batch * m.setup.row_tokens())
+            - loss_traffic_seconds(m.shape, m.setup, m.gpu)
+            for m in group
         ]
         lengths = {m.setup.seq_len for m in group}
         models = {m.shape.name for m in group}
