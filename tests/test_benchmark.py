@@ -1,11 +1,12 @@
 """The benchmark harness on CPU: its smoke run, skipped cases, and the packing its padding-free cases use."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import SCRIPTS, run_script
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +248,16 @@ def test_profile_breakdown_buckets_kernels_by_what_launched_them():
     assert ms["output layer + loss"] == 0.04 and ms["matmuls (decoder)"] == 0.02 and ms["attention"] == 0.03
     assert ms["optimizer + grad clipping"] == 0.01 and ms["norms, activations, residuals, other"] == 0.01
     assert p["gpu_busy_ms"] == 0.11 and p["gpu_idle_ms"] == 0.19 and p["host_syncs"] == 2 and p["sync_wait_ms"] == 0.05
+
+
+def test_big_batch_reaches_the_process_that_runs_the_case():
+    """--big_batch sizes the 'big batch' rows inside each case's own process (seen on an H200: it was not passed on, so
+    a 24-row request ran 16 rows)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPTS / "benchmarks" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    case = next(c for c in throughput.CASES if c.big_batch and not c.launch)
+    cmd = throughput.launch(case, throughput.Args(big_batch=24), Path("result.json"))
+    assert cmd[cmd.index("--big_batch") + 1] == "24"

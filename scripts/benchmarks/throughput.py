@@ -426,6 +426,7 @@ def launch(case: Case, args: Args, result: Path) -> list[str]:
     own += ["--model", args.model, "--data_dir", args.data_dir, "--seq_len", str(args.seq_len)]
     own += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--profile_steps", str(args.profile_steps)]
     own += ["--smoke"] if args.smoke else []
+    own += ["--big_batch", str(args.big_batch)] if args.big_batch else []  # the case's process sizes its own rows
     if not case.launch:
         return [sys.executable, *own]
     config = case.launch.removesuffix("+deepspeed")
