@@ -45,8 +45,12 @@ class LoopTrainingArguments(ScriptArguments):
     max_steps: int = field(
         default=-1, metadata={"help": "Optimizer steps to take; when positive it overrides --num_train_epochs."}
     )
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch."})
+    per_device_train_batch_size: int = field(
+        default=32, metadata={"help": "Examples per micro-batch (default by --model: 32 for a preset, 2 for a checkpoint)."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=64, metadata={"help": "Examples per evaluation batch (default by --model: 64 for a preset, 4 for a checkpoint)."}
+    )
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per optimizer step: a step sees this many times the batch size."}
     )
