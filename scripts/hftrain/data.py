@@ -167,11 +167,16 @@ def _read_source(
 
 def _not_text(values: Any) -> str:
     """What a column that is not all text holds: a JSON file whose rows mix strings and objects loads as one Json column."""
-    for i, value in enumerate(values):
-        if value is not None and not isinstance(value, str):
-            kind = {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
-            return f"holds {kind} in row {i + 1}, not text (every row's value must be a string)"
-    return "holds no text"
+    kinds: dict[type, str] = {dict: "an object", list: "a list"}
+    # Objects first: datasets' Json type also decodes a string such as "5" of such a column as a number.
+    found = next((i for i, v in enumerate(values) if type(v) in kinds), None)
+    found = found if found is not None else next((i for i, v in enumerate(values) if not isinstance(v, str | None)), None)
+    if found is None:
+        return "holds no text"
+    value = values[found]
+    return (
+        f"holds {kinds.get(type(value), type(value).__name__)} in row {found + 1}, not text (every row's value must be a string)"
+    )
 
 
 def _without_empty_rows(split: Dataset, text_column: str, where: str) -> Dataset:
