@@ -84,7 +84,7 @@ def test_force_replaces_a_prepared_folder_only_once_the_new_one_is_in_place(tmp_
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(DatasetDict, "save_to_disk", disk_error)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=f"no space left in {tmp_path} for the prepared data"):
         prepare(output_dir=str(out), num_examples=120, force=True)
     assert json.loads((out / "info.json").read_text()) == before  # the old folder, untouched
     assert os.listdir(tmp_path) == ["prepared"]  # no temporary folder left behind

@@ -147,8 +147,10 @@ def _read_source(
             raise UserError(
                 f"--dataset {dataset} has no column '{text_column}' (it has: {', '.join(split.column_names)}); pass --text_column"
             )
-        if getattr(split.features[text_column], "dtype", None) not in ("string", "large_string"):
-            raise UserError(f"--dataset {dataset}: column '{text_column}' {_not_text(split[text_column])}; pass --text_column")
+        feature = split.features[text_column]
+        if getattr(feature, "dtype", None) not in ("string", "large_string"):
+            held = f"holds {feature}, not text" if hasattr(feature, "dtype") else _not_text(split[text_column])
+            raise UserError(f"--dataset {dataset}: column '{text_column}' {held}; pass --text_column")
     splits = {
         s: _without_empty_rows(d, text_column, f"--dataset {dataset}" + (f" ({s} split)" if held_out else ""))
         for s, d in splits.items()
@@ -166,7 +168,7 @@ def _read_source(
 
 
 def _not_text(values: Any) -> str:
-    """What a column that is not all text holds: a JSON file whose rows mix strings and objects loads as one Json column."""
+    """What a column of mixed values holds: a JSON file whose rows mix strings and objects loads as one Json column."""
     kinds: dict[type, str] = {dict: "an object", list: "a list"}
     # Objects first: datasets' Json type also decodes a string such as "5" of such a column as a number.
     found = next((i for i, v in enumerate(values) if type(v) in kinds), None)
