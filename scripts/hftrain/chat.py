@@ -78,7 +78,16 @@ def _text(content: Any, where: str) -> str:
 
 def _rows_as_text(path: Path, source: str) -> list[dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
+    except ValueError as e:
+        raise UserError(f"--dataset {source} is not valid JSON lines ({type(e).__name__}); one JSON object per line")
+    if not all(isinstance(row, dict) for row in rows):
+        raise UserError(f"--dataset {source}: every row must be a JSON object (one per line, or a list of them)")
     for i, row in enumerate(rows):
         for column in ("messages", "prompt", "completion"):
             for m in row.get(column) if isinstance(row.get(column), list) else []:
