@@ -24,7 +24,7 @@ from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
 from hftrain.errors import UserError
 from hftrain.extras import require_extra
 from hftrain.metrics import Accuracy
-from hftrain.models import check_tokenizer_matches, load_config, skip_cpu_4bit_repacking
+from hftrain.models import PRETRAINED_BATCH_TOKENS, check_tokenizer_matches, load_config, skip_cpu_4bit_repacking
 from hftrain.sharing import adapter_base
 
 
@@ -33,7 +33,13 @@ class EvalArguments:
     model_dir: str = field(metadata={"help": "An output directory holding a full model or a PEFT adapter."})
     data_dir: str = field(default=DEFAULT_DATA_DIR, metadata={"help": "Prepared data whose test split is evaluated."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Quantise the (base) model to 4-bit NF4 on load."})
-    batch_size: int = field(default=64, metadata={"help": "Evaluation batch size (the examples' per_device_eval_batch_size)."})
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation batch size (default: as many rows as fill 2048 tokens, at most 64: a checkpoint's large "
+            "vocabulary makes the logits of 64 long rows tens of GB)."
+        },
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run modelling code shipped with a Hub model."})
 
 
@@ -81,7 +87,9 @@ def main() -> None:
             model=model,
             args=TrainingArguments(
                 output_dir=tmp,
-                per_device_eval_batch_size=args.batch_size,
+                per_device_eval_batch_size=args.batch_size
+                if args.batch_size is not None
+                else min(64, max(1, PRETRAINED_BATCH_TOKENS["eval"] // data.max_length)),
                 report_to=[],
                 bf16=torch.cuda.is_available() and not args.load_in_4bit,
             ),

@@ -153,6 +153,13 @@ def run_script(script: str, *args: str, cwd: Path, **kwargs) -> subprocess.Compl
     return run([sys.executable, str(SCRIPTS / script), *args], cwd=cwd, **kwargs)
 
 
+def run_in_process(script: str, *args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a script's main in this process (no interpreter start-up, for refusals under a tight time budget)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(SCRIPTS / script), run_name="__main__")
+
+
 def accelerate_cpu(script: str, *args: str, cwd: Path, nproc: int = 2, **kwargs) -> subprocess.CompletedProcess:
     """DDP over gloo with `nproc` CPU processes, as the README shows."""
     cmd = [

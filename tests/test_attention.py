@@ -4,14 +4,12 @@ The model tests use the tiny preset in float32 with random weights, on real docu
 """
 
 import json
-import runpy
-import sys
 
 import pytest
 import torch
 from transformers.utils import is_flash_attn_2_available
 
-from conftest import SCRIPTS, first_screen, read_metrics, run_script, train_losses
+from conftest import SCRIPTS, first_screen, read_metrics, run_in_process, run_script, train_losses
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 FAST = {"OMP_NUM_THREADS": "1"}  # tiny matmuls: one thread is as fast, and steadier on a busy machine
@@ -141,13 +139,6 @@ def test_flash_attention_refuses_without_flash_attn_or_gpu(tmp_path):
     assert len(errors) == 1 and "Traceback" not in proc.stderr
     assert "pip install flash-attn --no-build-isolation" in errors[0] and "--attn_implementation sdpa" in errors[0]
     assert not (tmp_path / "data").exists() and not (tmp_path / "output").exists()  # stopped before loading anything
-
-
-def run_in_process(script: str, *args: str, cwd, monkeypatch) -> None:
-    """Run a script's main in this process (no interpreter start-up: the file's time budget is tight)."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    runpy.run_path(str(SCRIPTS / script), run_name="__main__")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU-only kernels run here")

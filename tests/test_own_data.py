@@ -173,7 +173,7 @@ def test_a_tokenizer_without_pad_token_trains_in_one_command(padless_runs, padle
     saved = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
     assert saved.pad_token == saved.eos_token  # padding with EOS; the attention mask tells them apart
     assert "defaults for a pretrained checkpoint" in full.stdout and "learning_rate 5e-05" in full.stdout
-    assert "learning_rate 0.0002, modules_to_save none" in lora.stdout
+    assert "learning_rate 0.0002, per_device_eval_batch_size 2, modules_to_save none" in lora.stdout  # 2 x 1024 tokens
     for out in ("full", "lora"):
         metrics = read_metrics(work / "output" / out)
         # Perplexity is exp of the loss per target token; the run evaluated before its first step too. The loop's eval_loss
@@ -222,8 +222,19 @@ def test_one_rule_for_the_defaults_and_the_flag_wins(capsys):
         "learning_rate": 1e-2,
         "modules_to_save": "embed_tokens,lm_head",
     }
-    assert model_defaults("org/model", adapter=True, preset_learning_rate=1e-2) == {"learning_rate": 2e-4, "modules_to_save": ""}
-    assert model_defaults("./ckpt", adapter=False, preset_learning_rate=1e-2) == {"learning_rate": 5e-5}
+    # A checkpoint's batches by tokens: rows of its data's longest example (default a 1024-token block) fill 1024 tokens.
+    batches = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 2}
+    assert model_defaults("org/model", adapter=True, preset_learning_rate=1e-2) == {
+        "learning_rate": 2e-4,
+        **batches,
+        "modules_to_save": "",
+    }
+    assert model_defaults("./ckpt", adapter=False, preset_learning_rate=1e-2) == {"learning_rate": 5e-5, **batches}
+    assert model_defaults("./ckpt", False, 1e-2, row_tokens=256) == {
+        "learning_rate": 5e-5,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+    }
 
     from dataclasses import dataclass, field
 

@@ -365,6 +365,10 @@ def test_loop_argument_checks_cover_every_field():
         learning_rate=1e-3,
         warmup_steps=0,
         max_grad_norm=1.0,
+        streaming=False,  # ScriptArguments' stream flags, which check_loop_args checks too
+        eval_dataset=None,
+        tokenizer=None,
+        block_size=None,
     )
     check_loop_args(types.SimpleNamespace(**good))
     for field, value in [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from conftest import read_metrics, run_script
+from conftest import read_metrics, run_in_process, run_script
 from hftrain.chat import DEFAULT_CHAT_TEMPLATE, QUESTION, rating_conversations
 from hftrain.data import load_prepared
 from hftrain.models import load_model
@@ -156,3 +156,83 @@ def test_real_checkpoint_lora_lowers_the_assistant_loss(real_sft: Path) -> None:
     config = json.loads((real_sft / "adapter_config.json").read_text())
     assert config["modules_to_save"] is None  # a pretrained checkpoint's embeddings stay frozen: a few-MB adapter
     assert (real_sft / "adapter_model.safetensors").stat().st_size < 30e6
+
+
+def sft_refusal(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The sentence sft.py stops with (run in this process: a refusal is all start-up)."""
+    with pytest.raises(SystemExit) as stop:
+        run_in_process("trainer/sft.py", *args, "--output_dir", str(cwd / "out"), cwd=cwd, monkeypatch=monkeypatch)
+    return str(stop.value.code)
+
+
+MESSY_CHATS: dict[str, tuple[list[dict], str]] = {
+    "null_content": (
+        [{"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "5"}]}],
+        "row 1 of chats.jsonl: the user message has no content (null); give it text, or drop the row",
+    ),
+    "image_part": (
+        [{"messages": [{"role": "user", "content": [{"type": "image", "url": "a.png"}]}, {"role": "assistant", "content": "5"}]}],
+        "row 1 of chats.jsonl: the user message holds a 'image' part; sft.py trains on text only: keep the text parts, or "
+        "drop the row",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MESSY_CHATS))
+def test_null_or_non_text_content_is_refused_naming_the_row(case: str, tmp_path: Path, monkeypatch) -> None:
+    rows, message = MESSY_CHATS[case]
+    write_jsonl(tmp_path / "chats.jsonl", rows + rating_conversations(3, 0))
+    assert sft_refusal("--dataset", "chats.jsonl", cwd=tmp_path, monkeypatch=monkeypatch) == f"error: {message}"
+
+
+def test_text_parts_are_joined_as_a_template_renders_them(tmp_path: Path, trainer_for) -> None:
+    """Multimodal-style contents holding text parts only train as the joined text, in a file that mixes them with strings."""
+    from hftrain.chat import load_chat_data
+
+    parts = [{"type": "text", "text": "The lamp is superb. "}, {"type": "text", "text": QUESTION}]
+    rows = [{"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": [{"type": "text", "text": "5"}]}]}]
+    data = write_jsonl(tmp_path / "chats.jsonl", rows + rating_conversations(3, 0))
+    splits, fmt = load_chat_data(str(data), None, str(data), 0.1, 0, 0)
+    assert splits["train"][0]["messages"] == [
+        {"role": "user", "content": f"The lamp is superb. {QUESTION}"},
+        {"role": "assistant", "content": "5"},
+    ]
+    trainer = trainer_for([splits["train"][0]], assistant_only_loss=True)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert trainer.processing_class.decode(ids[labels != -100]) == "5<|eos|>"
+
+
+@pytest.fixture
+def weightless_checkpoint(start_checkpoint: str, tmp_path: Path) -> Path:
+    """A checkpoint without its weights: a run that reached the model load would fail there, not with our sentence."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(start_checkpoint, checkpoint, ignore=shutil.ignore_patterns("*.safetensors"))
+    write_jsonl(tmp_path / "chats.jsonl", rating_conversations(4, 0))
+    return checkpoint
+
+
+@pytest.mark.parametrize("assistant_only_loss", ["true", "false"])
+def test_a_broken_template_reports_its_jinja_error_before_the_model_loads(
+    assistant_only_loss: str, weightless_checkpoint: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Not "no generation markers" (and then, with --assistant_only_loss false, TRL's traceback once the model is
+    loaded): the template's own error."""
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor")
+    args = ["--model", str(weightless_checkpoint), "--dataset", "chats.jsonl", "--chat_template", "broken.jinja"]
+    message = sft_refusal(*args, "--assistant_only_loss", assistant_only_loss, cwd=tmp_path, monkeypatch=monkeypatch)
+    assert message.startswith("error: the chat template of broken.jinja is not valid Jinja (")
+    assert message.endswith("; fix it, or pass --chat_template default (the project's ChatML template)")
+
+
+def test_packing_with_a_tokenizer_without_eos_is_refused_before_the_model_loads(
+    weightless_checkpoint: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(weightless_checkpoint)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(weightless_checkpoint)
+    args = ["--model", str(weightless_checkpoint), "--dataset", "chats.jsonl", "--chat_template", "default", "--packing"]
+    message = sft_refusal(*args, cwd=tmp_path, monkeypatch=monkeypatch)
+    assert message.startswith(f"error: the tokenizer of {weightless_checkpoint} has no EOS token")

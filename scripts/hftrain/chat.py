@@ -54,8 +54,61 @@ def _check_messages(messages: Any, where: str) -> None:
             raise UserError(f"{where}: every message needs a 'role' and a 'content' (found {json.dumps(m)[:80]})")
         if m["role"] not in ROLES:
             raise UserError(f"{where}: unknown role '{m['role']}' (the roles are {', '.join(ROLES)})")
+        _text(m["content"], f"{where}: the {m['role']} message")
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where} has no assistant turn, so there is nothing to learn from it; add one or drop the row")
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or a list of text parts ({"type": "text", "text": ...}, the multimodal
+    style) joined as chat templates render them, one after the other. Null content and other parts are refused."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content]
+        if all(isinstance(t, str) for t in texts):
+            return "".join(texts)  # type: ignore[arg-type]
+        bad = content[texts.index(None)] if None in texts else content[0]
+        kind = bad.get("type") if isinstance(bad, dict) else type(bad).__name__
+        raise UserError(f"{where} holds a '{kind}' part; sft.py trains on text only: keep the text parts, or drop the row")
+    raise UserError(
+        f"{where} has {'no content (null)' if content is None else f'content {json.dumps(content)[:40]}'}; give it text, or drop the row"
+    )
+
+
+def _rows_as_text(path: Path, source: str) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
+    except ValueError as e:
+        raise UserError(f"--dataset {source} is not valid JSON lines ({type(e).__name__}); one JSON object per line")
+    if not all(isinstance(row, dict) for row in rows):
+        raise UserError(f"--dataset {source}: every row must be a JSON object (one per line, or a list of them)")
+    for i, row in enumerate(rows):
+        for column in ("messages", "prompt", "completion"):
+            for m in row.get(column) if isinstance(row.get(column), list) else []:
+                if isinstance(m, dict) and "content" in m:
+                    m["content"] = _text(m["content"], f"row {i + 1} of {source}: the {m.get('role')} message")
+    return rows
+
+
+def as_text_messages(dataset: Dataset, fmt: str) -> Dataset:
+    """Rows whose contents are lists of text parts, rewritten with the joined text (others are kept as they are)."""
+    columns = ["messages"] if fmt == "messages" else ["prompt", "completion"]
+    if not any(isinstance(m["content"], list) for c in columns for row in dataset[c] if isinstance(row, list) for m in row):
+        return dataset
+
+    def join(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            c: [{**m, "content": _text(m["content"], "")} for m in row[c]] if isinstance(row[c], list) else row[c]
+            for c in columns
+        }
+
+    return dataset.map(join, desc="joining text parts")
 
 
 def data_format(dataset: Dataset, source: str) -> str:
@@ -87,9 +140,12 @@ def _read(path_or_name: str, config_name: str | None) -> Dataset:
         if not path.is_file():
             raise UserError(f"--dataset {path_or_name} does not exist")
         try:
-            return load_dataset("json", data_files=str(path), split="train")
+            dataset = load_dataset("json", data_files=str(path), split="train")
         except Exception as e:
             raise UserError(f"--dataset {path_or_name} is not valid JSON lines ({type(e).__name__}); one JSON object per line")
+        # A field holding strings in some rows and lists of parts in others loads as datasets' Json type, which turns
+        # a string such as "5" into the number 5: such files are read row by row, their text parts joined first.
+        return Dataset.from_list(_rows_as_text(path, path_or_name)) if "Json(" in str(dataset.features) else dataset
     if path.exists():
         raise UserError(f"--dataset {path_or_name}: give a .jsonl or .json file of chats, or a Hub dataset name")
     try:
@@ -117,16 +173,41 @@ def load_chat_data(
         return splits, "messages"
     train = _read(dataset, config_name)
     fmt = data_format(train, dataset)
+    train = as_text_messages(train, fmt)
     if eval_dataset is not None:
         test = _read(eval_dataset, config_name)
         if data_format(test, eval_dataset) != fmt:
             raise UserError(f"--eval_dataset {eval_dataset} is in another format than --dataset {dataset}")
-        return DatasetDict(train=train, test=test), fmt
+        return DatasetDict(train=train, test=as_text_messages(test, fmt)), fmt
     if len(train) < 2:
         raise UserError(
             f"--dataset {dataset} holds {len(train)} rows; it needs at least 2 (train and eval), or pass --eval_dataset"
         )
     return train.train_test_split(test_size=eval_size, seed=seed), fmt
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, data: DatasetDict, fmt: str, name: str) -> None:
+    """Every chat rendered once with the template before the model is loaded, so that a template that is not valid
+    Jinja, or that fails on a row (its own raise_exception, a field it expects), is reported as what it is."""
+    from jinja2 import TemplateSyntaxError
+
+    for split, rows in data.items():
+        for i, row in enumerate(rows):
+            messages = row["messages"] if fmt == "messages" else row["prompt"] + row["completion"]
+            if not isinstance(messages, list):  # prompt/completion text: no template
+                return
+            try:
+                tokenizer.apply_chat_template(messages, tokenize=False)
+            except TemplateSyntaxError as e:
+                raise UserError(
+                    f"the chat template of {name} is not valid Jinja ({e.message}, line {e.lineno}); fix it, or pass "
+                    "--chat_template default (the project's ChatML template)"
+                )
+            except Exception as e:
+                raise UserError(
+                    f"the chat template of {name} fails on row {i + 1} of the {split} data ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:160] if str(e) else ''}); fix the template or the row, or pass --chat_template default"
+                )
 
 
 def answer_accuracy(model: Any, tokenizer: PreTrainedTokenizerBase, conversations: list[dict[str, Any]]) -> float:

@@ -1,5 +1,7 @@
 """Argument and output-folder checks shared by every script, run before any model is loaded."""
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -188,15 +190,22 @@ def _check_sizes(args: Any, at_least_one: tuple[str, ...]) -> None:
 
 
 def set_model_defaults(parser: Any, model: str, adapter: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
-    """Make the defaults that depend on what --model is (`hftrain.models.model_defaults`: learning_rate, and
-    modules_to_save for an adapter) the parser's defaults, so a flag given on the command line (`argv`, by default
+    """Make the defaults that depend on what --model is (`hftrain.models.model_defaults`: learning_rate, a checkpoint's
+    batch sizes, and modules_to_save for an adapter) the parser's defaults, so a flag given on the command line (`argv`, by default
     sys.argv) still wins; print once those that the run takes, not those a flag overrode. `parser` already holds
     the script's own learning rate, the one a preset gets. A --model in a format this project does not load is
     refused here, first."""
     from hftrain.models import check_checkpoint_format, describe_defaults, model_defaults
 
     check_checkpoint_format(model)  # a GGUF or pickle-only --model, refused before anything is written
-    defaults = model_defaults(model, adapter, parser.get_default("learning_rate"))
+    args = parser.parse_known_args(argv)[0]
+    row_tokens = 1024  # a corpus's longest block by default: what --dataset prepares (hftrain.corpus.DEFAULT_BLOCK_SIZE)
+    if getattr(args, "dataset", None) is None and getattr(args, "data_dir", None):  # already prepared: its longest row
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # unreadable: load_prepared says why, later
+            row_tokens = int(json.loads(Path(args.data_dir, "info.json").read_text())["max_length"])
+    known = {action.dest for action in parser._actions}  # a script without batch-size flags takes only the rest
+    defaults = model_defaults(model, adapter, parser.get_default("learning_rate"), row_tokens)
+    defaults = {k: v for k, v in defaults.items() if k in known}
     given = flags_given(parser, list(defaults), argv)
     parser.set_defaults(**defaults)
     applied = {name: value for name, value in defaults.items() if name not in given}

@@ -163,6 +163,11 @@ def _read_source(
             raw = load_from_disk(str(path))
         except FileNotFoundError:
             raise UserError(f"--dataset {dataset} is a directory but not a dataset saved with save_to_disk")
+        except Exception as e:  # a truncated .arrow or JSON file: pyarrow's and json's errors
+            raise UserError(
+                f"--dataset {dataset} is a damaged save_to_disk folder ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                "save it again"
+            )
     elif os.sep in dataset and not re.fullmatch(r"[\w.-]+/[\w.-]+", dataset) or dataset.startswith("."):
         raise UserError(f"--dataset {dataset} does not exist; pass 'synthetic', a text file, a saved dataset or a Hub name")
     else:
@@ -186,10 +191,14 @@ def _read_source(
             raise UserError(
                 f"--dataset {dataset} has no column '{text_column}' (it has: {', '.join(split.column_names)}); pass --text_column"
             )
-        if split.features[text_column].dtype not in ("string", "large_string"):
-            raise UserError(
-                f"--dataset {dataset}: column '{text_column}' holds {split.features[text_column]}, not text; pass --text_column"
-            )
+        feature = split.features[text_column]
+        if getattr(feature, "dtype", None) not in ("string", "large_string"):
+            held = f"holds {feature}, not text" if hasattr(feature, "dtype") else _not_text(split[text_column])
+            raise UserError(f"--dataset {dataset}: column '{text_column}' {held}; pass --text_column")
+    splits = {
+        s: _without_empty_rows(d, text_column, f"--dataset {dataset}" + (f" ({s} split)" if held_out else ""))
+        for s, d in splits.items()
+    }
     if "test" not in splits and len(splits["train"]) < 1:
         raise UserError(f"--dataset {dataset} holds 0 non-empty examples; it needs at least 2 (train and test)")
     return DatasetDict(
@@ -200,6 +209,31 @@ def _read_source(
             for s, d in splits.items()
         }
     )
+
+
+def _not_text(values: Any) -> str:
+    """What a column of mixed values holds: a JSON file whose rows mix strings and objects loads as one Json column."""
+    kinds: dict[type, str] = {dict: "an object", list: "a list"}
+    # Objects first: datasets' Json type also decodes a string such as "5" of such a column as a number.
+    found = next((i for i, v in enumerate(values) if type(v) in kinds), None)
+    found = found if found is not None else next((i for i, v in enumerate(values) if not isinstance(v, str | None)), None)
+    if found is None:
+        return "holds no text"
+    value = values[found]
+    return (
+        f"holds {kinds.get(type(value), type(value).__name__)} in row {found + 1}, not text (every row's value must be a string)"
+    )
+
+
+def _without_empty_rows(split: Dataset, text_column: str, where: str) -> Dataset:
+    """The rows with some text: null cells (an empty CSV cell, a parquet or JSON null) and blank ones are skipped, as
+    empty documents hold nothing to learn, and the count is printed."""
+    kept = split.filter(lambda ex: ex[text_column] is not None and bool(ex[text_column].strip()), desc="skipping empty rows")
+    if len(kept) < len(split):
+        print(
+            f"{where}: skipping {len(split) - len(kept)} of {len(split)} rows whose '{text_column}' is empty or null", flush=True
+        )
+    return kept
 
 
 def _read_file(path: Path, dataset: str, sample_by: str) -> Any:
@@ -250,11 +284,11 @@ def prepare(
     check_prepare_target(dataset, output_dir, force)  # never over the source, nor over a folder prepare() did not make
     info_path = out / "info.json"
     if info_path.exists() and not force:
-        info = json.loads(info_path.read_text())
+        rebuild = rebuild_command(str(out), request, lambda key: inspect.signature(prepare).parameters[key].default)
+        info = read_info(out, rebuild)
         if info["request"] == request:
             change = source_change(dataset, info["source_files"]) if "source_files" in info else None
             if change is not None:
-                rebuild = rebuild_command(str(out), request, lambda key: inspect.signature(prepare).parameters[key].default)
                 raise UserError(f"--dataset {dataset} changed since it was prepared into {out} ({change}); rebuild it: {rebuild}")
             return out
         raise UserError(
@@ -379,6 +413,21 @@ class Prepared:
     model: str = ""  # the --model it is trained with, set by the script
 
 
+INFO_FIELDS = ("task", "answer_token_ids", "num_train", "num_test", "max_length", "request")
+
+
+def read_info(folder: Path, rebuild: str) -> dict[str, Any]:
+    """A prepared folder's info.json; one sentence if it is cut short or lacks a field (a copy or a disk that failed)."""
+    try:
+        info = json.loads((folder / "info.json").read_text())
+        missing = [k for k in INFO_FIELDS if k not in info] if isinstance(info, dict) else list(INFO_FIELDS)
+        if missing:
+            raise ValueError(f"no {missing[0]}")
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"{folder}/info.json is damaged ({type(e).__name__}); rebuild the prepared data: {rebuild}")
+    return info
+
+
 def default_data_dir(dataset: str, tokenizer: str | None = None) -> str:
     """data/<dataset name>, plus -<checkpoint name> when it is tokenized with a checkpoint's tokenizer."""
     name = dataset if dataset.startswith("synthetic") else Path(dataset.rstrip("/")).stem.replace("/", "_")
@@ -416,7 +465,7 @@ def load_prepared(
                 f"--output_dir {data_dir}"
             )
         prepare()
-    info = json.loads((path / "info.json").read_text())
+    info = read_info(path, f"python scripts/prepare_datasets.py --dataset <its source> --output_dir {data_dir} --force")
     rebuild = rebuild_command(data_dir, info["request"], lambda key: inspect.signature(prepare).parameters[key].default)
     if "files" in info:  # hashed when prepared; hashed again only when a file's size or mtime changed
         verify_files(path, info["files"], rebuild)

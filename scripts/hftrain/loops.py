@@ -45,8 +45,18 @@ class LoopTrainingArguments(ScriptArguments):
     max_steps: int = field(
         default=-1, metadata={"help": "Optimizer steps to take; when positive it overrides --num_train_epochs."}
     )
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Examples per evaluation batch."})
+    per_device_train_batch_size: int = field(
+        default=32,
+        metadata={
+            "help": "Examples per micro-batch (default by --model: 32 for a preset, a checkpoint as many as fill 1024 tokens)."
+        },
+    )
+    per_device_eval_batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "Examples per evaluation batch (default by --model: 64 for a preset, a checkpoint as many as fill 2048 tokens)."
+        },
+    )
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per optimizer step: a step sees this many times the batch size."}
     )

@@ -166,20 +166,29 @@ def model_positions(model: str, trust_remote_code: bool = False) -> tuple[int | 
 # The defaults that depend on what --model is, one rule for every script (see `model_defaults`).
 PRETRAINED_LEARNING_RATE = {"full": 5e-5, "adapter": 2e-4}
 PRESET_MODULES_TO_SAVE = "embed_tokens,lm_head"
+# Tokens per batch for a pretrained checkpoint, so that training fits a 16 GB machine: its vocabulary (49k-152k)
+# makes each token's float32 logits 0.2-0.6 MB, kept several times for the loss and its gradient, and the activations
+# add more (SmolLM2-135M: about 3.5 MB per token in all, so 1024 tokens peak near 5 GB and 2048 did not fit in 10 GB).
+# Evaluation keeps no gradients: twice the tokens.
+PRETRAINED_BATCH_TOKENS = {"train": 1024, "eval": 2048}
 
 
-def model_defaults(model: str, adapter: bool, preset_learning_rate: float) -> dict[str, Any]:
-    """learning_rate (and modules_to_save for an adapter) for `model`.
+def model_defaults(model: str, adapter: bool, preset_learning_rate: float, row_tokens: int = 1024) -> dict[str, Any]:
+    """learning_rate, the batch sizes of a checkpoint (and modules_to_save for an adapter) for `model`.
 
     A preset's weights are random: it takes the script's own learning rate (tuned for it on the rating task, e.g.
-    3e-3 full, 1e-2 LoRA), and LoRA also trains the random embeddings and output layer in full (modules_to_save),
-    which frozen would cap what the adapter can learn. A pretrained checkpoint is fine-tuned: 5e-5 for full
-    training, 2e-4 for LoRA (PEFT's and TRL's usual values), its embeddings frozen (an adapter of a few MB, not
-    a copy of the vocabulary matrices)."""
+    3e-3 full, 1e-2 LoRA) and batch sizes, and LoRA also trains the random embeddings and output layer in full
+    (modules_to_save), which frozen would cap what the adapter can learn. A pretrained checkpoint is fine-tuned:
+    5e-5 for full training, 2e-4 for LoRA (PEFT's and TRL's usual values), its embeddings frozen (an adapter of a
+    few MB, not a copy of the vocabulary matrices), in batches of PRETRAINED_BATCH_TOKENS tokens: as many rows of
+    `row_tokens` (the data's longest example) as fit, at least one."""
     pretrained = model not in PRESETS
     defaults: dict[str, Any] = {
         "learning_rate": PRETRAINED_LEARNING_RATE["adapter" if adapter else "full"] if pretrained else preset_learning_rate
     }
+    if pretrained:
+        defaults["per_device_train_batch_size"] = max(1, PRETRAINED_BATCH_TOKENS["train"] // row_tokens)
+        defaults["per_device_eval_batch_size"] = max(1, PRETRAINED_BATCH_TOKENS["eval"] // row_tokens)
     if adapter:
         defaults["modules_to_save"] = "" if pretrained else PRESET_MODULES_TO_SAVE
     return defaults
@@ -191,6 +200,9 @@ def describe_defaults(model: str, applied: dict[str, Any]) -> str:
     values = []
     if "learning_rate" in applied:
         values.append(f"learning_rate {applied['learning_rate']:g}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        if name in applied:
+            values.append(f"{name} {applied[name]}")
     if "modules_to_save" in applied:
         values.append(f"modules_to_save {applied['modules_to_save'] or 'none'}")
     return f"defaults for {kind} ({model}): {', '.join(values)} (a flag given on the command line wins)"

@@ -7,7 +7,8 @@
   torch's or safetensors' traceback; complete checkpoints stay what `--resume_from_checkpoint latest` picks.
 - Data preparation: `check_prepare_target` refuses to write over anything it did not make (a folder
   without info.json, the source dataset, a folder that holds or sits inside it); `publish_folder` puts a
-  new folder in place and deletes a replaced one only afterwards.
+  new folder in place and deletes a replaced one only afterwards; `unwritable_message` names a full disk or a
+  read-only folder in one sentence.
 - Prepared data is verified on load: `record_files` notes each file's size, rows and SHA-256 in info.json;
   `verify_files` hashes a file again only when its size or mtime changed (cached in `.verified.json`).
 """
@@ -228,19 +229,41 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise UserError(f"stopped by {signal.Signals(signum).name}: nothing was prepared (run the same command again)")
 
 
+def unwritable_message(error: BaseException, folder: Path) -> str | None:
+    """The sentence for an error that a full disk or a folder without write permission caused (looking through its
+    causes) while data was written to `folder`, else None."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return (
+                f"no space left in {folder.parent} while preparing the data folder {folder} ({seen.strerror}); free some "
+                "space there, or prepare the data on another disk (prepare_datasets.py --output_dir, then --data_dir)"
+            )
+        if isinstance(seen, OSError) and seen.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"cannot write the prepared data to {folder} ({seen.strerror}); prepare into a folder you can write to"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 @contextlib.contextmanager
 def temporary_folder(beside: Path) -> Any:
-    """A new folder next to `beside` (same file system, so it can be renamed into place), deleted if the block fails."""
-    beside.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}-", dir=beside.parent))
+    """A new folder next to `beside` (same file system, so it can be renamed into place), deleted if the block fails;
+    a full disk or a read-only folder ends in one sentence."""
+    tmp = None
     # SIGTERM (a job's time limit, `kill`) ends the process without cleaning up unless it raises here instead.
     sigterm = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     if sigterm:
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
+        beside.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}-", dir=beside.parent))
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        message = unwritable_message(e, beside)
+        if message is not None:
+            raise UserError(message) from None
         raise
     finally:
         if sigterm:

@@ -38,7 +38,7 @@ from transformers import AutoTokenizer, HfArgumentParser, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-from hftrain.chat import DEFAULT_CHAT_TEMPLATE, answer_accuracy, load_chat_data
+from hftrain.chat import DEFAULT_CHAT_TEMPLATE, answer_accuracy, check_chat_template, load_chat_data
 from hftrain.checkpoints import check_same_model, resolve_checkpoint
 from hftrain.cli import check_batch_size, check_output_dir, check_training_args, flags_given
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
@@ -85,23 +85,27 @@ def main() -> None:
     # The project's one rule (hftrain.models.model_defaults): a preset's random weights need a high learning rate, and
     # LoRA on it must also train the embeddings and the output layer; a pretrained checkpoint is fine-tuned gently and
     # keeps them frozen (a few-MB adapter).
+    max_length = known.max_length if flags_given(parser, ["max_length"]) else 512  # a checkpoint's batches: by tokens
     defaults = model_defaults(
-        known.model_name_or_path, adapter=known.use_peft, preset_learning_rate=1e-2 if known.use_peft else 3e-3
+        known.model_name_or_path,
+        adapter=known.use_peft,
+        preset_learning_rate=1e-2 if known.use_peft else 3e-3,
+        row_tokens=max_length,
     )
     lr = defaults["learning_rate"]
     modules_to_save = model_defaults(known.model_name_or_path, adapter=True, preset_learning_rate=lr)["modules_to_save"]
     parser.set_defaults(
         output_dir="output/trainer/sft",
         num_train_epochs=3,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=64,
+        per_device_train_batch_size=defaults.get("per_device_train_batch_size", 32),  # a checkpoint's: fewer rows
+        per_device_eval_batch_size=defaults.get("per_device_eval_batch_size", 64),
         learning_rate=lr,
         warmup_steps=30,
         eval_strategy="epoch",
         eval_on_start=True,  # the eval loss on the assistant's tokens before training, then after each epoch
         save_strategy="epoch",
         save_total_limit=2,
-        max_length=512,
+        max_length=max_length,
         assistant_only_loss=True,
         gradient_checkpointing=False,  # TRL turns it on by default; small models do not need it
         bf16=torch.cuda.is_available(),  # float32 on CPU, bf16 mixed precision on CUDA
@@ -112,8 +116,8 @@ def main() -> None:
     )
     args, training_args, model_args = parser.parse_args_into_dataclasses()
     model_name = model_args.model_name_or_path
-    # Printed: the defaults this run takes, not those that --learning_rate or --lora_modules_to_save replaced
-    given = flags_given(parser, ["learning_rate", "lora_modules_to_save"])
+    # Printed: the defaults this run takes, not those that a flag (--learning_rate, ...) replaced
+    given = flags_given(parser, ["learning_rate", "lora_modules_to_save", *(k for k in defaults if k.startswith("per_device"))])
     applied = {k: v for k, v in defaults.items() if k not in given and f"lora_{k}" not in given}
     if applied:
         print(describe_defaults(model_name, applied))
@@ -156,6 +160,14 @@ def main() -> None:
             f"the tokenizer of {model_name} has no chat template; pass --chat_template default (the project's ChatML "
             "template) or --chat_template <file.jinja>"
         )
+    if tokenizer.eos_token is None:
+        raise UserError(
+            f"the tokenizer of {model_name} has no EOS token, which SFT needs (to end each answer, to pad, and with "
+            "--packing to separate the packed chats); use a checkpoint whose tokenizer defines one"
+        )
+    template_name = args.chat_template if args.chat_template not in (None, "default") else model_name
+    if conversational:
+        check_chat_template(tokenizer, data, fmt, template_name)  # a broken template: its own error, not TRL's later
     # prompt/completion rows: the loss on the completion (TRL's completion_only_loss) plays the same part.
     training_args.assistant_only_loss = training_args.assistant_only_loss and fmt == "messages"
     if training_args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
@@ -163,7 +175,7 @@ def main() -> None:
             get_training_chat_template(tokenizer)
         except ValueError:
             raise UserError(
-                f"the chat template of {model_name} has no {{% generation %}} markers, which the assistant-only loss "
+                f"the chat template of {template_name} has no {{% generation %}} markers, which the assistant-only loss "
                 "needs, and TRL has no marked version of it; pass --chat_template default (ChatML), a template file "
                 "with the markers, or --assistant_only_loss false to learn whole conversations"
             )
