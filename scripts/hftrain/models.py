@@ -215,6 +215,30 @@ def check_tokenizer_matches(model: str, config: Any, tokenizer: PreTrainedTokeni
             )
 
 
+def load_tokenizer(model: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model folder (or a Hub model's); one sentence when there is none."""
+    from transformers import AutoTokenizer
+
+    if is_local_path(model) and Path(model).is_dir() and not (Path(model) / "tokenizer_config.json").exists():
+        raise UserError(
+            f"{model} holds no tokenizer (tokenizer_config.json); save the one the model was trained with there: "
+            "AutoTokenizer.from_pretrained('<its base>').save_pretrained('<this folder>')"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"could not load the tokenizer of {model} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def check_vocabulary(model: str, config: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A model's own tokenizer must fit its embeddings: a larger one gives ids the model has no row for."""
+    if config.vocab_size < len(tokenizer):
+        raise UserError(
+            f"the tokenizer of {model} has {len(tokenizer)} tokens but the model only {config.vocab_size} embeddings, so "
+            "they do not belong together; put the tokenizer the model was trained with in its folder"
+        )
+
+
 def check_weights_exist(model: str) -> None:
     """A local checkpoint folder must hold safetensors weights: a config alone (save_pretrained of a config, a copy
     cut short) or pickled *.bin weights, which this project never loads, would fail inside from_pretrained."""

@@ -38,7 +38,7 @@ from transformers import AutoTokenizer, HfArgumentParser, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-from hftrain.chat import DEFAULT_CHAT_TEMPLATE, answer_accuracy, load_chat_data
+from hftrain.chat import answer_accuracy, default_chat_template, default_system_prompt, load_chat_data
 from hftrain.checkpoints import resolve_checkpoint
 from hftrain.cli import check_output_dir, check_training_args, flags_given
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
@@ -137,7 +137,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
 
     if args.chat_template == "default" or (args.chat_template is None and preset):
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        # The checkpoint's own default system prompt stays: its answers were trained to follow it.
+        tokenizer.chat_template = default_chat_template(default_system_prompt(tokenizer))
     elif args.chat_template is not None:
         if not Path(args.chat_template).is_file():
             raise UserError(f"--chat_template {args.chat_template} is not a file; pass a .jinja file or 'default'")
