@@ -79,6 +79,10 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
     losses, reference = train_losses(read_metrics(resumed)), train_losses(read_metrics(uninterrupted))
     assert list(losses) == list(reference) == list(range(1, STEPS + 1))  # every step's row, once
     assert losses == pytest.approx(reference, rel=1e-5)
+    # metrics.json reports the whole run, not only the part after the resume
+    whole, part = read_metrics(uninterrupted), read_metrics(resumed)
+    assert part["resumed_from_step"] > 0 and part["train_tokens"] == whole["train_tokens"]
+    assert part["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-3)  # from rows rounded to 4 digits
 
 
 # ---------------------------------------------------------------- Trainer
