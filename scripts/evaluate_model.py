@@ -23,6 +23,8 @@ Docs: https://huggingface.co/docs/peft/package_reference/auto_class
       https://huggingface.co/docs/transformers/perplexity
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -4,6 +4,7 @@ Teaches `model.generate` with a `TextStreamer` (tokens printed as they come): gr
 (`--temperature`, `--top_p`), the two usual cures for loops (`--repetition_penalty`, `--no_repeat_ngram_size`), and
 chat formatting with the tokenizer's chat template (`--chat`: each prompt becomes a user turn followed by the
 assistant's generation prompt, as in training with scripts/trainer/sft.py). Without `--prompt` the prompts are read
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
 from the terminal (or stdin), one per line; with `--chat` that is a conversation whose history every answer sees
 (`/reset` starts a new one). The chat template's own system prompt (a checkpoint's default one, or the one trained
 with) stays unless `--system` replaces it. An adapter folder (one with adapter_config.json) is loaded on its base

@@ -22,6 +22,8 @@ Docs: https://huggingface.co/learn/llm-course/chapter3/4 (a full training loop)
       https://huggingface.co/blog/gradient_accumulation (why divide by the tokens of the whole batch)
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import math
 from dataclasses import dataclass, field
 from functools import partial

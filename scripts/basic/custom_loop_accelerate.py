@@ -28,6 +28,8 @@ Docs: https://huggingface.co/docs/accelerate/basic_tutorials/migration
       https://huggingface.co/docs/accelerate/usage_guides/checkpoint
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import math
 import os
 from dataclasses import dataclass, field

@@ -24,6 +24,8 @@ Docs: https://huggingface.co/docs/peft/developer_guides/lora
       https://arxiv.org/abs/2106.09685 (LoRA)
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import math
 import os
 from dataclasses import dataclass, field

@@ -30,6 +30,8 @@ Docs: https://huggingface.co/docs/trl/sft_trainer
       https://huggingface.co/docs/trl/main/en/peft_integration
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
