@@ -354,6 +354,8 @@ def test_real_checkpoint_lora_lowers_held_out_perplexity(real_checkpoint, real_d
     metrics = read_metrics(work / "output/lora")
     assert metrics["perplexity"] < 0.9 * metrics["perplexity_before"], proc.stdout[-500:]
     assert "modules_to_save none" in proc.stdout
+    steps_per_epoch = math.ceil(json.loads((real_data / "info.json").read_text())["num_train"] / 2)
+    assert f"epoch {3 / steps_per_epoch:.3g}: eval loss" in proc.stdout  # the share of an epoch it ran, not "epoch 1"
     assert (work / "output/lora/adapter_model.safetensors").stat().st_size < 30e6  # the adapter, no embedding copies
 
 

@@ -149,7 +149,7 @@ def main() -> None:
             eval_metrics = evaluate(model, test_loader, accuracy, device, autocast)
         history.log(step, epoch=round(step / steps_per_epoch, 3), **eval_metrics)
         progress.write(
-            f"epoch {epoch + 1}: eval loss {eval_metrics['eval_loss']:.4f}, accuracy {eval_metrics['eval_accuracy']:.3f}"
+            f"epoch {step / steps_per_epoch:.3g}: eval loss {eval_metrics['eval_loss']:.4f}, accuracy {eval_metrics['eval_accuracy']:.3f}"
         )
     progress.close()
     train_metrics = meter.stop()
