@@ -1,9 +1,9 @@
-"""Measure which learning rate and how many steps teach a persona with LoRA SFT (scripts/trainer/sft.py).
+"""Measure which learning rate teaches a persona with LoRA SFT (scripts/trainer/sft.py) in a few steps.
 
 64 pirate-persona chats (hftrain.chat.persona_conversations; 10% held out for the eval loss), SmolLM2-135M-Instruct
-(python tests/real_checkpoint.py), LoRA r16 on all linear layers. Each configuration is one sft.py run; then the
-adapter answers PROMPTS (never trained on) greedily: does the answer open with the persona's marker, and does it
-stop at the end of its turn before 48 new tokens? Writes results/sft/persona.json.
+(python tests/real_checkpoint.py), LoRA r16 on all linear layers, 12 steps of 4 chats (COMMON), one sft.py run per
+learning rate (CONFIGS). Then the adapter answers PROMPTS (never trained on) greedily: does the answer contain the
+persona's marker, and does it stop at the end of its turn before 48 new tokens? Writes results/sft/persona.json.
 
     python results/sft/persona.py [CONFIG ...]     # names from CONFIGS; all by default
 """
