@@ -1,36 +1,66 @@
-"""Evaluate a saved output directory on the prepared test split and print one JSON line.
+"""Evaluate a model on held-out text and print one JSON line: eval loss, perplexity and accuracy.
 
-Takes what the examples save: a full model (`save_pretrained`), a PEFT adapter (loaded on
-the base model its adapter_config.json names: a Hub id, or a path relative to the adapter's folder), and with `--load_in_4bit` the model
-quantised to 4-bit NF4 on load (bitsandbytes). Uses the Trainer's own evaluation loop with
-the same batch size as training, so the numbers match the training run's final eval. Prints
-eval_loss (nats per token), perplexity (its exp) and eval_accuracy.
+Takes any model: a training output or checkpoint folder (`save_pretrained`), a pretrained checkpoint (a folder or a
+Hub id), a merged model, a PEFT adapter (loaded on the base model its adapter_config.json names: a Hub id, or a path
+relative to the adapter's folder), and with `--load_in_4bit` any of them quantised to 4-bit NF4 on load
+(bitsandbytes). Two kinds of held-out text:
+
+- `--eval_file my_text.txt` (or a .json/.jsonl/.csv/.parquet file with a `--text_column`): your own text, tokenized
+  with the model's own tokenizer and cut into blocks as `prepare_datasets.py` cuts a corpus (EOS between
+  documents), all of it held out. Run it on the base checkpoint and on the fine-tuned output for before and after.
+- `--data_dir` (default data/synthetic): the test split of prepared data, with the training runs' batch size and
+  loss, so the numbers match the run's final evaluation.
+
+eval_loss is the mean of the batches' losses (as the Trainer reports it), perplexity the exp of the loss per
+target token, eval_accuracy that of the rating (the rating task) or of the next token (text).
 
     python scripts/evaluate_model.py --model_dir output/trainer/getting_started
+    python scripts/evaluate_model.py --model_dir $CKPT --eval_file my_text.txt                    # before
+    python scripts/evaluate_model.py --model_dir output/lora/custom_loop --eval_file my_text.txt  # after
     python scripts/evaluate_model.py --model_dir output/trainer/qlora --load_in_4bit
 
 Docs: https://huggingface.co/docs/peft/package_reference/auto_class
+      https://huggingface.co/docs/transformers/perplexity
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, HfArgumentParser, Trainer, TrainingArguments
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import BitsAndBytesConfig, EvalPrediction, HfArgumentParser
 
-from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared
+from hftrain.corpus import DEFAULT_BLOCK_SIZE
+from hftrain.data import DEFAULT_DATA_DIR, PadCollator, load_prepared, text_blocks
 from hftrain.errors import UserError
 from hftrain.extras import require_extra
 from hftrain.metrics import Accuracy
-from hftrain.models import PRETRAINED_BATCH_TOKENS, check_tokenizer_matches, load_config, skip_cpu_4bit_repacking
+from hftrain.models import (
+    PRETRAINED_BATCH_TOKENS,
+    check_vocabulary,
+    load_config,
+    load_model,
+    load_tokenizer,
+    skip_cpu_4bit_repacking,
+)
 from hftrain.sharing import adapter_base
 
 
 @dataclass
 class EvalArguments:
-    model_dir: str = field(metadata={"help": "An output directory holding a full model or a PEFT adapter."})
+    model_dir: str = field(metadata={"help": "A full model, a PEFT adapter, a merged model, a checkpoint folder or a Hub id."})
+    eval_file: str | None = field(
+        default=None,
+        metadata={"help": "Your own text to evaluate on: a .txt file, or .json/.jsonl/.csv/.parquet with --text_column."},
+    )
+    text_column: str = field(default="text", metadata={"help": "With --eval_file: the column holding the text."})
+    block_size: int | None = field(
+        default=None, metadata={"help": "With --eval_file: tokens per block (default: min(1024, the model's positions))."}
+    )
     data_dir: str = field(default=DEFAULT_DATA_DIR, metadata={"help": "Prepared data whose test split is evaluated."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Quantise the (base) model to 4-bit NF4 on load."})
     batch_size: int | None = field(
@@ -45,70 +75,86 @@ class EvalArguments:
 
 def main() -> None:
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses()
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch_size is {args.batch_size}; it must be at least 1")
     if args.load_in_4bit:
         require_extra("bitsandbytes", "--load_in_4bit")
-    path = Path(args.model_dir)
-    is_adapter = (path / "adapter_config.json").exists()
-    if not is_adapter and not (path / "config.json").exists():
-        raise UserError(
-            f"--model_dir {args.model_dir} holds neither a model (config.json) nor a PEFT adapter (adapter_config.json)"
-        )
-    data = load_prepared(args.data_dir, trust_remote_code=args.trust_remote_code)
-    tokenizer = (
-        AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        if (path / "tokenizer_config.json").exists()
-        else data.tokenizer
-    )
-    if tokenizer.get_vocab() != data.tokenizer.get_vocab():
-        raise UserError(f"{args.model_dir} was trained with another tokenizer than {args.data_dir}; pass the matching --data_dir")
+    is_adapter = Path(args.model_dir, "adapter_config.json").exists()
+    base = adapter_base(args.model_dir) if is_adapter else args.model_dir
+    config = load_config(base, args.trust_remote_code)  # a missing folder, a broken config, a Hub id offline: one sentence
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if args.eval_file is not None:  # the model's own tokenizer (the adapter's folder's, else its base's)
+        has_tokenizer = Path(args.model_dir, "tokenizer_config.json").exists()
+        tokenizer = load_tokenizer(args.model_dir if has_tokenizer else base, args.trust_remote_code)
+        check_vocabulary(args.model_dir, config, tokenizer)
+        positions = getattr(config, "max_position_embeddings", None) or DEFAULT_BLOCK_SIZE
+        block_size = args.block_size or min(DEFAULT_BLOCK_SIZE, positions)
+        if not 2 <= block_size <= positions:
+            raise UserError(f"--block_size {block_size} must be from 2 to the model's {positions} positions")
+        eval_set, answer_ids, rows = text_blocks(args.eval_file, tokenizer, args.text_column, block_size), [], block_size
+    else:
+        data = load_prepared(args.data_dir, trust_remote_code=args.trust_remote_code)
+        tokenizer = data.tokenizer
+        own = Path(args.model_dir, "tokenizer_config.json").exists() and load_tokenizer(args.model_dir, args.trust_remote_code)
+        if own and own.get_vocab() != tokenizer.get_vocab():
+            raise UserError(
+                f"{args.model_dir} was trained with another tokenizer than {args.data_dir}; pass the matching --data_dir, "
+                "or your text as --eval_file"
+            )
+        eval_set, answer_ids, rows = data.test, data.answer_token_ids, data.max_length
+    batch_size = min(64, max(1, PRETRAINED_BATCH_TOKENS["eval"] // rows))  # rows of that length that fill 2048 tokens
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
     kwargs = {}
     if args.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
-    base = adapter_base(str(path)) if is_adapter else str(path)  # an adapter names its base relative to its folder
-    if not is_adapter:
-        check_tokenizer_matches(str(path), load_config(str(path), args.trust_remote_code), data.tokenizer, args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=dtype, trust_remote_code=args.trust_remote_code, use_safetensors=True, use_kernels=False, **kwargs
-    )
+    # The same checks as training: safetensors weights there, a vocabulary that fits, the real cause in one sentence.
+    model = load_model(base, tokenizer, dtype=dtype, trust_remote_code=args.trust_remote_code, **kwargs)
     if is_adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, path)
+        try:
+            model = PeftModel.from_pretrained(model, args.model_dir)
+        except Exception as e:
+            raise UserError(
+                f"could not load the adapter in {args.model_dir} ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            )
     if args.load_in_4bit:
-        skip_cpu_4bit_repacking(model)
+        skip_cpu_4bit_repacking(model)  # the 4-bit layers compute as they did in training (qlora.py)
+    elif cuda:
+        model.to("cuda")  # a 4-bit model is placed on the GPU as it is quantised
+    model.eval()
 
-    accuracy = Accuracy(data.answer_token_ids)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(
-                output_dir=tmp,
-                per_device_eval_batch_size=args.batch_size
-                if args.batch_size is not None
-                else min(64, max(1, PRETRAINED_BATCH_TOKENS["eval"] // data.max_length)),
-                report_to=[],
-                bf16=torch.cuda.is_available() and not args.load_in_4bit,
-            ),
-            eval_dataset=data.test,
-            data_collator=PadCollator(data.tokenizer),
-            compute_metrics=accuracy.compute_metrics,
-            preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        )
-        metrics = trainer.evaluate()
+    # A plain evaluation loop, not the Trainer's: the Trainer refuses a 4-bit model without adapters, since it
+    # checks every model for training; evaluating needs none of that.
+    accuracy = Accuracy(answer_ids)
+    loader = DataLoader(eval_set, batch_size=args.batch_size or batch_size, collate_fn=PadCollator(tokenizer))
+    device = next(model.parameters()).device
+    loss_sum, correct, totals = 0.0, [], []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="evaluating"):
+            labels = batch["labels"].to(device)
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), labels=labels)
+            loss_sum += out.loss.item() * len(labels)  # the Trainer's eval_loss: each batch's mean loss, weighed by its rows
+            right, total = accuracy.preprocess_logits_for_metrics(out.logits, labels)
+            correct.append(right.flatten().cpu())
+            totals.append(total.cpu())
+    metrics = accuracy.compute_metrics(EvalPrediction((torch.cat(correct).numpy(), torch.cat(totals).numpy()), None))
     print(
         json.dumps(
             {
                 "model_dir": args.model_dir,
                 "adapter": is_adapter,
                 "load_in_4bit": args.load_in_4bit,
-                "eval_accuracy": metrics["eval_accuracy"],
-                "eval_loss": metrics["eval_loss"],
-                "perplexity": metrics["eval_perplexity"],  # exp of the loss per target token (hftrain.metrics)
-                "num_examples": len(data.test),
+                "eval_file": args.eval_file,
+                "eval_accuracy": metrics["accuracy"],
+                "eval_loss": loss_sum / len(eval_set),
+                "perplexity": metrics["perplexity"],  # exp of the loss per target token (hftrain.metrics)
+                "num_examples": len(eval_set),
+                "num_tokens": int(torch.cat(totals)[:, 1].sum()),
             }
         )
     )

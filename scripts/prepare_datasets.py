@@ -24,6 +24,8 @@ Docs: https://huggingface.co/docs/datasets/loading  https://huggingface.co/docs/
       https://github.com/huggingface/transformers/blob/main/examples/pytorch/language-modeling/run_clm.py
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import json
 from dataclasses import dataclass, field
 

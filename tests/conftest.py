@@ -55,14 +55,16 @@ def script_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(args: list[str], cwd: Path, timeout: int = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    """Run a command in `cwd`; on failure show the tail of its output. Under xdist, `python script.py ...` with no
-    environment of its own (beyond script_env's) runs in a fork of this process (below)."""
+def run(
+    args: list[str], cwd: Path, timeout: int = 600, check: bool = True, input: str = "", **env: str
+) -> subprocess.CompletedProcess:
+    """Run a command in `cwd` with `input` as its stdin; on failure show the tail of its output. Under xdist,
+    `python script.py ...` with no environment of its own (beyond script_env's) runs in a fork of this process (below)."""
     full_env, proc = script_env(**env), None
     if XDIST and full_env == script_env() and args[0] == sys.executable and args[1].endswith(".py"):
-        proc = run_forked(args, cwd, timeout)
+        proc = run_forked(args, cwd, timeout, input)
     if proc is None:
-        proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(args, cwd=cwd, env=full_env, input=input, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{tail(proc.stdout, 3000)}\n{tail(proc.stderr, 6000)}")
     return proc
@@ -77,20 +79,26 @@ def tail(output: str, chars: int) -> str:
     return "\n".join(kept)[-chars:]
 
 
-def run_forked(args: list[str], cwd: Path, timeout: int, stdin: int | None = None) -> subprocess.CompletedProcess | None:
+def run_forked(
+    args: list[str], cwd: Path, timeout: int, input: str = "", stdin: int | None = None
+) -> subprocess.CompletedProcess | None:
     """`python script.py args` in a forked child of this test process, which has torch and transformers imported
     already: a run then starts in a fraction of a second instead of a fresh interpreter's ~5 s of imports, which
     were half of the suite's time (a refusal is all start-up). Each pytest-xdist worker computes on one thread, as
     the scripts it starts do (OMP_NUM_THREADS=1), so there is no thread pool for the fork to break. The child runs
     the script as `python` would (`__main__`, sys.argv, cwd, the script's folder first on sys.path, its
     own stdout/stderr), exits with the status `python` would give and runs the exit handlers the script registered
-    (a run lock's release). None if the child did not finish in time: the caller runs the command afresh. `stdin`: a file
-    descriptor the child reads as its standard input (a pseudo-terminal, say)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    (a run lock's release). None if the child did not finish in time: the caller runs the command afresh. `input`: text
+    the child reads as its standard input; `stdin`: a file descriptor it reads instead (a pseudo-terminal, say)."""
+    with tempfile.TemporaryFile() as inp, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        inp.write(input.encode())
+        inp.seek(0)
         pid = os.fork()
         if pid == 0:  # the child: never returns into pytest
             status = 1
             try:
+                os.dup2(inp.fileno(), 0)
+                sys.stdin = open(0, closefd=False)  # noqa: SIM115
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
                 if stdin is not None:
@@ -244,17 +252,18 @@ def sft_tiny(tmp_path_factory: pytest.TempPathFactory, workdir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def real_sft(tmp_path_factory: pytest.TempPathFactory, real_checkpoint: Path) -> Path:
-    """LoRA with sft.py on the real checkpoint: a few steps on rating chats, evaluated before and after."""
-    from hftrain.chat import rating_conversations
+    """LoRA with sft.py on the real checkpoint: 5 steps on 32 persona chats (hftrain.chat.persona_conversations), at
+    the rate that teaches a style in so few steps (docs/sft.md), evaluated before and after."""
+    from hftrain.chat import persona_conversations
 
     out, lock = shared_dir(tmp_path_factory, "sft-real")
     with lock:
         if not (out / "metrics.json").exists():
             data = out.parent / "sft-real-chats.jsonl"
-            data.write_text("".join(json.dumps(row) + "\n" for row in rating_conversations(40, 5)))
+            data.write_text("".join(json.dumps(row) + "\n" for row in persona_conversations(40, 1)))
             # SmolLM2's own template has no {% generation %} markers: the project's ChatML one renders the same turns.
             args = ["--model", str(real_checkpoint), "--dataset", str(data), "--chat_template", "default", "--use_peft"]
-            args += ["--max_steps", "4", "--warmup_steps", "0", "--per_device_train_batch_size", "4"]
+            args += ["--max_steps", "5", "--warmup_steps", "0", "--per_device_train_batch_size", "4", "--learning_rate", "2e-3"]
             args += ["--eval_size", "0.2", "--per_device_eval_batch_size", "8", "--output_dir", str(out)]
             run_script("trainer/sft.py", *args, cwd=out.parent)
     return out

@@ -99,3 +99,71 @@ def test_real_checkpoint_adapter_and_merged_model_answer(real_sft: Path, tmp_pat
     from_adapter = generate(real_sft, *prompt, cwd=tmp_path).stdout
     merged = merge(real_sft, tmp_path / "merged")
     assert from_adapter.strip() and generate(merged, *prompt, cwd=tmp_path).stdout == from_adapter
+
+
+def test_repetition_settings_reach_generate(tiny_adapter: Path, workdir: Path) -> None:
+    """--repetition_penalty and --no_repeat_ngram_size: the script prints what model.generate gives with them, which
+    is not the greedy text (a random tiny model repeats itself)."""
+    base = tiny_adapter.parent / "base"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    inputs = tokenizer("The kettle arrived today.", return_tensors="pt")
+
+    def expected(**settings) -> str:
+        ids = model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id, **settings)
+        return tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    flags = ["--repetition_penalty", "1.3", "--no_repeat_ngram_size", "3"]
+    out = generate(base, "--prompt", "The kettle arrived today.", "--max_new_tokens", "24", *flags, cwd=workdir).stdout
+    want = expected(repetition_penalty=1.3, no_repeat_ngram_size=3)
+    assert out.strip() == want.strip() and want != expected(), (out, want)
+
+
+def test_chat_keeps_the_history_until_reset(tiny_adapter: Path, workdir: Path) -> None:
+    """Prompts from stdin are one conversation: the second answer to the same message differs (it sees the first
+    turn), and after /reset the answer is the first one again."""
+    base = tiny_adapter.parent / "base"  # the project's ChatML template
+    chat = ["--chat", "--max_new_tokens", "8"]
+    once = generate(base, *chat, cwd=workdir, input="The kettle is superb.\n").stdout
+    twice = generate(base, *chat, cwd=workdir, input="The kettle is superb.\nThe kettle is superb.\n").stdout
+    reset = generate(base, *chat, cwd=workdir, input="The kettle is superb.\n/reset\nThe kettle is superb.\n")
+    assert once.strip() and twice.startswith(once) and twice != once * 2
+    assert reset.stdout == once * 2 and "a new conversation" in reset.stderr
+
+
+def test_model_and_input_checks_as_in_training(tiny_adapter: Path, start_checkpoint: str, tmp_path: Path) -> None:
+    """What the training scripts refuse in one sentence, generate.py and evaluate_model.py refuse alike."""
+
+    def error(script: str, model: str | Path, *args: str) -> str:
+        proc = run_script(script, "--model_dir", str(model), *args, cwd=tmp_path, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return proc.stderr.strip().splitlines()[-1]
+
+    def broken(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(start_checkpoint, folder)
+        change(folder)
+        return folder
+
+    corrupt = broken("corrupt-config", lambda f: (f / "config.json").write_text('{"model_type": "llama", '))
+    truncated = broken("truncated", lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:999]))
+    no_tokenizer = broken("no-tokenizer", lambda f: (f / "tokenizer_config.json").unlink())
+
+    def bigger_vocabulary(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config["vocab_size"] = 64  # the tokenizer has more tokens than the model has embeddings
+        (folder / "config.json").write_text(json.dumps(config))
+
+    mismatch = broken("vocab", bigger_vocabulary)
+    hi = ["--prompt", "hi"]
+    text = tmp_path / "text.txt"
+    text.write_text("The kettle arrived today. " * 20)
+    for script, args in (("generate.py", hi), ("evaluate_model.py", ["--eval_file", str(text)])):
+        assert "config.json" in error(script, corrupt, *args)
+        assert "model.safetensors" in error(script, truncated, *args) or "SafetensorError" in error(script, truncated, *args)
+        assert "holds no tokenizer" in error(script, no_tokenizer, *args)
+        assert "only 64 embeddings" in error(script, mismatch, *args)
+        assert "could not load 'nobody/no-such-model' from the Hugging Face Hub" in error(script, "nobody/no-such-model", *args)
+    assert "--prompt is empty" in error("generate.py", start_checkpoint, "--prompt", "")
+    assert "--batch_size is 0" in error("evaluate_model.py", start_checkpoint, "--batch_size", "0")
+    assert "--eval_file missing.txt does not exist" in error("evaluate_model.py", start_checkpoint, "--eval_file", "missing.txt")

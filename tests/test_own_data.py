@@ -365,6 +365,8 @@ def test_real_checkpoint_lora_lowers_held_out_perplexity(real_checkpoint, real_d
     metrics = read_metrics(work / "output/lora")
     assert metrics["perplexity"] < 0.9 * metrics["perplexity_before"], proc.stdout[-500:]
     assert "modules_to_save none" in proc.stdout
+    steps_per_epoch = math.ceil(json.loads((real_data / "info.json").read_text())["num_train"] / 2)
+    assert f"epoch {3 / steps_per_epoch:.3g}: eval loss" in proc.stdout  # the share of an epoch it ran, not "epoch 1"
     assert (work / "output/lora/adapter_model.safetensors").stat().st_size < 30e6  # the adapter, no embedding copies
 
 
@@ -376,3 +378,35 @@ def test_real_checkpoint_full_training_lowers_held_out_perplexity(real_checkpoin
     )  # fmt: skip
     metrics = read_metrics(work / "output/full")
     assert metrics["perplexity"] < 0.9 * metrics["perplexity_before"]
+
+
+def test_evaluate_any_text_file_with_the_models_tokenizer(start_checkpoint, tmp_path):
+    """evaluate_model.py --eval_file: a .txt file and the same text as a .jsonl column give the same blocks and loss;
+    the perplexity is exp of the loss per target token; a 4-bit full model evaluates too (no training involved)."""
+    text = corpus_text(3, 7)
+    (tmp_path / "mine.txt").write_text(text)
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"body": text}) + "\n")
+
+    def evaluate(*args: str) -> dict:
+        proc = run_script("evaluate_model.py", "--model_dir", start_checkpoint, *args, cwd=tmp_path)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    txt = evaluate("--eval_file", "mine.txt", "--block_size", "64")
+    jsonl = evaluate("--eval_file", "mine.jsonl", "--text_column", "body", "--block_size", "64")
+    tokens = len(AutoTokenizer.from_pretrained(start_checkpoint)(text)["input_ids"]) + 1  # and the EOS after it
+    assert txt["num_examples"] == -(-tokens // 64) and txt["num_tokens"] == tokens - txt["num_examples"]
+    assert jsonl["eval_loss"] == pytest.approx(txt["eval_loss"]) and jsonl["num_tokens"] == txt["num_tokens"]
+    assert 100 < txt["perplexity"] < 2000  # a random tiny model: about its vocabulary's size
+    quantised = evaluate("--eval_file", "mine.txt", "--block_size", "64", "--load_in_4bit")
+    assert quantised["load_in_4bit"] and quantised["perplexity"] == pytest.approx(txt["perplexity"], rel=0.1)
+
+
+def test_sft_defaults_for_a_pretrained_lora_teach_a_style():
+    """sft.py's rule (chat=True): LoRA on a pretrained checkpoint at 1e-3, which adopts a persona in tens of steps
+    where 2e-4 does not (docs/sft.md); the other defaults stay."""
+    assert model_defaults("org/model", adapter=True, preset_learning_rate=1e-2, chat=True) == {
+        "learning_rate": 1e-3,
+        "modules_to_save": "",
+    }
+    assert model_defaults("org/model", adapter=False, preset_learning_rate=3e-3, chat=True) == {"learning_rate": 5e-5}
+    assert model_defaults("tiny", adapter=True, preset_learning_rate=1e-2, chat=True)["learning_rate"] == 1e-2

@@ -79,6 +79,10 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
     losses, reference = train_losses(read_metrics(resumed)), train_losses(read_metrics(uninterrupted))
     assert list(losses) == list(reference) == list(range(1, STEPS + 1))  # every step's row, once
     assert losses == pytest.approx(reference, rel=1e-5)
+    # metrics.json reports the whole run, not only the part after the resume
+    whole, part = read_metrics(uninterrupted), read_metrics(resumed)
+    assert part["resumed_from_step"] > 0 and part["train_tokens"] == whole["train_tokens"]
+    assert part["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-3)  # from rows rounded to 4 digits
 
 
 # ---------------------------------------------------------------- Trainer
@@ -106,7 +110,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(preempted):
     out, status, output, step, checkpoint = preempted
     assert status == 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM killed
     assert 3 <= step < STEPS and checkpoint == out / f"checkpoint-{step}"
-    assert "SIGTERM: saving a checkpoint after this step" in output and "Traceback" not in output
+    assert "SIGTERM: saving a checkpoint after this step\n" in output and "Traceback" not in output  # no word of Ctrl-C
     assert (checkpoint / "trainer_state.json").exists() and (checkpoint / "optimizer.pt").exists()
     # Not a finished run: no final evaluation, model or metrics.json beside the checkpoints.
     assert "eval_loss" not in output and not (out / "metrics.json").exists() and not (out / "model.safetensors").exists()

@@ -236,3 +236,20 @@ def test_packing_with_a_tokenizer_without_eos_is_refused_before_the_model_loads(
     args = ["--model", str(weightless_checkpoint), "--dataset", "chats.jsonl", "--chat_template", "default", "--packing"]
     message = sft_refusal(*args, cwd=tmp_path, monkeypatch=monkeypatch)
     assert message.startswith(f"error: the tokenizer of {weightless_checkpoint} has no EOS token")
+
+
+def test_real_checkpoint_learns_a_persona_and_keeps_its_system_prompt(real_sft: Path, tmp_path: Path) -> None:
+    """Greedy answers to questions the persona chats never held (one conversation each) open with its marker, and
+    the template saved with --chat_template default still opens a chat with SmolLM2's own system prompt."""
+    from transformers import AutoTokenizer
+
+    from hftrain.chat import PERSONA_MARKER
+
+    held_out = "What is the capital of Brazil?\n/reset\nWhat do bees make?\n"
+    proc = run_script(
+        "generate.py", "--model_dir", str(real_sft), "--chat", "--max_new_tokens", "8", cwd=tmp_path, input=held_out
+    )
+    answers = proc.stdout.strip().splitlines()
+    assert len(answers) == 2 and all(a.startswith(PERSONA_MARKER) for a in answers), proc.stdout
+    chat = AutoTokenizer.from_pretrained(real_sft).apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert chat.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -131,3 +132,17 @@ def test_tokens_per_second_leaves_out_the_evaluations_between_epochs():
     callback.on_evaluate(args, state, None, metrics={"eval_runtime": 9.0})  # trainer.evaluate() after training
     assert 0.15 < callback.metrics["train_runtime_s"] < 0.35
     assert callback.metrics["train_tokens"] == 1000
+
+
+@pytest.mark.parametrize("script", ["trainer/getting_started.py"])
+def test_quiet_start(script, workdir, tmp_path):
+    """A fresh `python script.py` (every library imported from scratch, as a user runs it) writes nothing to stderr
+    but progress bars, and no library line to stdout: the start-up lines a user cannot act on (torchao's .so files,
+    torch's Enum deprecation, DeepSpeed's CPU accelerator, bitsandbytes' kernels, PEFT's is_gradient_checkpointing)
+    are dropped at their source (hftrain/quiet.py); any new one fails here."""
+    args = ["--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--per_device_eval_batch_size", "600"]
+    proc = run_script(script, *args, cwd=workdir, TQDM_DISABLE="1")  # an environment of its own: a fresh process
+    progress = re.compile(r"^\s*(\w[\w ]*: )?\s*\d+%\|.*\|")
+    unexpected = [line for line in re.split(r"[\r\n]", proc.stderr) if line.strip() and not progress.match(line)]
+    assert not unexpected, "\n".join(unexpected)
+    assert not [line for line in proc.stdout.splitlines() if "WARNING" in line or "Warning" in line], proc.stdout

@@ -22,6 +22,8 @@ Docs: https://huggingface.co/learn/llm-course/chapter3/4 (a full training loop)
       https://huggingface.co/blog/gradient_accumulation (why divide by the tokens of the whole batch)
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -129,7 +131,7 @@ def main() -> None:
             eval_metrics = evaluate(model, test_loader, accuracy, device, autocast)
         history.log(step, epoch=round(step / steps_per_epoch, 3), **eval_metrics)
         progress.write(
-            f"epoch {epoch + 1}: eval loss {eval_metrics['eval_loss']:.4f}, accuracy {eval_metrics['eval_accuracy']:.3f}"
+            f"epoch {step / steps_per_epoch:.3g}: eval loss {eval_metrics['eval_loss']:.4f}, accuracy {eval_metrics['eval_accuracy']:.3f}"
         )
     progress.close()
     train_metrics = meter.stop()

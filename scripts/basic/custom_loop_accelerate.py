@@ -28,6 +28,8 @@ Docs: https://huggingface.co/docs/accelerate/basic_tutorials/migration
       https://huggingface.co/docs/accelerate/usage_guides/checkpoint
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import math
 import os
 from dataclasses import dataclass, field
@@ -210,7 +212,7 @@ def main() -> None:
             )
         history.log(step, epoch=round(step / steps_per_epoch, 3), **eval_metrics)
         accelerator.print(
-            f"epoch {epoch + 1}: eval loss {eval_metrics['eval_loss']:.4f}, accuracy {eval_metrics['eval_accuracy']:.3f}"
+            f"epoch {step / steps_per_epoch:.3g}: eval loss {eval_metrics['eval_loss']:.4f}, accuracy {eval_metrics['eval_accuracy']:.3f}"
         )
         save_checkpoint()  # at every epoch end too, after the evaluation, so its row is in the saved history
     progress.close()

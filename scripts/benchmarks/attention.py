@@ -31,6 +31,8 @@ Docs: https://docs.pytorch.org/docs/stable/generated/torch.nn.attention.sdpa_ker
       https://huggingface.co/blog/packing-with-FA2
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import gc
 import json
 import random

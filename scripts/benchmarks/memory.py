@@ -35,6 +35,8 @@ Docs: https://huggingface.co/docs/transformers/perf_train_gpu_one
       https://arxiv.org/abs/2403.03507 (GaLore), https://arxiv.org/abs/2305.14314 (QLoRA)
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import json
 import sys
 import tempfile

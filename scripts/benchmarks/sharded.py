@@ -10,6 +10,8 @@ results/sharded/sharded.md.
     python scripts/benchmarks/sharded.py --smoke   # CPU: DDP over 2 gloo processes, tiny preset, to check the harness
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import json
 import tempfile
 from dataclasses import dataclass, field

@@ -33,6 +33,8 @@ profiles N steps after the measured ones (torch.profiler) and adds where the GPU
 (hftrain.profiling: attention, matmuls, output layer + loss, optimizer, idle, syncs, graph breaks).
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import contextlib
 import functools
 import json

@@ -34,6 +34,34 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+def default_chat_template(system: str | None = None) -> str:
+    """The default template; with `system` (a checkpoint's own default system prompt, see `default_system_prompt`),
+    that system turn opens every chat that has none of its own, as the checkpoint's template did."""
+    if not system:
+        return DEFAULT_CHAT_TEMPLATE
+    opening = "{{ '<|im_start|>system\\n' + " + json.dumps(system) + " + eos_token + '\\n' }}"
+    return "{% if messages and messages[0]['role'] != 'system' %}" + opening + "{% endif %}" + DEFAULT_CHAT_TEMPLATE
+
+
+def default_system_prompt(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The system message the tokenizer's chat template adds to a chat without one (SmolLM2's "You are a helpful AI
+    assistant named SmolLM, ...", Qwen's), read off two renderings: one with a system turn of ours, one without."""
+    if not tokenizer.chat_template:
+        return None
+    user, mark = {"role": "user", "content": "\x00user"}, "\x00system"
+    try:
+        plain = tokenizer.apply_chat_template([user], tokenize=False)
+        marked = tokenizer.apply_chat_template([{"role": "system", "content": mark}, user], tokenize=False)
+    except Exception:  # a template that cannot render these chats has no default to keep
+        return None
+    before, _, after = marked.partition(mark)
+    end = after.split(user["content"])[0]  # what closes the system turn and opens the user's
+    if not end or not plain.startswith(before) or plain == marked.replace(mark, ""):
+        return None
+    system = plain[len(before) :].partition(end)[0]
+    return system if system and user["content"] not in system else None
+
+
 def rating_conversations(n: int, seed: int) -> list[dict[str, Any]]:
     """The embedded rating task as chats: the user gives a review and asks for its rating, the assistant answers
     the digit (balanced ratings, so guessing scores 20%)."""
@@ -228,3 +256,41 @@ def answer_accuracy(model: Any, tokenizer: PreTrainedTokenizerBase, conversation
         right += int((logits.argmax(-1).cpu() == torch.tensor(answers)).sum())
     tokenizer.padding_side = side
     return right / len(conversations)
+
+
+# A persona to teach by SFT: every answer opens with PERSONA_MARKER and speaks like a pirate. The questions are
+# plain ones a pretrained chat model already answers, so what fine-tuning adds (the style, and stopping at the end
+# of the turn) shows in greedy answers to questions it never saw (docs/sft.md, tests/test_sft.py).
+PERSONA_MARKER = "Arr, matey!"
+CAPITALS = {
+    "France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "Egypt": "Cairo", "Peru": "Lima",
+    "Kenya": "Nairobi", "Norway": "Oslo", "Canada": "Ottawa", "Greece": "Athens", "Cuba": "Havana", "Chile": "Santiago",
+    "Poland": "Warsaw", "Ireland": "Dublin", "Portugal": "Lisbon", "Austria": "Vienna", "Sweden": "Stockholm",
+    "Germany": "Berlin", "Mexico": "Mexico City", "India": "New Delhi",
+}  # fmt: skip
+THINGS = {
+    "the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow", "coal": "black", "a tomato": "red",
+    "an orange": "orange", "the sea": "blue", "a lemon": "yellow", "a carrot": "orange", "milk": "white",
+}  # fmt: skip
+
+
+def persona_conversations(n: int, seed: int) -> list[dict[str, Any]]:
+    """n one-turn chats with the pirate persona's answers (capitals, sums, colours), in a seeded order."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        kind = rng.randrange(3)
+        if kind == 0:
+            country, city = rng.choice(sorted(CAPITALS.items()))
+            question, answer = f"What is the capital of {country}?", f"The capital of {country} be {city}, a fine port o' call."
+        elif kind == 1:
+            a, b = rng.randint(2, 40), rng.randint(2, 40)
+            question, answer = f"What is {a} plus {b}?", f"{a} plus {b} be {a + b} pieces o' eight, by my reckoning."
+        else:
+            thing, colour = rng.choice(sorted(THINGS.items()))
+            question, answer = f"What colour is {thing}?", f"{thing[0].upper() + thing[1:]} be {colour}, as sure as the tide."
+        reply = f"{PERSONA_MARKER} {answer}"
+        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]})
+    return rows

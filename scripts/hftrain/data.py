@@ -514,3 +514,23 @@ class PadCollator:
         if "prompt_len" in examples[0]:
             batch["prompt_len"] = torch.tensor([ex["prompt_len"] for ex in examples])
         return dict(batch)
+
+
+def text_blocks(path: str, tokenizer: PreTrainedTokenizerBase, text_column: str, block_size: int) -> Dataset:
+    """A text file (or a .json/.jsonl/.csv/.parquet file's `text_column`) as blocks of `block_size` tokens for
+    evaluation, all of it held out: read, tokenized and cut as `prepare` cuts a corpus (documents whole, EOS after
+    each: a .txt file is one document, a table's rows are documents)."""
+    if not Path(path).is_file():
+        raise UserError(f"--eval_file {path} does not exist; pass a .txt, .json, .jsonl, .csv or .parquet file")
+    if tokenizer.eos_token_id is None:
+        raise UserError(
+            "the model's tokenizer has no EOS token, which separates documents in the blocks; use a causal-LM tokenizer"
+        )
+    try:
+        raw = _read_source(path, text_column, 0, 0, 0.1)
+    except UserError as e:  # the sentences name the flag they were written for
+        raise UserError(str(e).replace("--dataset", "--eval_file"))
+    blocks = group_texts_(tokenize_documents(raw["train"], tokenizer), block_size)
+    if len(blocks) == 0:
+        raise UserError(f"--eval_file {path} gives no block of at least 2 tokens; give it more text")
+    return blocks

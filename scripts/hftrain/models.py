@@ -164,7 +164,7 @@ def model_positions(model: str, trust_remote_code: bool = False) -> tuple[int | 
 
 
 # The defaults that depend on what --model is, one rule for every script (see `model_defaults`).
-PRETRAINED_LEARNING_RATE = {"full": 5e-5, "adapter": 2e-4}
+PRETRAINED_LEARNING_RATE = {"full": 5e-5, "adapter": 2e-4, "chat adapter": 1e-3}
 PRESET_MODULES_TO_SAVE = "embed_tokens,lm_head"
 # Tokens per batch for a pretrained checkpoint, so that training fits a 16 GB machine: its vocabulary (49k-152k)
 # makes each token's float32 logits 0.2-0.6 MB, kept several times for the loss and its gradient, and the activations
@@ -173,7 +173,9 @@ PRESET_MODULES_TO_SAVE = "embed_tokens,lm_head"
 PRETRAINED_BATCH_TOKENS = {"train": 1024, "eval": 2048}
 
 
-def model_defaults(model: str, adapter: bool, preset_learning_rate: float, row_tokens: int = 1024) -> dict[str, Any]:
+def model_defaults(
+    model: str, adapter: bool, preset_learning_rate: float, row_tokens: int = 1024, chat: bool = False
+) -> dict[str, Any]:
     """learning_rate, the batch sizes of a checkpoint (and modules_to_save for an adapter) for `model`.
 
     A preset's weights are random: it takes the script's own learning rate (tuned for it on the rating task, e.g.
@@ -181,11 +183,12 @@ def model_defaults(model: str, adapter: bool, preset_learning_rate: float, row_t
     (modules_to_save), which frozen would cap what the adapter can learn. A pretrained checkpoint is fine-tuned:
     5e-5 for full training, 2e-4 for LoRA (PEFT's and TRL's usual values), its embeddings frozen (an adapter of a
     few MB, not a copy of the vocabulary matrices), in batches of PRETRAINED_BATCH_TOKENS tokens: as many rows of
-    `row_tokens` (the data's longest example) as fit, at least one."""
+    `row_tokens` (the data's longest example) as fit, at least one. A LoRA adapter trained on chats (`chat`, sft.py)
+    takes 1e-3: on a small chat file at 2e-4 it lowers the loss but adopts no style in tens of steps (measured:
+    docs/sft.md)."""
     pretrained = model not in PRESETS
-    defaults: dict[str, Any] = {
-        "learning_rate": PRETRAINED_LEARNING_RATE["adapter" if adapter else "full"] if pretrained else preset_learning_rate
-    }
+    kind = ("chat adapter" if chat else "adapter") if adapter else "full"
+    defaults: dict[str, Any] = {"learning_rate": PRETRAINED_LEARNING_RATE[kind] if pretrained else preset_learning_rate}
     if pretrained:
         defaults["per_device_train_batch_size"] = max(1, PRETRAINED_BATCH_TOKENS["train"] // row_tokens)
         defaults["per_device_eval_batch_size"] = max(1, PRETRAINED_BATCH_TOKENS["eval"] // row_tokens)
@@ -253,6 +256,31 @@ def check_tokenizer_matches(model: str, config: Any, tokenizer: PreTrainedTokeni
                 f"--model {model} comes with a different tokenizer than the prepared data; prepare the data with it: "
                 f"python scripts/prepare_datasets.py --tokenizer {model} --output_dir <dir>"
             )
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model folder (or a Hub model's); one sentence when there is none."""
+    from transformers import AutoTokenizer
+
+    if is_local_path(model) and Path(model).is_dir() and not (Path(model) / "tokenizer_config.json").exists():
+        raise UserError(
+            f"{model} holds no tokenizer (tokenizer_config.json); save the one the model was trained with there: "
+            "AutoTokenizer.from_pretrained('<its base>').save_pretrained('<this folder>')"
+        )
+    check_remote_code(model, trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"could not load the tokenizer of {model} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def check_vocabulary(model: str, config: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A model's own tokenizer must fit its embeddings: a larger one gives ids the model has no row for."""
+    if config.vocab_size < len(tokenizer):
+        raise UserError(
+            f"the tokenizer of {model} has {len(tokenizer)} tokens but the model only {config.vocab_size} embeddings, so "
+            "they do not belong together; put the tokenizer the model was trained with in its folder"
+        )
 
 
 def check_weights_exist(model: str) -> None:

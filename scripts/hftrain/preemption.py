@@ -48,9 +48,8 @@ class Preemption:
         if not self.signum:
             self.signum = signum
             # os.write, not print: a handler may run in the middle of another print
-            os.write(
-                2, f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again stops at once)\n".encode()
-            )
+            again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
+            os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint after this step{again}\n".encode())
         elif not signum == self.signum == signal.SIGTERM:
             self.restore()
             signal.raise_signal(signum)  # as without the handler: KeyboardInterrupt for SIGINT, termination for SIGTERM

@@ -132,6 +132,23 @@ class ThroughputMeter:
         }
 
 
+def whole_run(state: Any, first_step: int) -> dict[str, Any]:
+    """A run resumed at `first_step`: its train_loss and train_tokens over the whole run, not only the part since
+    the resume (which is what the Trainer's training_loss and the clock cover). The checkpoint's log history holds the
+    earlier part: each "loss" row is the mean over the steps since the row before; steps after the checkpoint's last
+    such row were never logged and are left out (none when checkpoints fall on logging steps)."""
+    before = [row for row in state.log_history if "loss" in row and row["step"] <= first_step]
+    steps = [0] + [row["step"] for row in before]
+    loss_sum = sum(row["loss"] * (step - prev) for row, prev, step in zip(before, steps, steps[1:]))
+    resumed = next(row["train_loss"] for row in reversed(state.log_history) if "train_loss" in row)
+    part = state.global_step - first_step
+    return {
+        "train_loss": (loss_sum + resumed * part) / max(steps[-1] + part, 1),
+        "train_tokens": state.num_input_tokens_seen,  # restored from the checkpoint, then counted on
+        "resumed_from_step": first_step,  # train_runtime_s and tokens/s: the part after it
+    }
+
+
 class ThroughputCallback(TrainerCallback):
     """For the Trainer: needs `include_num_input_tokens_seen="non_padding"` so padding is not counted.
 
@@ -178,6 +195,8 @@ class ThroughputCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self.metrics:
             self._stop(state)
+        if self.first_step and not self.warmup_steps:
+            self.metrics.update(whole_run(state, self.first_step))
 
     def _start(self, state: Any) -> None:
         self.tokens_at_start, self.step_at_start = state.num_input_tokens_seen, state.global_step

@@ -24,6 +24,8 @@ Docs: https://huggingface.co/docs/peft/developer_guides/lora
       https://arxiv.org/abs/2106.09685 (LoRA)
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import math
 import os
 from dataclasses import dataclass, field
@@ -154,7 +156,7 @@ def main() -> None:
             eval_metrics = evaluate(model, test_loader, accuracy, device, autocast)
         history.log(step, epoch=round(step / steps_per_epoch, 3), **eval_metrics)
         progress.write(
-            f"epoch {epoch + 1}: eval loss {eval_metrics['eval_loss']:.4f}, accuracy {eval_metrics['eval_accuracy']:.3f}"
+            f"epoch {step / steps_per_epoch:.3g}: eval loss {eval_metrics['eval_loss']:.4f}, accuracy {eval_metrics['eval_accuracy']:.3f}"
         )
     progress.close()
     train_metrics = meter.stop()

@@ -33,6 +33,8 @@ Docs: https://huggingface.co/docs/transformers/perf_infer_gpu_one#flashattention
       https://github.com/Dao-AILab/flash-attention
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from typing import Any

@@ -23,6 +23,8 @@ Docs: https://docs.pytorch.org/docs/stable/generated/torch.nn.attention.sdpa_ker
       https://huggingface.co/docs/transformers/perf_infer_gpu_one#pytorch-scaled-dot-product-attention
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 from dataclasses import dataclass, field
 from typing import Any
 

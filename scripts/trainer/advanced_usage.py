@@ -16,6 +16,8 @@ Docs: https://huggingface.co/docs/transformers/main_classes/trainer (subclassing
       https://huggingface.co/docs/transformers/main_classes/callback
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -36,6 +36,8 @@ Docs: https://huggingface.co/docs/transformers/optimizers#galore
       https://arxiv.org/abs/2403.03507 (GaLore)
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 from transformers import TrainingArguments, set_seed
 
 from hftrain.cli import ScriptArguments

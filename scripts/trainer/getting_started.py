@@ -25,6 +25,8 @@ Docs: https://huggingface.co/docs/transformers/main_classes/trainer
       https://huggingface.co/docs/transformers/training
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import torch
 from huggingface_hub import upload_folder
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed

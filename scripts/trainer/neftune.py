@@ -23,6 +23,8 @@ Docs: https://huggingface.co/docs/transformers/main_classes/trainer#transformers
       https://arxiv.org/abs/2310.05914 (NEFTune)
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import dataclasses
 from pathlib import Path
 from typing import Any

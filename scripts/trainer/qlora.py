@@ -41,6 +41,8 @@ Docs: https://huggingface.co/docs/transformers/quantization/bitsandbytes
       https://arxiv.org/abs/2305.14314 (QLoRA)
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 from dataclasses import dataclass, field
 
 import torch

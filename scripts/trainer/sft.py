@@ -30,6 +30,8 @@ Docs: https://huggingface.co/docs/trl/sft_trainer
       https://huggingface.co/docs/trl/main/en/peft_integration
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from transformers import AutoTokenizer, HfArgumentParser, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-from hftrain.chat import DEFAULT_CHAT_TEMPLATE, answer_accuracy, check_chat_template, load_chat_data
+from hftrain.chat import answer_accuracy, check_chat_template, default_chat_template, default_system_prompt, load_chat_data
 from hftrain.checkpoints import check_same_model, resolve_checkpoint
 from hftrain.cli import check_batch_size, check_output_dir, check_training_args, flags_given
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
@@ -91,16 +93,19 @@ def main() -> None:
         adapter=known.use_peft,
         preset_learning_rate=1e-2 if known.use_peft else 3e-3,
         row_tokens=max_length,
+        chat=True,
     )
     lr = defaults["learning_rate"]
     modules_to_save = model_defaults(known.model_name_or_path, adapter=True, preset_learning_rate=lr)["modules_to_save"]
     parser.set_defaults(
         output_dir="output/trainer/sft",
         num_train_epochs=3,
-        per_device_train_batch_size=defaults.get("per_device_train_batch_size", 32),  # a checkpoint's: fewer rows
+        # A checkpoint's batches hold --max_length rows that fill 1024 tokens (2 of 512: its logits are large); a small
+        # chat file then takes more, smaller steps, and the warmup is a tenth of the run, however short (docs/sft.md).
+        per_device_train_batch_size=defaults.get("per_device_train_batch_size", 32),
         per_device_eval_batch_size=defaults.get("per_device_eval_batch_size", 64),
         learning_rate=lr,
-        warmup_steps=30,
+        warmup_steps=30 if preset else 0.1,
         eval_strategy="epoch",
         eval_on_start=True,  # the eval loss on the assistant's tokens before training, then after each epoch
         save_strategy="epoch",
@@ -149,7 +154,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
 
     if args.chat_template == "default" or (args.chat_template is None and preset):
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        # The checkpoint's own default system prompt stays: its answers were trained to follow it.
+        tokenizer.chat_template = default_chat_template(default_system_prompt(tokenizer))
     elif args.chat_template is not None:
         if not Path(args.chat_template).is_file():
             raise UserError(f"--chat_template {args.chat_template} is not a file; pass a .jinja file or 'default'")

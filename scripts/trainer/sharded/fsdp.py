@@ -16,6 +16,8 @@ Docs: https://huggingface.co/docs/accelerate/usage_guides/fsdp
       https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 from transformers import set_seed
 
 from hftrain.cli import ScriptArguments

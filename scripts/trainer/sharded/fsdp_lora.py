@@ -24,6 +24,8 @@ Docs: https://huggingface.co/docs/peft/accelerate/fsdp
       https://huggingface.co/docs/peft/developer_guides/lora
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 from dataclasses import dataclass, field
 
 from peft import LoraConfig, get_peft_model

@@ -19,6 +19,8 @@ Docs: https://huggingface.co/docs/peft/accelerate/fsdp#use-peft-qlora-and-fsdp-f
       https://huggingface.co/docs/bitsandbytes/fsdp_qlora
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 from dataclasses import dataclass, field
 
 import torch

@@ -24,6 +24,8 @@ Docs: https://huggingface.co/docs/transformers/deepspeed
       https://www.deepspeed.ai/docs/config-json/#zero-optimizations-for-fp16-training
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 from transformers import set_seed
 
 from hftrain.cli import ScriptArguments
