@@ -66,8 +66,8 @@ class EvalArguments:
     batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Evaluation batch size (default: as many rows as fill 2048 tokens, at most 64: a checkpoint's large "
-            "vocabulary makes the logits of 64 long rows tens of GB)."
+            "help": "Evaluation batch size (default: 64 rating examples, as in training; blocks of text: as many as fill "
+            "2048 tokens, since a checkpoint's large vocabulary makes the logits of 64 long rows tens of GB)."
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run modelling code shipped with a Hub model."})
@@ -102,7 +102,9 @@ def main() -> None:
                 "or your text as --eval_file"
             )
         eval_set, answer_ids, rows = data.test, data.answer_token_ids, data.max_length
-    batch_size = min(64, max(1, PRETRAINED_BATCH_TOKENS["eval"] // rows))  # rows of that length that fill 2048 tokens
+    # 64 short rating examples, as the training scripts evaluate them (so eval_loss matches theirs); blocks of text: as
+    # many as fill 2048 tokens, since a checkpoint's large vocabulary makes the logits of 64 long rows tens of GB.
+    batch_size = 64 if answer_ids else max(1, PRETRAINED_BATCH_TOKENS["eval"] // rows)
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
