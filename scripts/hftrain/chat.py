@@ -81,17 +81,18 @@ def data_format(dataset: Dataset, source: str) -> str:
     )
 
 
-def _read(path_or_name: str, config_name: str | None) -> Dataset:
+def read_rows(path_or_name: str, config_name: str | None, split: str = "train") -> Dataset:
+    """Rows from a .jsonl/.json/.parquet file, or one split of a Hub dataset (with its configuration)."""
     path = Path(path_or_name)
-    if path.suffix in (".json", ".jsonl"):
+    if path.suffix in (".json", ".jsonl", ".parquet"):
         if not path.is_file():
             raise UserError(f"--dataset {path_or_name} does not exist")
         try:
-            return load_dataset("json", data_files=str(path), split="train")
+            return load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train")
         except Exception as e:
-            raise UserError(f"--dataset {path_or_name} is not valid JSON lines ({type(e).__name__}); one JSON object per line")
+            raise UserError(f"--dataset {path_or_name} could not be read ({type(e).__name__}); JSON lines: one object per line")
     if path.exists():
-        raise UserError(f"--dataset {path_or_name}: give a .jsonl or .json file of chats, or a Hub dataset name")
+        raise UserError(f"--dataset {path_or_name}: give a .jsonl, .json or .parquet file of rows, or a Hub dataset name")
     try:
         raw = load_dataset(path_or_name, config_name)
     except Exception as e:
@@ -99,9 +100,9 @@ def _read(path_or_name: str, config_name: str | None) -> Dataset:
             f"could not load the dataset '{path_or_name}' ({type(e).__name__}); check the name (and --dataset_config_name) "
             "and your network, or pass a local .jsonl file"
         )
-    if "train" not in raw:
-        raise UserError(f"--dataset {path_or_name} has no 'train' split (it has: {', '.join(raw)})")
-    return raw["train"]
+    if split not in raw:
+        raise UserError(f"--dataset {path_or_name} has no '{split}' split (it has: {', '.join(raw)})")
+    return raw[split]
 
 
 def load_chat_data(
@@ -115,10 +116,10 @@ def load_chat_data(
             test=Dataset.from_list(rating_conversations(n_eval, seed + 1)),
         )
         return splits, "messages"
-    train = _read(dataset, config_name)
+    train = read_rows(dataset, config_name)
     fmt = data_format(train, dataset)
     if eval_dataset is not None:
-        test = _read(eval_dataset, config_name)
+        test = read_rows(eval_dataset, config_name)
         if data_format(test, eval_dataset) != fmt:
             raise UserError(f"--eval_dataset {eval_dataset} is in another format than --dataset {dataset}")
         return DatasetDict(train=train, test=test), fmt
