@@ -141,7 +141,9 @@ def main() -> None:
         with training_args.main_process_first():
             base = save_preset_base(model_name, tokenizer, training_args.output_dir, training_args.process_index == 0)
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
-    training_args.model_init_kwargs = {"dtype": dtype, "attn_implementation": model_args.attn_implementation or "sdpa"}
+    # How TRL loads it (from_pretrained): safetensors only, and no layers swapped for kernels fetched from the Hub.
+    attn = model_args.attn_implementation or "sdpa"
+    training_args.model_init_kwargs = {"dtype": dtype, "attn_implementation": attn, "use_safetensors": True, "use_kernels": False}
 
     throughput = ThroughputCallback(seq_len=training_args.max_length or 512)
     trainer = RewardTrainer(
