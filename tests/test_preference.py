@@ -113,7 +113,7 @@ def test_conversational_rows_need_a_chat_template(start_checkpoint: str, workdir
     assert "has no chat template; pass --chat_template default" in last
 
 
-REWARDS = '''
+REWARDS = """
 def right(completions, rating, **kwargs):
     return [1.0 for _ in completions]
 
@@ -122,7 +122,7 @@ def fails(completions, rating, **kwargs):
 
 def short(completions, **kwargs):
     return [0.0]
-'''
+"""
 
 
 @pytest.mark.parametrize(
@@ -174,7 +174,13 @@ def real_pairs(n: int, seed: int) -> list[dict]:
         right = int(rating)
         wrong = 1 if right >= 3 else 5
         prompt = [{"role": "user", "content": f"{text}\n{QUESTION} Answer 1 to 5."}]
-        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": str(right)}], "rejected": [{"role": "assistant", "content": str(wrong)}]})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": str(right)}],
+                "rejected": [{"role": "assistant", "content": str(wrong)}],
+            }
+        )
     return rows
 
 
@@ -188,9 +194,37 @@ def real_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_real_checkpoint_dpo_lora(real_checkpoint: Path, real_data: Path) -> None:
     out = real_data / "dpo"
-    args = ["--model", str(real_checkpoint), "--dataset", str(real_data / "train.jsonl"), "--eval_dataset", str(real_data / "test.jsonl")]
-    args += ["--use_peft", "--max_steps", "6", "--per_device_train_batch_size", "8", "--learning_rate", "5e-4", "--warmup_steps", "0"]
-    args += ["--eval_strategy", "no", "--eval_on_start", "false", "--max_length", "128", "--output_dir", str(out), "--report_to", "none"]
+    args = [
+        "--model",
+        str(real_checkpoint),
+        "--dataset",
+        str(real_data / "train.jsonl"),
+        "--eval_dataset",
+        str(real_data / "test.jsonl"),
+    ]
+    args += [
+        "--use_peft",
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "5e-4",
+        "--warmup_steps",
+        "0",
+    ]
+    args += [
+        "--eval_strategy",
+        "no",
+        "--eval_on_start",
+        "false",
+        "--max_length",
+        "128",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+    ]
     run_script("trainer/dpo.py", *args, cwd=real_data)
     m = read_metrics(out)
     assert m["eval_rewards/accuracies"] > 0.5 and m["eval_rewards/margins"] > 0, m
@@ -199,9 +233,27 @@ def test_real_checkpoint_dpo_lora(real_checkpoint: Path, real_data: Path) -> Non
 
 def test_real_checkpoint_reward_model(real_checkpoint: Path, real_data: Path) -> None:
     out = real_data / "rm"
-    args = ["--model", str(real_checkpoint), "--dataset", str(real_data / "train.jsonl"), "--eval_dataset", str(real_data / "test.jsonl")]
+    args = [
+        "--model",
+        str(real_checkpoint),
+        "--dataset",
+        str(real_data / "train.jsonl"),
+        "--eval_dataset",
+        str(real_data / "test.jsonl"),
+    ]
     args += ["--max_steps", "6", "--per_device_train_batch_size", "8", "--learning_rate", "1e-4", "--warmup_steps", "0"]
-    args += ["--eval_strategy", "no", "--eval_on_start", "false", "--max_length", "128", "--output_dir", str(out), "--report_to", "none"]
+    args += [
+        "--eval_strategy",
+        "no",
+        "--eval_on_start",
+        "false",
+        "--max_length",
+        "128",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+    ]
     run_script("trainer/reward_model.py", *args, cwd=real_data)
     assert read_metrics(out)["eval_accuracy"] > 0.5
 
@@ -224,9 +276,27 @@ def test_real_checkpoint_grpo_user_reward_raises_the_mean_reward(real_checkpoint
     write_jsonl(real_data / "prompts.jsonl", rows)
     (real_data / "user_rewards.py").write_text(USER_REWARD)
     out = real_data / "grpo"
-    args = ["--model", str(real_checkpoint), "--dataset", str(real_data / "prompts.jsonl"), "--reward_funcs", "user_rewards.py:digit_first"]
+    args = [
+        "--model",
+        str(real_checkpoint),
+        "--dataset",
+        str(real_data / "prompts.jsonl"),
+        "--reward_funcs",
+        "user_rewards.py:digit_first",
+    ]
     args += ["--use_peft", "--max_steps", "8", "--per_device_train_batch_size", "16", "--num_generations", "4"]
-    args += ["--max_completion_length", "6", "--learning_rate", "2e-4", "--logging_steps", "1", "--output_dir", str(out), "--report_to", "none"]
+    args += [
+        "--max_completion_length",
+        "6",
+        "--learning_rate",
+        "2e-4",
+        "--logging_steps",
+        "1",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+    ]
     run_script("trainer/grpo.py", *args, cwd=real_data)
     m = read_metrics(out)
     rewards = [row["reward"] for row in m["log_history"] if "reward" in row]

@@ -8,6 +8,7 @@ the reward functions as keyword arguments.
 """
 
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ from trl.data_utils import is_conversational
 
 from hftrain.chat import rating_conversations, read_rows
 from hftrain.errors import UserError
+
+# A rating task answer: the digit alone (spaces around it allowed). Anything else is malformed: the reward gives it 0
+# and the accuracy counts it wrong, so that sampling " 4 4 4" cannot earn what the answer "4" earns.
+RATING_ANSWER = r"\s*([1-5])\s*"
 
 
 def rating_preferences(n: int, seed: int) -> list[dict[str, Any]]:
@@ -40,12 +45,6 @@ def rating_preferences(n: int, seed: int) -> list[dict[str, Any]]:
 def rating_prompts(n: int, seed: int) -> list[dict[str, Any]]:
     """The rating task as prompts with a verifiable answer: the `rating` column is what the reward checks."""
     return [{"prompt": c["messages"][:1], "rating": c["messages"][1]["content"]} for c in rating_conversations(n, seed)]
-
-
-def rated_chats(rows: Dataset) -> list[dict[str, Any]]:
-    """Rating rows (preference or prompt rows) as chats whose last turn is the right answer, for `answer_accuracy`."""
-    answers = rows["chosen"] if "chosen" in rows.column_names else [[{"role": "assistant", "content": r}] for r in rows["rating"]]
-    return [{"messages": p + a} for p, a in zip(rows["prompt"], answers)]
 
 
 def _empty(value: Any) -> bool:
@@ -169,3 +168,29 @@ def sft_start(preset: str, tokenizer: PreTrainedTokenizerBase, steps: int, train
     trainer.save_model()  # main process; the others wait for it below
     trainer.accelerator.wait_for_everyone()
     return out
+
+
+def greedy_accuracy(model: Any, tokenizer: PreTrainedTokenizerBase, rows: Dataset, max_new_tokens: int = 4) -> float:
+    """The share of held-out rating rows (preference or prompt rows) whose greedy answer, generated as a user gets it
+    (the prompt rendered with the chat template, greedy decoding), is the right rating alone (`RATING_ANSWER`)."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    truths = rows["rating"] if "rating" in rows.column_names else [c[-1]["content"] for c in rows["chosen"]]
+    right = 0
+    for start in range(0, len(rows), 64):
+        prompts = [
+            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+            for p in rows["prompt"][start : start + 64]
+        ]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for answer, truth in zip(answers, truths[start : start + 64]):
+            found = re.fullmatch(RATING_ANSWER, answer)
+            right += found is not None and found.group(1) == truth
+    tokenizer.padding_side = side
+    return right / len(rows)

@@ -32,7 +32,6 @@ import torch
 from transformers import AutoTokenizer, HfArgumentParser, set_seed
 from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
 
-from hftrain.chat import answer_accuracy
 from hftrain.checkpoints import resolve_checkpoint
 from hftrain.cli import check_output_dir, check_training_args, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
@@ -40,7 +39,7 @@ from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
 from hftrain.models import PRESETS, load_config, load_model, save_preset_base
 from hftrain.preemption import PreemptionCallback
-from hftrain.preference import check_chat_template, load_rows, rated_chats, set_chat_template, sft_start
+from hftrain.preference import check_chat_template, greedy_accuracy, load_rows, set_chat_template, sft_start
 from hftrain.reporting import ThroughputCallback, write_results
 
 
@@ -144,7 +143,7 @@ def main() -> None:
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
     model = load_model(base, tokenizer, dtype=dtype, attn_implementation=model_args.attn_implementation or "sdpa")
     rating = args.dataset == "synthetic"
-    before = answer_accuracy(model, tokenizer, rated_chats(data["test"])) if rating else None
+    before = greedy_accuracy(model, tokenizer, data["test"]) if rating else None
 
     throughput = ThroughputCallback(seq_len=training_args.max_length or 512)
     trainer = DPOTrainer(
@@ -161,7 +160,7 @@ def main() -> None:
     trainer.save_model()
 
     if trainer.is_world_process_zero():
-        after = answer_accuracy(trainer.model, tokenizer, rated_chats(data["test"])) if rating else None
+        after = greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None
         write_results(
             training_args.output_dir,
             {

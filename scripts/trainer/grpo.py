@@ -35,7 +35,6 @@ import torch
 from transformers import AutoTokenizer, HfArgumentParser, set_seed
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
 
-from hftrain.chat import answer_accuracy
 from hftrain.checkpoints import resolve_checkpoint
 from hftrain.cli import check_output_dir, check_training_args, set_model_defaults
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
@@ -43,20 +42,20 @@ from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
 from hftrain.models import PRESETS, load_config, load_model, save_preset_base
 from hftrain.preemption import PreemptionCallback
-from hftrain.preference import check_chat_template, load_rows, rated_chats, set_chat_template, sft_start
+from hftrain.preference import RATING_ANSWER, check_chat_template, greedy_accuracy, load_rows, set_chat_template, sft_start
 from hftrain.reporting import GenerationMeter, ThroughputCallback, write_results
 from hftrain.rewards import check_reward_funcs, load_reward
 
 
 def rating_reward(completions: list[Any], rating: list[str], **kwargs: Any) -> list[float]:
-    """The rating task's verifiable reward: 1 for the right rating, partial credit by distance (0.375 one star off,
-    0.25 two, 0.125 three, 0 four), and 0 when the completion holds no rating 1-5 (malformed). `rating` is the
-    dataset's column of that name."""
+    """The rating task's verifiable reward, `rating` being the dataset's column of that name: 1 for the right rating,
+    partial credit by distance (0.375 one star off, 0.25 two, 0.125 three, 0 four), 0 for a malformed answer (not a
+    rating alone: RATING_ANSWER)."""
     rewards = []
     for completion, answer in zip(completions, rating):
         text = completion[-1]["content"] if isinstance(completion, list) else completion  # a message list or text
-        found = re.search(r"\b[1-5]\b", text)
-        distance = abs(int(found.group()) - int(answer)) if found else None
+        found = re.fullmatch(RATING_ANSWER, text)
+        distance = abs(int(found.group(1)) - int(answer)) if found else None
         rewards.append(0.0 if distance is None else 1.0 if distance == 0 else 0.5 - distance / 8)
     return rewards
 
@@ -181,7 +180,7 @@ def main() -> None:
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
     model = load_model(base, tokenizer, dtype=dtype, attn_implementation=model_args.attn_implementation or "sdpa")
     rating = args.dataset == "synthetic"
-    before = answer_accuracy(model, tokenizer, rated_chats(data["test"])) if rating else None
+    before = greedy_accuracy(model, tokenizer, data["test"]) if rating else None
 
     throughput = ThroughputCallback(seq_len=training_args.max_completion_length)
     trainer = GRPOTrainer(
@@ -204,7 +203,7 @@ def main() -> None:
             {
                 "method": "GRPO (TRL GRPOTrainer)",
                 **({"eval_accuracy_before": before} if rating else {}),
-                "eval_accuracy": answer_accuracy(trainer.model, tokenizer, rated_chats(data["test"])) if rating else None,
+                "eval_accuracy": greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None,
                 "accuracy_kind": "greedy answer" if rating else None,
                 "reward_first": rewards[0] if rewards else None,  # the mean reward of the sampled answers, first logged step
                 "reward_last": rewards[-1] if rewards else None,
