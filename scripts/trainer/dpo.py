@@ -144,17 +144,23 @@ def main() -> None:
     base = model_name
     if preset and args.sft_start_steps:  # random weights answer nothing yet: a short SFT teaches the format first
         base = sft_start(model_name, tokenizer, args.sft_start_steps, training_args)
-    elif preset and model_args.use_peft:  # an adapter needs its base saved: a preset's random weights exist nowhere else
+    elif preset:  # the reference (or an adapter's base) needs the same random weights: saved, they exist somewhere
         with training_args.main_process_first():
             base = save_preset_base(model_name, tokenizer, training_args.output_dir, training_args.process_index == 0)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
-    model = load_model(base, tokenizer, dtype=dtype, attn_implementation=model_args.attn_implementation or "sdpa")
+    attn = model_args.attn_implementation or "sdpa"
+    model = load_model(base, tokenizer, dtype=dtype, attn_implementation=attn)
     rating = args.dataset == "synthetic"
     before = greedy_accuracy(model, tokenizer, data["test"]) if rating else None
 
     throughput = ThroughputCallback(seq_len=training_args.max_length or 512)
+    # LoRA: the reference is the policy with its adapter switched off, no second copy; full fine-tuning: a frozen copy,
+    # unless --precompute_ref_log_probs (the policy computes them before its first step, no copy kept)
+    frozen_copy = not model_args.use_peft and not training_args.precompute_ref_log_probs
+    ref_model = load_model(base, tokenizer, dtype=dtype, attn_implementation=attn) if frozen_copy else None
     trainer = DPOTrainer(
-        model=model,  # with --use_peft the reference is this model with the adapter off; else TRL loads a frozen copy
+        model=model,
+        ref_model=ref_model,
         args=training_args,  # beta, loss_type, max_length, precompute_ref_log_probs, ...
         train_dataset=data["train"],
         eval_dataset=data["test"],

@@ -116,7 +116,7 @@ def main() -> None:
     parser = HfArgumentParser((ScriptArguments, GRPOConfig, ModelArguments))
     parser.set_defaults(
         output_dir="output/trainer/grpo",
-        max_steps=150,
+        max_steps=400,
         per_device_train_batch_size=64,
         num_generations=8,  # 64 completions a step: 8 prompts x 8 answers
         max_completion_length=8,  # a rating is one token and the end of turn; a real task needs hundreds
