@@ -193,40 +193,20 @@ def real_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# Short rows, few steps, the held-out pairs 8 at a time: a 135M model on a 2-core CPU.
+REAL = ["--max_length", "128", "--warmup_steps", "0", "--per_device_eval_batch_size", "8", "--report_to", "none"]
+REAL += ["--eval_strategy", "no", "--eval_on_start", "false"]
+
+
+def real_pairs_args(real_checkpoint: Path, real_data: Path, out: Path) -> list[str]:
+    files = ["--dataset", str(real_data / "train.jsonl"), "--eval_dataset", str(real_data / "test.jsonl")]
+    return ["--model", str(real_checkpoint), *files, *REAL, "--output_dir", str(out)]
+
+
 def test_real_checkpoint_dpo_lora(real_checkpoint: Path, real_data: Path) -> None:
     out = real_data / "dpo"
-    args = [
-        "--model",
-        str(real_checkpoint),
-        "--dataset",
-        str(real_data / "train.jsonl"),
-        "--eval_dataset",
-        str(real_data / "test.jsonl"),
-    ]
-    args += [
-        "--use_peft",
-        "--max_steps",
-        "6",
-        "--per_device_train_batch_size",
-        "8",
-        "--learning_rate",
-        "5e-4",
-        "--warmup_steps",
-        "0",
-    ]
-    args += [
-        "--eval_strategy",
-        "no",
-        "--eval_on_start",
-        "false",
-        "--max_length",
-        "128",
-        "--output_dir",
-        str(out),
-        "--report_to",
-        "none",
-    ]
-    run_script("trainer/dpo.py", *args, cwd=real_data)
+    args = ["--use_peft", "--max_steps", "6", "--per_device_train_batch_size", "8", "--learning_rate", "5e-4"]
+    run_script("trainer/dpo.py", *real_pairs_args(real_checkpoint, real_data, out), *args, cwd=real_data)
     m = read_metrics(out)
     assert m["eval_rewards/accuracies"] > 0.5 and m["eval_rewards/margins"] > 0, m
     assert (out / "adapter_config.json").exists()
@@ -234,28 +214,8 @@ def test_real_checkpoint_dpo_lora(real_checkpoint: Path, real_data: Path) -> Non
 
 def test_real_checkpoint_reward_model(real_checkpoint: Path, real_data: Path) -> None:
     out = real_data / "rm"
-    args = [
-        "--model",
-        str(real_checkpoint),
-        "--dataset",
-        str(real_data / "train.jsonl"),
-        "--eval_dataset",
-        str(real_data / "test.jsonl"),
-    ]
-    args += ["--max_steps", "6", "--per_device_train_batch_size", "8", "--learning_rate", "1e-4", "--warmup_steps", "0"]
-    args += [
-        "--eval_strategy",
-        "no",
-        "--eval_on_start",
-        "false",
-        "--max_length",
-        "128",
-        "--output_dir",
-        str(out),
-        "--report_to",
-        "none",
-    ]
-    run_script("trainer/reward_model.py", *args, cwd=real_data)
+    args = ["--max_steps", "6", "--per_device_train_batch_size", "8", "--learning_rate", "1e-4"]
+    run_script("trainer/reward_model.py", *real_pairs_args(real_checkpoint, real_data, out), *args, cwd=real_data)
     assert read_metrics(out)["eval_accuracy"] > 0.5
 
 
@@ -277,27 +237,10 @@ def test_real_checkpoint_grpo_user_reward_raises_the_mean_reward(real_checkpoint
     write_jsonl(real_data / "prompts.jsonl", rows)
     (real_data / "user_rewards.py").write_text(USER_REWARD)
     out = real_data / "grpo"
-    args = [
-        "--model",
-        str(real_checkpoint),
-        "--dataset",
-        str(real_data / "prompts.jsonl"),
-        "--reward_funcs",
-        "user_rewards.py:digit_first",
-    ]
-    args += ["--use_peft", "--max_steps", "8", "--per_device_train_batch_size", "16", "--num_generations", "4"]
-    args += [
-        "--max_completion_length",
-        "6",
-        "--learning_rate",
-        "2e-4",
-        "--logging_steps",
-        "1",
-        "--output_dir",
-        str(out),
-        "--report_to",
-        "none",
-    ]
+    data = ["--dataset", str(real_data / "prompts.jsonl"), "--reward_funcs", "user_rewards.py:digit_first"]
+    args = ["--model", str(real_checkpoint), *data, "--use_peft", "--max_steps", "8", "--per_device_train_batch_size", "16"]
+    args += ["--num_generations", "4", "--max_completion_length", "6", "--learning_rate", "2e-4", "--logging_steps", "1"]
+    args += ["--output_dir", str(out), "--report_to", "none"]
     run_script("trainer/grpo.py", *args, cwd=real_data)
     m = read_metrics(out)
     rewards = [row["reward"] for row in m["log_history"] if "reward" in row]
