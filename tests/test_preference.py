@@ -206,7 +206,10 @@ def real_pairs_args(real_checkpoint: Path, real_data: Path, out: Path) -> list[s
 
 def test_real_checkpoint_dpo_lora(real_checkpoint: Path, real_data: Path) -> None:
     out = real_data / "dpo"
-    args = ["--use_peft", "--max_steps", "6", "--per_device_train_batch_size", "8", "--learning_rate", "5e-4"]
+    # DPO alone (--loss_type sigmoid): with the default's added NLL term the margin moved little in 6 steps (measured:
+    # held-out reward accuracy 0.44, margin +0.02); 4 pairs a step keeps a 49k-token vocabulary's logits small
+    args = ["--use_peft", "--loss_type", "sigmoid", "--max_steps", "8", "--per_device_train_batch_size", "4"]
+    args += ["--learning_rate", "1e-3"]
     run_script("trainer/dpo.py", *real_pairs_args(real_checkpoint, real_data, out), *args, cwd=real_data)
     m = read_metrics(out)
     assert m["eval_rewards/accuracies"] > 0.5 and m["eval_rewards/margins"] > 0, m
