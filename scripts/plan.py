@@ -14,6 +14,8 @@ per method and sharding plus the MFU each recipe measured here; docs/planner.md 
 `--check` predicts every row of results files that scripts/benchmarks/ wrote and prints predicted against measured.
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import json
 import math
 from dataclasses import dataclass, field, replace

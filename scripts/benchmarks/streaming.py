@@ -14,6 +14,8 @@ Writes results/streaming/streaming.json (machine, load average, settings, every 
 Docs: https://huggingface.co/docs/datasets/stream
 """
 
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
 import json
 import os
 import random

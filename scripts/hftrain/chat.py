@@ -162,20 +162,22 @@ def data_format(dataset: Dataset, source: str) -> str:
     )
 
 
-def _read(path_or_name: str, config_name: str | None) -> Dataset:
+def read_rows(path_or_name: str, config_name: str | None, split: str = "train") -> Dataset:
+    """Rows from a .jsonl/.json/.parquet file, or one split of a Hub dataset (with its configuration)."""
     path = Path(path_or_name)
-    if path.suffix in (".json", ".jsonl"):
+    if path.suffix in (".json", ".jsonl", ".parquet"):
         if not path.is_file():
             raise UserError(f"--dataset {path_or_name} does not exist")
         try:
-            dataset = load_dataset("json", data_files=str(path), split="train")
+            dataset = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train")
         except Exception as e:
-            raise UserError(f"--dataset {path_or_name} is not valid JSON lines ({type(e).__name__}); one JSON object per line")
+            raise UserError(f"--dataset {path_or_name} could not be read ({type(e).__name__}); JSON lines: one object per line")
         # A field holding strings in some rows and lists of parts in others loads as datasets' Json type, which turns
         # a string such as "5" into the number 5: such files are read row by row, their text parts joined first.
-        return Dataset.from_list(_rows_as_text(path, path_or_name)) if "Json(" in str(dataset.features) else dataset
+        json_mixed = path.suffix != ".parquet" and "Json(" in str(dataset.features)
+        return Dataset.from_list(_rows_as_text(path, path_or_name)) if json_mixed else dataset
     if path.exists():
-        raise UserError(f"--dataset {path_or_name}: give a .jsonl or .json file of chats, or a Hub dataset name")
+        raise UserError(f"--dataset {path_or_name}: give a .jsonl, .json or .parquet file of rows, or a Hub dataset name")
     try:
         raw = load_dataset(path_or_name, config_name)
     except Exception as e:
@@ -183,9 +185,9 @@ def _read(path_or_name: str, config_name: str | None) -> Dataset:
             f"could not load the dataset '{path_or_name}' ({type(e).__name__}); check the name (and --dataset_config_name) "
             "and your network, or pass a local .jsonl file"
         )
-    if "train" not in raw:
-        raise UserError(f"--dataset {path_or_name} has no 'train' split (it has: {', '.join(raw)})")
-    return raw["train"]
+    if split not in raw:
+        raise UserError(f"--dataset {path_or_name} has no '{split}' split (it has: {', '.join(raw)})")
+    return raw[split]
 
 
 def load_chat_data(
@@ -199,11 +201,11 @@ def load_chat_data(
             test=Dataset.from_list(rating_conversations(n_eval, seed + 1)),
         )
         return splits, "messages"
-    train = _read(dataset, config_name)
+    train = read_rows(dataset, config_name)
     fmt = data_format(train, dataset)
     train = as_text_messages(train, fmt)
     if eval_dataset is not None:
-        test = _read(eval_dataset, config_name)
+        test = read_rows(eval_dataset, config_name)
         if data_format(test, eval_dataset) != fmt:
             raise UserError(f"--eval_dataset {eval_dataset} is in another format than --dataset {dataset}")
         return DatasetDict(train=train, test=as_text_messages(test, fmt)), fmt

@@ -189,12 +189,14 @@ def _check_sizes(args: Any, at_least_one: tuple[str, ...]) -> None:
         raise UserError("nothing to train: --max_steps is 0 or --num_train_epochs is not above 0; set one of them above 0")
 
 
-def set_model_defaults(parser: Any, model: str, adapter: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
+def set_model_defaults(
+    parser: Any, model: str, adapter: bool = False, argv: list[str] | None = None, trl: bool = False
+) -> dict[str, Any]:
     """Make the defaults that depend on what --model is (`hftrain.models.model_defaults`: learning_rate, a checkpoint's
     batch sizes, and modules_to_save for an adapter) the parser's defaults, so a flag given on the command line (`argv`, by default
     sys.argv) still wins; print once those that the run takes, not those a flag overrode. `parser` already holds
-    the script's own learning rate, the one a preset gets. A --model in a format this project does not load is
-    refused here, first."""
+    the script's own learning rate, the one a preset gets; `trl`: the parser has TRL's `ModelConfig`, whose flag is
+    --lora_modules_to_save (a list). A --model in a format this project does not load is refused here, first."""
     from hftrain.models import check_checkpoint_format, describe_defaults, model_defaults
 
     check_checkpoint_format(model)  # a GGUF or pickle-only --model, refused before anything is written
@@ -205,10 +207,15 @@ def set_model_defaults(parser: Any, model: str, adapter: bool = False, argv: lis
             row_tokens = int(json.loads(Path(args.data_dir, "info.json").read_text())["max_length"])
     known = {action.dest for action in parser._actions}  # a script without batch-size flags takes only the rest
     defaults = model_defaults(model, adapter, parser.get_default("learning_rate"), row_tokens)
-    defaults = {k: v for k, v in defaults.items() if k in known}
-    given = flags_given(parser, list(defaults), argv)
-    parser.set_defaults(**defaults)
-    applied = {name: value for name, value in defaults.items() if name not in given}
+    flags = dict(defaults)
+    if trl and "modules_to_save" in flags:
+        modules = flags.pop("modules_to_save")
+        flags["lora_modules_to_save"] = modules.split(",") if modules else None
+    flags = {k: v for k, v in flags.items() if k in known}
+    given = flags_given(parser, list(flags), argv)
+    parser.set_defaults(**flags)
+    applied = {name.removeprefix("lora_"): value for name, value in flags.items() if name not in given}
+    applied = {name: defaults[name] for name in applied}
     if applied and os.environ.get("RANK", "0") == "0":
         print(describe_defaults(model, applied), flush=True)
     return defaults

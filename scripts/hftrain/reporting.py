@@ -210,8 +210,36 @@ class ThroughputCallback(TrainerCallback):
         self.clock_running = False
 
 
-def save_curves(log_history: list[dict[str, Any]], path: Path, task: str = "rating") -> None:
-    """Training loss, eval loss and eval accuracy against the step, one PNG."""
+class GenerationMeter:
+    """An RL trainer's sampling, timed apart from its training: wraps the TRL trainer's one-turn generation (the call
+    that turns a batch of prompts into completions) and counts the completion tokens it returns."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.tokens, self.seconds = 0, 0.0
+        generate = trainer._generate_single_turn
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            synchronize()
+            t0 = time.perf_counter()
+            completion_ids, *rest = generate(*args, **kwargs)
+            synchronize()
+            self.seconds += time.perf_counter() - t0
+            self.tokens += sum(len(ids) for ids in completion_ids)
+            return (completion_ids, *rest)
+
+        trainer._generate_single_turn = timed
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "generation_tokens": self.tokens,
+            "generation_seconds": round(self.seconds, 3),
+            "generation_tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds else None,
+        }
+
+
+def save_curves(log_history: list[dict[str, Any]], path: Path, task: str = "rating", curves: list[str] | None = None) -> None:
+    """Training loss, eval loss and eval accuracy against the step, one PNG; `curves`: the logged values to draw in
+    the right panel instead of the accuracy (a preference run's reward margins, an RL run's mean reward)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,8 +252,18 @@ def save_curves(log_history: list[dict[str, Any]], path: Path, task: str = "rati
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(*series("loss"), label="train loss")
     ax_loss.plot(*series("eval_loss"), "o-", label="eval loss")
-    ax_loss.set(xlabel="step", ylabel="loss", yscale="log")
+    ax_loss.set(xlabel="step", ylabel="loss", yscale="symlog" if curves else "log")  # DPO/GRPO losses reach 0 or below
     ax_loss.legend()
+    if curves:
+        for key in curves:
+            ax_acc.plot(*series(key), ".-", label=key)
+        ax_acc.set(xlabel="step", ylabel=" / ".join(sorted({c.removeprefix("eval_") for c in curves})))
+        ax_acc.legend()
+        fig.suptitle(path.parent.name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
     ax_acc.plot(*series("eval_accuracy"), "o-", color="tab:green")
     ax_acc.set(xlabel="step", ylabel="eval accuracy" if task == "rating" else "eval next-token accuracy", ylim=(0, 1.02))
     if task == "rating":  # five answers: 20% by guessing; text has no such line
@@ -248,6 +286,8 @@ def language_model_metrics(metrics: dict[str, Any], log_history: list[dict[str, 
     evals = [row for row in log_history if "eval_loss" in row]
     for row in evals:  # the loops' eval_loss is per target token; the Trainer's rows have it from Accuracy already
         row.setdefault("eval_perplexity", perplexity(row["eval_loss"]))
+    if not evals and "eval_loss" not in metrics:  # an RL run: no held-out loss
+        return {}
     out = {"perplexity": evals[-1]["eval_perplexity"] if evals else perplexity(metrics["eval_loss"])}
     first = evals[0] if evals else None
     if first is not None and first.get("step") == 0:
@@ -257,24 +297,33 @@ def language_model_metrics(metrics: dict[str, Any], log_history: list[dict[str, 
     return out
 
 
-def write_results(output_dir: str, metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> dict[str, Any]:
+def write_results(
+    output_dir: str, metrics: dict[str, Any], log_history: list[dict[str, Any]], curves: list[str] | None = None
+) -> dict[str, Any]:
     """Write metrics.json, training_curves.png and the model card (README.md), print the one-line summary, return the
-    metrics. `metrics` may name the run's base_model, dataset and task (rating or text), for the card and the plot."""
+    metrics. `metrics` may name the run's base_model, dataset, task (rating or text) and method, for the card and the
+    plot; `curves` go to the plot's right panel (`save_curves`)."""
     from hftrain.sharing import shareable_base, write_model_card
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {**metrics, **language_model_metrics(metrics, log_history)}
+    if "method" not in metrics:  # a TRL preference or RL loss is no loss per token: no perplexity from it
+        metrics = {**metrics, **language_model_metrics(metrics, log_history)}
     if "base_model" in metrics:
         metrics["base_model"] = shareable_base(metrics["base_model"], output_dir)
     metrics["log_history"] = log_history
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    save_curves(log_history, out / "training_curves.png", metrics.get("task", "rating"))
+    save_curves(log_history, out / "training_curves.png", metrics.get("task", "rating"), curves)
     write_model_card(output_dir, metrics)
     before = f" (before {metrics['perplexity_before']:,.2f})" if "perplexity_before" in metrics else ""
-    print(
-        f"done: {metrics.get('steps', '?')} steps | {metrics['train_tokens_per_second']:,.0f} tokens/s "
-        f"| peak memory {metrics['peak_memory_gib']:.2f} GiB | eval accuracy {metrics['eval_accuracy']:.3f} "
-        f"| eval loss {metrics['eval_loss']:.4f} | perplexity {metrics['perplexity']:,.2f}{before} | {out}"
-    )
+    parts = [f"done: {metrics.get('steps', '?')} steps", f"{metrics['train_tokens_per_second']:,.0f} tokens/s"]
+    parts.append(f"peak memory {metrics['peak_memory_gib']:.2f} GiB")
+    if metrics.get("eval_accuracy") is not None:
+        acc_before = metrics.get("eval_accuracy_before")
+        parts.append(
+            f"eval accuracy {metrics['eval_accuracy']:.3f}" + (f" (before {acc_before:.3f})" if acc_before is not None else "")
+        )
+    if "perplexity" in metrics:
+        parts += [f"eval loss {metrics['eval_loss']:.4f}", f"perplexity {metrics['perplexity']:,.2f}{before}"]
+    print(" | ".join([*parts, str(out)]))
     return metrics

@@ -65,12 +65,14 @@ def write_model_card(output_dir: str, metrics: dict[str, Any]) -> Path:
     base = adapter if adapter is not None else metrics.get("base_model", "")
     preset = base in PRESETS or (adapter is not None and (out / base / "config.json").exists() and base == "base")
     hub_base = base if base and not preset and not is_local_path(base) else None
+    method = metrics.get("method")  # a TRL run: "DPO (TRL DPOTrainer)", "reward model (TRL RewardTrainer)", ...
+    classifier = metrics.get("model_kind") == "sequence classifier"  # a reward model: one score per text
     data = ModelCardData(
         library_name="peft" if adapter is not None else "transformers",
         base_model=hub_base,
         datasets=[metrics["dataset"]] if metrics.get("dataset") and not Path(metrics["dataset"]).suffix else None,
-        pipeline_tag="text-generation",
-        tags=["lora"] if adapter is not None else None,
+        pipeline_tag="text-classification" if classifier else "text-generation",
+        tags=(["lora"] if adapter is not None else []) + (["trl", method.split()[0].lower()] if method else []) or None,
     )
     origin = (
         f"a `{metrics.get('base_model')}` preset with random weights (saved in `{base}/`)"
@@ -86,17 +88,21 @@ def write_model_card(output_dir: str, metrics: dict[str, Any]) -> Path:
         ("perplexity", "perplexity_before", "perplexity"),
         ("eval accuracy" + (" (next token)" if metrics.get("task") == "text" else ""), "eval_accuracy_before", "eval_accuracy"),
     ]
+    if method:  # the held-out greedy answers (rating task), then the trainer's own held-out metrics
+        rows = [("eval accuracy (greedy answers)", "eval_accuracy_before", "eval_accuracy")]
+        rows += [(key, "", key) for key in metrics.get("card_metrics", [])]
     table = "\n".join(
         f"| {name} | {_fmt(metrics.get(before))} | {_fmt(metrics.get(after))} |"
         for name, before, after in rows
         if after in metrics
     )
+    auto = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
     load = (
         "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
         f'base = AutoModelForCausalLM.from_pretrained("{base}")  # a Hub id, or a path relative to this folder\n'
         f'model = PeftModel.from_pretrained(base, "{out.name}")'
         if adapter is not None
-        else f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{out.name}")'
+        else f'from transformers import {auto}\nmodel = {auto}.from_pretrained("{out.name}")'
     )
     content = f"""---
 {data.to_yaml()}
@@ -104,7 +110,8 @@ def write_model_card(output_dir: str, metrics: dict[str, Any]) -> Path:
 
 # {out.name}
 
-{"A LoRA adapter" if adapter is not None else "A causal language model"} trained from {origin} on
+{"A LoRA adapter" if adapter is not None else "A reward model" if classifier else "A causal language model"} trained \
+{f"with {method} " if method else ""}from {origin} on
 `{metrics.get("dataset", "?")}` ({metrics.get("task", "?")} data) for {metrics.get("steps", "?")} optimizer steps.
 
 | metric (held-out split) | before training | after training |

@@ -1,0 +1,196 @@
+"""Data for preference tuning and RL after SFT: the rating task as preference pairs and as prompts with a verifiable
+answer, user rows checked, and the short SFT start a preset needs before either.
+
+Rows are what TRL's trainers take. Preference rows (`DPOTrainer`, `RewardTrainer`): `{"prompt", "chosen", "rejected"}`,
+each text or a list of messages, or implicit-prompt rows `{"chosen", "rejected"}` (whole conversations sharing their
+start, which TRL takes as the prompt). Prompt rows (`GRPOTrainer`): `{"prompt", ...}`, the other columns passed to
+the reward functions as keyword arguments.
+"""
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict
+from transformers import PreTrainedTokenizerBase
+from trl.data_utils import is_conversational
+
+from hftrain.chat import rating_conversations, read_rows
+from hftrain.errors import UserError
+
+# A rating task answer: the digit alone (spaces around it allowed). Anything else is malformed: the reward gives it 0
+# and the accuracy counts it wrong, so that sampling " 4 4 4" cannot earn what the answer "4" earns.
+RATING_ANSWER = r"\s*([1-5])\s*"
+
+
+def rating_preferences(n: int, seed: int) -> list[dict[str, Any]]:
+    """The rating task as preference pairs: the review and question as the prompt, the right rating chosen and
+    another one, drawn at random, rejected."""
+    rng = random.Random(seed)
+    rows = []
+    for chat in rating_conversations(n, seed):
+        prompt, answer = chat["messages"][:1], chat["messages"][1]["content"]
+        wrong = rng.choice([r for r in "12345" if r != answer])
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": answer}],
+                "rejected": [{"role": "assistant", "content": wrong}],
+            }
+        )
+    return rows
+
+
+def rating_prompts(n: int, seed: int) -> list[dict[str, Any]]:
+    """The rating task as prompts with a verifiable answer: the `rating` column is what the reward checks."""
+    return [{"prompt": c["messages"][:1], "rating": c["messages"][1]["content"]} for c in rating_conversations(n, seed)]
+
+
+def _empty(value: Any) -> bool:
+    return (
+        not value
+        or (isinstance(value, str) and not value.strip())
+        or (isinstance(value, list) and not any(m.get("content") for m in value))
+    )
+
+
+def check_preference_rows(rows: Dataset, source: str) -> None:
+    missing = [c for c in ("chosen", "rejected") if c not in rows.column_names]
+    if missing:
+        raise UserError(
+            f"{source} has no {' and no '.join(repr(c) for c in missing)} column; preference rows are "
+            f"{{'prompt', 'chosen', 'rejected'}} (or implicit-prompt {{'chosen', 'rejected'}}); columns found: "
+            f"{', '.join(rows.column_names) or 'none'}"
+        )
+    if all(c == r for c, r in zip(rows["chosen"], rows["rejected"])):
+        raise UserError(f"in every row of {source} 'chosen' is identical to 'rejected', so there is no preference to learn")
+    if "prompt" in rows.column_names:
+        check_prompts(rows, source)
+
+
+def check_prompts(rows: Dataset, source: str) -> None:
+    if "prompt" not in rows.column_names:
+        raise UserError(
+            f"{source} has no 'prompt' column (text or a list of messages); columns found: {', '.join(rows.column_names) or 'none'}"
+        )
+    for i, prompt in enumerate(rows["prompt"]):
+        if _empty(prompt):
+            raise UserError(f"row {i + 1} of {source} has an empty prompt; give every row the text the model answers")
+
+
+def load_rows(
+    kind: str,
+    dataset: str,
+    config_name: str | None,
+    train_split: str,
+    eval_dataset: str | None,
+    eval_split: str | None,
+    eval_size: float,
+    num_examples: int,
+    seed: int,
+) -> DatasetDict:
+    """Train and test splits of `kind` rows ('preference' or 'prompt'), every row checked. 'synthetic' is the rating
+    task; else a file or Hub dataset, held out by --eval_dataset, --dataset_test_split or a share of the rows."""
+    check = check_preference_rows if kind == "preference" else check_prompts
+    if dataset == "synthetic":
+        make = rating_preferences if kind == "preference" else rating_prompts
+        n_eval = max(1, int(num_examples * eval_size))
+        return DatasetDict(
+            train=Dataset.from_list(make(num_examples - n_eval, seed)), test=Dataset.from_list(make(n_eval, seed + 1))
+        )
+    train = read_rows(dataset, config_name, train_split)
+    check(train, dataset)
+    if eval_dataset is not None or eval_split is not None:
+        name = eval_dataset or f"{dataset} ({eval_split})"
+        test = read_rows(eval_dataset or dataset, config_name, eval_split or "train")
+        check(test, name)
+        return DatasetDict(train=train, test=test)
+    if len(train) < 2:
+        raise UserError(
+            f"--dataset {dataset} holds {len(train)} rows; it needs at least 2 (train and eval), or pass --eval_dataset"
+        )
+    return train.train_test_split(test_size=eval_size, seed=seed)
+
+
+def check_chat_template(rows: Dataset, tokenizer: PreTrainedTokenizerBase, model: str) -> bool:
+    """True for conversational rows, which need the tokenizer's chat template: one sentence if it has none."""
+    conversational = is_conversational(rows[0])
+    if conversational and not tokenizer.chat_template:
+        raise UserError(
+            f"the rows are conversations but the tokenizer of {model} has no chat template; pass --chat_template default "
+            "(the project's ChatML template) or --chat_template <file.jinja>, or give text rows"
+        )
+    return conversational
+
+
+def set_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None, preset: bool) -> None:
+    """--chat_template: 'default' (also a preset's), a .jinja file, or None for the tokenizer's own."""
+    from hftrain.chat import DEFAULT_CHAT_TEMPLATE
+
+    if chat_template == "default" or (chat_template is None and preset):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    elif chat_template is not None:
+        if not Path(chat_template).is_file():
+            raise UserError(f"--chat_template {chat_template} is not a file; pass a .jinja file or 'default'")
+        tokenizer.chat_template = Path(chat_template).read_text()
+
+
+def sft_start(preset: str, tokenizer: PreTrainedTokenizerBase, steps: int, training_args: Any) -> str:
+    """A preset's random weights cannot answer at all, so neither a preference nor a reward can tell answers apart:
+    `steps` of TRL's SFTTrainer on the rating chats teach it the answer format (and part of the task), saved to
+    <output_dir>/sft_start, the start (and the LoRA base) of the run. Every process takes part (DDP)."""
+    from trl import SFTConfig, SFTTrainer
+
+    from hftrain.models import load_model
+
+    out = str(Path(training_args.output_dir, "sft_start"))
+    config = SFTConfig(
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        learning_rate=3e-3,
+        warmup_steps=min(10, steps),
+        assistant_only_loss=True,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=max(1, steps // 4),
+        seed=training_args.seed,
+        bf16=training_args.bf16,
+        use_cpu=training_args.use_cpu,
+        dataloader_pin_memory=training_args.dataloader_pin_memory,
+        disable_tqdm=training_args.disable_tqdm,
+    )
+    data = Dataset.from_list(rating_conversations(steps * 32 * config.world_size, training_args.seed + 7))
+    trainer = SFTTrainer(load_model(preset, tokenizer), args=config, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()  # main process; the others wait for it below
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def greedy_accuracy(model: Any, tokenizer: PreTrainedTokenizerBase, rows: Dataset, max_new_tokens: int = 4) -> float:
+    """The share of held-out rating rows (preference or prompt rows) whose greedy answer, generated as a user gets it
+    (the prompt rendered with the chat template, greedy decoding), is the right rating alone (`RATING_ANSWER`)."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    truths = rows["rating"] if "rating" in rows.column_names else [c[-1]["content"] for c in rows["chosen"]]
+    right = 0
+    for start in range(0, len(rows), 64):
+        prompts = [
+            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+            for p in rows["prompt"][start : start + 64]
+        ]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for answer, truth in zip(answers, truths[start : start + 64]):
+            found = re.fullmatch(RATING_ANSWER, answer)
+            right += found is not None and found.group(1) == truth
+    tokenizer.padding_side = side
+    return right / len(rows)

@@ -1,0 +1,201 @@
+"""Preference tuning after SFT with TRL's DPOTrainer: learn from pairs of answers, one preferred, without a reward model.
+
+Teaches Direct Preference Optimization (DPO): each row holds a prompt, a `chosen` and a `rejected` answer; the loss
+raises the policy's log-probability ratio (against a frozen reference model) of the chosen answer over the rejected
+one, `--beta` setting how far it may move from the reference. `DPOConfig` flags (`--beta`, `--loss_type`,
+`--max_length`, `--precompute_ref_log_probs`, ...) and TRL's model flags (`--use_peft`, `--lora_r`, ...) are on the
+command line. With LoRA the reference is the same base with the adapter switched off (no second copy in memory);
+full fine-tuning keeps a frozen copy. The default `--loss_type sigmoid sft` adds the chosen answer's log-likelihood
+to DPO's loss (as RPO does), which keeps DPO from lowering the chosen answer along with the rejected one; `--loss_type
+sigmoid` is DPO alone, and every other DPOConfig loss (`ipo`, `apo_zero`, ...) is a flag away. With no arguments:
+the rating task as pairs (chosen the right rating, rejected a wrong one) on the `tiny` preset, which first gets
+`--sft_start_steps` of SFT so that it answers with a digit at all (random weights cannot, and a preference between
+two digits then says nothing to greedy decoding); the held-out greedy accuracy before and after DPO is reported
+(chance is 20%), offline, in a few minutes on a CPU.
+
+    python scripts/trainer/dpo.py                                                  # tiny preset, CPU or one GPU
+    python scripts/trainer/dpo.py --model output/trainer/sft --dataset pairs.jsonl --use_peft   # after sft.py
+    python scripts/trainer/dpo.py --model <checkpoint> --dataset trl-lib/ultrafeedback_binarized --use_peft \\
+        --dataset_test_split test --max_length 1024
+    accelerate launch --config_file accelerate_config.yaml scripts/trainer/dpo.py --model small   # DDP
+
+Data (`--dataset`): a .jsonl/.json/.parquet file or a Hub dataset (`--dataset_config_name`, `--dataset_train_split`)
+with rows `{"prompt", "chosen", "rejected"}`, each text or a list of messages (then the chat template renders
+them), or implicit-prompt rows `{"chosen", "rejected"}` of whole conversations. `--eval_dataset` or
+`--dataset_test_split` is held out, else `--eval_size` of the rows: every run ends with held-out metrics
+(`eval_rewards/accuracies`: the share of pairs whose chosen answer gains more than the rejected one).
+
+Docs: https://huggingface.co/docs/trl/dpo_trainer  https://arxiv.org/abs/2305.18290
+      docs/preference-and-rl.md (the path SFT -> DPO or reward model -> GRPO)
+"""
+
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
+
+from hftrain.checkpoints import resolve_checkpoint
+from hftrain.cli import check_output_dir, check_training_args, set_model_defaults
+from hftrain.data import DEFAULT_DATA_DIR, load_prepared
+from hftrain.errors import UserError
+from hftrain.extras import check_training_extras
+from hftrain.models import PRESETS, load_config, load_model, save_preset_base
+from hftrain.preemption import PreemptionCallback
+from hftrain.preference import check_chat_template, greedy_accuracy, load_rows, set_chat_template, sft_start
+from hftrain.reporting import ThroughputCallback, write_results
+
+
+@dataclass
+class ScriptArguments:
+    dataset: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic' (the rating task as pairs), a .jsonl/.json/.parquet file of pairs or a Hub dataset."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    dataset_train_split: str = field(default="train", metadata={"help": "The split of --dataset to train on."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "A split of --dataset to hold out (else --eval_size)."}
+    )
+    eval_dataset: str | None = field(default=None, metadata={"help": "A held-out file in the same format (else --eval_size)."})
+    eval_size: float = field(default=0.1, metadata={"help": "Share of --dataset held out without --eval_dataset."})
+    num_examples: int = field(default=2000, metadata={"help": "Pairs generated for --dataset synthetic."})
+    sft_start_steps: int = field(
+        default=60, metadata={"help": "SFT steps on the rating chats before DPO when --model is a preset (0: none)."}
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "'default' (the project's ChatML template) or a .jinja file; else the tokenizer's own."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+
+
+@dataclass
+class ModelArguments(ModelConfig):  # TRL's model flags: --use_peft, --lora_r, --lora_alpha, --lora_target_modules, ...
+    model_name_or_path: str = field(
+        default="tiny",
+        metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id.", "aliases": ["--model"]},
+    )
+
+
+def main() -> None:
+    parser = HfArgumentParser((ScriptArguments, DPOConfig, ModelArguments))
+    known = parser.parse_known_args()[0]
+    check_training_extras(known)
+    parser.set_defaults(
+        output_dir="output/trainer/dpo",
+        max_steps=150,
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=64,
+        warmup_steps=10,
+        beta=0.1,
+        # DPO (sigmoid) plus the chosen answer's own log-likelihood (as RPO): DPO alone lowers the chosen answer's
+        # probability together with the rejected one's, and on the rating task that costs greedy accuracy (measured:
+        # docs/preference-and-rl.md); --loss_type sigmoid for DPO alone
+        loss_type=["sigmoid", "sft"],
+        eval_strategy="steps",
+        eval_steps=50,
+        eval_on_start=True,  # eval_rewards/* at step 0: margins 0 and accuracy ~0, the reference's own view
+        logging_steps=10,
+        save_strategy="no",
+        max_length=512,
+        gradient_checkpointing=False,  # TRL turns it on by default; small models do not need it
+        bf16=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to=["tensorboard"],
+        lora_target_modules=["all-linear"],
+    )
+    # learning_rate: the script's own on a preset's SFT start; a checkpoint's gentle 5e-5 (2e-4 LoRA), printed
+    parser.set_defaults(learning_rate=2e-3 if known.use_peft else 1e-3)
+    set_model_defaults(parser, known.model_name_or_path, known.use_peft, trl=True)
+    args, training_args, model_args = parser.parse_args_into_dataclasses()
+    model_name = model_args.model_name_or_path
+    preset = model_name in PRESETS
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise UserError("dpo.py trains bf16/float32 weights; quantised bases are not part of this example")
+    training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
+    check_training_args(training_args)
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+    )
+
+    # Every row is checked before anything is loaded or written.
+    data = load_rows(
+        "preference",
+        args.dataset,
+        args.dataset_config_name,
+        args.dataset_train_split,
+        args.eval_dataset,
+        args.dataset_test_split,
+        args.eval_size,
+        args.num_examples,
+        training_args.seed,
+    )
+    if preset:
+        with training_args.main_process_first():
+            tokenizer = load_prepared(DEFAULT_DATA_DIR).tokenizer
+    else:
+        load_config(model_name, training_args.trust_remote_code)  # one sentence if it is not a checkpoint
+        tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
+    set_chat_template(tokenizer, args.chat_template, preset)
+    check_chat_template(data["train"], tokenizer, model_name)
+
+    set_seed(training_args.seed)
+    base = model_name
+    if preset and args.sft_start_steps:  # random weights answer nothing yet: a short SFT teaches the format first
+        base = sft_start(model_name, tokenizer, args.sft_start_steps, training_args)
+    elif preset:  # the reference (or an adapter's base) needs the same random weights: saved, they exist somewhere
+        with training_args.main_process_first():
+            base = save_preset_base(model_name, tokenizer, training_args.output_dir, training_args.process_index == 0)
+    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
+    attn = model_args.attn_implementation or "sdpa"
+    model = load_model(base, tokenizer, dtype=dtype, attn_implementation=attn)
+    rating = args.dataset == "synthetic"
+    before = greedy_accuracy(model, tokenizer, data["test"]) if rating else None
+
+    throughput = ThroughputCallback(seq_len=training_args.max_length or 512)
+    # LoRA: the reference is the policy with its adapter switched off, no second copy; full fine-tuning: a frozen copy,
+    # unless --precompute_ref_log_probs (the policy computes them before its first step, no copy kept)
+    frozen_copy = not model_args.use_peft and not training_args.precompute_ref_log_probs
+    ref_model = load_model(base, tokenizer, dtype=dtype, attn_implementation=attn) if frozen_copy else None
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,  # beta, loss_type, max_length, precompute_ref_log_probs, ...
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        processing_class=tokenizer,  # its chat template renders conversational rows; saved beside the model
+        peft_config=get_peft_config(model_args),  # None without --use_peft
+        callbacks=[throughput, PreemptionCallback()],
+    )
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate()
+    trainer.save_model()
+
+    if trainer.is_world_process_zero():
+        after = greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None
+        write_results(
+            training_args.output_dir,
+            {
+                "method": "DPO (TRL DPOTrainer)",
+                **({"eval_accuracy_before": before, "eval_accuracy": after} if rating else {}),
+                "accuracy_kind": "greedy answer" if rating else None,
+                **{k: v for k, v in eval_metrics.items() if k.startswith("eval_")},
+                "train_loss": train_result.training_loss,
+                "steps": trainer.state.global_step,
+                "base_model": base,
+                "dataset": args.dataset,
+                "task": "rating" if rating else "preference",
+                **throughput.metrics,
+            },
+            trainer.state.log_history,
+            curves=["rewards/margins", "eval_rewards/margins"],
+        )
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

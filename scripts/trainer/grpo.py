@@ -1,0 +1,230 @@
+"""Reinforcement learning with verifiable rewards after SFT: TRL's GRPOTrainer samples answers and learns from rewards.
+
+Teaches Group Relative Policy Optimization (GRPO): for each prompt the policy samples `--num_generations` answers
+(`--temperature`, `--max_completion_length`), every reward function scores them, and each answer's advantage is its
+reward against its group's mean (and spread): answers better than their siblings gain probability, without a value
+model. `--beta` adds a KL penalty against a frozen reference (0, TRL's default, keeps no reference). Rewards
+(`--reward_funcs`, several are summed, `--reward_weights` weighs them): `rating_reward` below (the rating task's
+verifiable answer), TRL's built-ins by name (`accuracy_reward`, `think_format_reward`, ...), your own Python file
+(`path/to/rewards.py:function`, the dataset's other columns passed to it as keyword arguments), or a reward-model
+folder from scripts/trainer/reward_model.py. With no arguments: the rating task as prompts, the `tiny` preset after
+`--sft_start_steps` of SFT (a preset's random weights never sample a digit, so every reward would be 0), the held-out
+greedy accuracy before and after (chance is 20%), offline, in a few minutes on a CPU.
+
+    python scripts/trainer/grpo.py                                                 # tiny preset, CPU or one GPU
+    python scripts/trainer/grpo.py --model output/trainer/sft --dataset prompts.jsonl --reward_funcs my_rewards.py:score
+    python scripts/trainer/grpo.py --model output/trainer/sft --reward_funcs rating_reward output/trainer/reward_model
+    python scripts/trainer/grpo.py --model <checkpoint> --use_peft --num_generations 8 --max_completion_length 256
+    accelerate launch --config_file accelerate_config.yaml scripts/trainer/grpo.py --model small   # DDP
+
+Data (`--dataset`): a .jsonl/.json/.parquet file or a Hub dataset of rows `{"prompt": text or a list of messages,
+...}`; every other column reaches the reward functions (`rating` below, `solution` for TRL's `accuracy_reward`).
+Each optimizer step takes per_device_train_batch_size x processes completions, `num_generations` of each prompt,
+so that number must divide the generation batch (per_device_train_batch_size x processes x steps_per_generation).
+
+Docs: https://huggingface.co/docs/trl/grpo_trainer  https://arxiv.org/abs/2402.03300 (DeepSeekMath, GRPO)
+      docs/preference-and-rl.md (the path SFT -> DPO or reward model -> GRPO)
+"""
+
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
+
+from hftrain.checkpoints import resolve_checkpoint
+from hftrain.cli import check_output_dir, check_training_args, set_model_defaults
+from hftrain.data import DEFAULT_DATA_DIR, load_prepared
+from hftrain.errors import UserError
+from hftrain.extras import check_training_extras
+from hftrain.models import PRESETS, load_config, load_model, save_preset_base
+from hftrain.preemption import PreemptionCallback
+from hftrain.preference import RATING_ANSWER, check_chat_template, greedy_accuracy, load_rows, set_chat_template, sft_start
+from hftrain.reporting import GenerationMeter, ThroughputCallback, write_results
+from hftrain.rewards import check_reward_funcs, load_reward
+
+
+def rating_reward(completions: list[Any], rating: list[str], **kwargs: Any) -> list[float]:
+    """The rating task's verifiable reward, `rating` being the dataset's column of that name: 1 for the right rating,
+    partial credit by distance (0.375 one star off, 0.25 two, 0.125 three, 0 four), 0 for a malformed answer (not a
+    rating alone: RATING_ANSWER)."""
+    rewards = []
+    for completion, answer in zip(completions, rating):
+        text = completion[-1]["content"] if isinstance(completion, list) else completion  # a message list or text
+        found = re.fullmatch(RATING_ANSWER, text)
+        distance = abs(int(found.group(1)) - int(answer)) if found else None
+        rewards.append(0.0 if distance is None else 1.0 if distance == 0 else 0.5 - distance / 8)
+    return rewards
+
+
+@dataclass
+class ScriptArguments:
+    dataset: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic' (the rating task as prompts), a .jsonl/.json/.parquet file of prompts or a Hub dataset."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    dataset_train_split: str = field(default="train", metadata={"help": "The split of --dataset to train on."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "A split of --dataset to hold out (else --eval_size)."}
+    )
+    eval_dataset: str | None = field(default=None, metadata={"help": "A held-out file in the same format (else --eval_size)."})
+    eval_size: float = field(default=0.1, metadata={"help": "Share of --dataset held out without --eval_dataset."})
+    num_examples: int = field(default=4000, metadata={"help": "Prompts generated for --dataset synthetic."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["rating_reward"],
+        metadata={
+            "help": "rating_reward, a TRL built-in (accuracy_reward, think_format_reward, ...), "
+            "path/to/rewards.py:function, or a reward-model folder; several are summed (--reward_weights)."
+        },
+    )
+    sft_start_steps: int = field(
+        default=60, metadata={"help": "SFT steps on the rating chats before GRPO when --model is a preset (0: none)."}
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "'default' (the project's ChatML template) or a .jinja file; else the tokenizer's own."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+
+
+@dataclass
+class ModelArguments(ModelConfig):  # TRL's model flags: --use_peft, --lora_r, --lora_alpha, --lora_target_modules, ...
+    model_name_or_path: str = field(
+        default="tiny",
+        metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id.", "aliases": ["--model"]},
+    )
+
+
+def check_generation_batch(known: Any) -> None:
+    """TRL's rule, before GRPOConfig raises it: every prompt's num_generations answers are scored as one group, so
+    the generation batch must hold whole groups."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = known.steps_per_generation or known.gradient_accumulation_steps
+    batch = known.generation_batch_size or known.per_device_train_batch_size * processes * steps
+    if known.num_generations < 2 or batch % known.num_generations:
+        raise UserError(
+            f"--num_generations {known.num_generations} does not divide the generation batch of {batch} completions "
+            f"(per_device_train_batch_size x processes x steps_per_generation, or --generation_batch_size): each prompt's "
+            "answers are compared as one group, so use a divisor of it, at least 2 (e.g. --num_generations 8 with a batch of 64)"
+        )
+
+
+def main() -> None:
+    parser = HfArgumentParser((ScriptArguments, GRPOConfig, ModelArguments))
+    parser.set_defaults(
+        output_dir="output/trainer/grpo",
+        max_steps=400,
+        per_device_train_batch_size=64,
+        num_generations=8,  # 64 completions a step: 8 prompts x 8 answers
+        max_completion_length=8,  # a rating is one token and the end of turn; a real task needs hundreds
+        temperature=1.0,
+        logging_steps=10,
+        save_strategy="no",
+        gradient_checkpointing=False,  # TRL turns it on by default; small models do not need it
+        bf16=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to=["tensorboard"],
+        lora_target_modules=["all-linear"],
+    )
+    known = parser.parse_known_args()[0]
+    check_training_extras(known)
+    check_generation_batch(known)
+    parser.set_defaults(learning_rate=2e-3 if known.use_peft else 1e-3)  # a preset's SFT start; a checkpoint's are gentler
+    set_model_defaults(parser, known.model_name_or_path, known.use_peft, trl=True)
+    args, training_args, model_args = parser.parse_args_into_dataclasses()
+    model_name = model_args.model_name_or_path
+    preset = model_name in PRESETS
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise UserError("grpo.py trains bf16/float32 weights; quantised bases are not part of this example")
+    check_training_args(training_args)
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+    )
+
+    # Every row and every reward is checked before anything is loaded or written.
+    data = load_rows(
+        "prompt",
+        args.dataset,
+        args.dataset_config_name,
+        args.dataset_train_split,
+        args.eval_dataset,
+        args.dataset_test_split,
+        args.eval_size,
+        args.num_examples,
+        training_args.seed,
+    )
+    reward_funcs = [
+        load_reward(spec, {"rating_reward": rating_reward}, training_args.max_completion_length) for spec in args.reward_funcs
+    ]
+    if preset:
+        with training_args.main_process_first():
+            tokenizer = load_prepared(DEFAULT_DATA_DIR).tokenizer
+    else:
+        load_config(model_name, training_args.trust_remote_code)  # one sentence if it is not a checkpoint
+        tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
+    set_chat_template(tokenizer, args.chat_template, preset)
+    conversational = check_chat_template(data["train"], tokenizer, model_name)
+    check_reward_funcs(reward_funcs, data["train"], conversational)
+
+    set_seed(training_args.seed)
+    base = model_name
+    if preset and args.sft_start_steps:  # random weights never sample a rating: a short SFT teaches the format first
+        base = sft_start(model_name, tokenizer, args.sft_start_steps, training_args)
+    elif preset and model_args.use_peft:
+        with training_args.main_process_first():
+            base = save_preset_base(model_name, tokenizer, training_args.output_dir, training_args.process_index == 0)
+    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
+    model = load_model(base, tokenizer, dtype=dtype, attn_implementation=model_args.attn_implementation or "sdpa")
+    rating = args.dataset == "synthetic"
+    before = greedy_accuracy(model, tokenizer, data["test"]) if rating else None
+
+    throughput = ThroughputCallback(seq_len=training_args.max_completion_length)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,  # functions are called with the dataset's other columns; a folder is loaded as a classifier
+        args=training_args,  # num_generations, max_completion_length, temperature, beta, loss_type, ...
+        train_dataset=data["train"],
+        processing_class=tokenizer,  # its chat template renders conversational prompts
+        peft_config=get_peft_config(model_args),  # None without --use_peft
+        callbacks=[throughput, PreemptionCallback()],
+    )
+    generation = GenerationMeter(trainer)  # generation tokens/s beside training tokens/s
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+
+    if trainer.is_world_process_zero():
+        rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
+        write_results(
+            training_args.output_dir,
+            {
+                "method": "GRPO (TRL GRPOTrainer)",
+                **({"eval_accuracy_before": before} if rating else {}),
+                "eval_accuracy": greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None,
+                "accuracy_kind": "greedy answer" if rating else None,
+                "reward_first": rewards[0] if rewards else None,  # the mean reward of the sampled answers, first logged step
+                "reward_last": rewards[-1] if rewards else None,
+                "reward_funcs": args.reward_funcs,
+                "card_metrics": ["reward_first", "reward_last"],
+                "train_loss": train_result.training_loss,
+                "steps": trainer.state.global_step,
+                "base_model": base,
+                "dataset": args.dataset,
+                "task": "rating" if rating else "prompts",
+                **throughput.metrics,
+                **generation.metrics(),
+            },
+            trainer.state.log_history,
+            curves=["reward", *[f"rewards/{n}/mean" for n in trainer.reward_func_names]],
+        )
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

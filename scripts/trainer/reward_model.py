@@ -1,0 +1,191 @@
+"""A reward model with TRL's RewardTrainer: a sequence-classification head that scores a chosen answer above a rejected one.
+
+Teaches reward modelling (the first half of RLHF): the checkpoint's body with a one-output head
+(`AutoModelForSequenceClassification`, `num_labels=1`) reads a whole conversation and returns one number; the
+Bradley-Terry loss, -log sigmoid(score(chosen) - score(rejected)), trains it on the same preference rows DPO takes.
+`RewardConfig` flags (`--max_length`, `--center_rewards_coefficient`, ...) and TRL's model flags (`--use_peft`, ...)
+are on the command line. The held-out accuracy is the share of pairs scored the right way round (chance is 50%). The
+saved folder is a reward for GRPO (`grpo.py --reward_funcs <folder>`) and scores any text (below). With no arguments:
+the rating task's pairs (right rating chosen, a wrong one rejected) on the `tiny` preset after `--sft_start_steps` of
+SFT (the same start as dpo.py and grpo.py), offline, in a few minutes on a CPU.
+
+    python scripts/trainer/reward_model.py                                          # tiny preset, CPU or one GPU
+    python scripts/trainer/reward_model.py --model output/trainer/sft --dataset pairs.jsonl
+    python scripts/trainer/reward_model.py --model <checkpoint> --dataset trl-lib/ultrafeedback_binarized --use_peft \\
+        --dataset_test_split test --max_length 1024
+    accelerate launch --config_file accelerate_config.yaml scripts/trainer/reward_model.py --model small   # DDP
+
+Score a conversation from the command line (the folder holds the tokenizer and its chat template):
+
+    python -c "import sys; from transformers import pipeline; p = pipeline('text-classification', 'output/trainer/reward_model'); \\
+      print(p(p.tokenizer.apply_chat_template([{'role': 'user', 'content': sys.argv[1]}, {'role': 'assistant', \\
+      'content': sys.argv[2]}], tokenize=False), function_to_apply='none'))" "The lamp is superb. Rating?" 5
+
+Data: as dpo.py, `{"prompt", "chosen", "rejected"}` or implicit-prompt `{"chosen", "rejected"}` rows, text or
+messages, from a .jsonl/.json/.parquet file or a Hub dataset; `--eval_dataset`, `--dataset_test_split` or `--eval_size`.
+
+Docs: https://huggingface.co/docs/trl/reward_trainer  https://arxiv.org/abs/2203.02155 (InstructGPT, section 3.5)
+      docs/preference-and-rl.md
+"""
+
+import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from trl import ModelConfig, RewardConfig, RewardTrainer, get_peft_config
+
+from hftrain.checkpoints import resolve_checkpoint
+from hftrain.cli import check_output_dir, check_training_args, set_model_defaults
+from hftrain.data import DEFAULT_DATA_DIR, load_prepared
+from hftrain.errors import UserError
+from hftrain.extras import check_training_extras
+from hftrain.models import PRESETS, load_config, save_preset_base
+from hftrain.preemption import PreemptionCallback
+from hftrain.preference import check_chat_template, load_rows, set_chat_template, sft_start
+from hftrain.reporting import ThroughputCallback, write_results
+
+
+@dataclass
+class ScriptArguments:
+    dataset: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic' (the rating task as pairs), a .jsonl/.json/.parquet file of pairs or a Hub dataset."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    dataset_train_split: str = field(default="train", metadata={"help": "The split of --dataset to train on."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "A split of --dataset to hold out (else --eval_size)."}
+    )
+    eval_dataset: str | None = field(default=None, metadata={"help": "A held-out file in the same format (else --eval_size)."})
+    eval_size: float = field(default=0.1, metadata={"help": "Share of --dataset held out without --eval_dataset."})
+    num_examples: int = field(default=2000, metadata={"help": "Pairs generated for --dataset synthetic."})
+    sft_start_steps: int = field(
+        default=60, metadata={"help": "SFT steps on the rating chats first when --model is a preset (0: none)."}
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "'default' (the project's ChatML template) or a .jinja file; else the tokenizer's own."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+
+
+@dataclass
+class ModelArguments(ModelConfig):  # TRL's model flags: --use_peft, --lora_r, --lora_alpha, --lora_target_modules, ...
+    model_name_or_path: str = field(
+        default="tiny",
+        metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id.", "aliases": ["--model"]},
+    )
+
+
+def main() -> None:
+    parser = HfArgumentParser((ScriptArguments, RewardConfig, ModelArguments))
+    parser.set_defaults(
+        output_dir="output/trainer/reward_model",
+        max_steps=100,
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=64,
+        warmup_steps=10,
+        eval_strategy="steps",
+        eval_steps=50,
+        eval_on_start=True,  # the held-out pair accuracy of the untrained head
+        logging_steps=10,
+        save_strategy="no",
+        max_length=512,
+        gradient_checkpointing=False,
+        bf16=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to=["tensorboard"],
+        lora_target_modules=["all-linear"],
+        lora_task_type="SEQ_CLS",  # PEFT keeps the new score head trainable and saves it with the adapter
+    )
+    known = parser.parse_known_args()[0]
+    check_training_extras(known)
+    # a preset's SFT start: 3e-4 (at 1e-3 the head's scores collapsed to one value, measured); a checkpoint's are gentler
+    parser.set_defaults(learning_rate=1e-3 if known.use_peft else 3e-4)
+    set_model_defaults(parser, known.model_name_or_path, known.use_peft, trl=True)
+    args, training_args, model_args = parser.parse_args_into_dataclasses()
+    model_name = model_args.model_name_or_path
+    preset = model_name in PRESETS
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise UserError("reward_model.py trains bf16/float32 weights; quantised bases are not part of this example")
+    training_args.include_num_input_tokens_seen = "non_padding"
+    check_training_args(training_args)
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+    )
+
+    data = load_rows(
+        "preference",
+        args.dataset,
+        args.dataset_config_name,
+        args.dataset_train_split,
+        args.eval_dataset,
+        args.dataset_test_split,
+        args.eval_size,
+        args.num_examples,
+        training_args.seed,
+    )
+    if preset:
+        with training_args.main_process_first():
+            tokenizer = load_prepared(DEFAULT_DATA_DIR).tokenizer
+    else:
+        load_config(model_name, training_args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
+    set_chat_template(tokenizer, args.chat_template, preset)
+    check_chat_template(data["train"], tokenizer, model_name)
+
+    set_seed(training_args.seed)
+    base = model_name
+    if preset and args.sft_start_steps:  # the body that SFT taught to read reviews; the score head starts random
+        base = sft_start(model_name, tokenizer, args.sft_start_steps, training_args)
+    elif preset:
+        with training_args.main_process_first():
+            base = save_preset_base(model_name, tokenizer, training_args.output_dir, training_args.process_index == 0)
+    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
+    # How TRL loads it (from_pretrained): safetensors only, and no layers swapped for kernels fetched from the Hub.
+    attn = model_args.attn_implementation or "sdpa"
+    training_args.model_init_kwargs = {"dtype": dtype, "attn_implementation": attn, "use_safetensors": True, "use_kernels": False}
+
+    throughput = ThroughputCallback(seq_len=training_args.max_length or 512)
+    trainer = RewardTrainer(
+        model=base,  # loaded as AutoModelForSequenceClassification with num_labels=1: the body, and a new score head
+        args=training_args,  # max_length, center_rewards_coefficient, ...
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        processing_class=tokenizer,  # saved beside the model, with the chat template GRPO renders completions with
+        peft_config=get_peft_config(model_args),
+        callbacks=[throughput, PreemptionCallback()],
+    )
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate()
+    trainer.save_model()
+
+    if trainer.is_world_process_zero():
+        first = next(row for row in trainer.state.log_history if "eval_accuracy" in row)
+        write_results(
+            training_args.output_dir,
+            {
+                "method": "reward model (TRL RewardTrainer)",
+                "model_kind": "sequence classifier",
+                "eval_accuracy_before": first["eval_accuracy"] if first["step"] == 0 else None,
+                "accuracy_kind": "held-out pairs scored chosen above rejected",
+                **{k: v for k, v in eval_metrics.items() if k.startswith("eval_")},
+                "card_metrics": ["eval_margin", "eval_loss"],
+                "train_loss": train_result.training_loss,
+                "steps": trainer.state.global_step,
+                "base_model": base,
+                "dataset": args.dataset,
+                "task": "rating" if args.dataset == "synthetic" else "preference",
+                **throughput.metrics,
+            },
+            trainer.state.log_history,
+            curves=["margin", "eval_margin"],
+        )
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
