@@ -194,9 +194,10 @@ def test_killed_machine_stops_the_other_and_the_run_resumes_from_the_last_checkp
     run_machines(cmds, workdir, "resumed", ACCELERATE_USE_CPU="true")
     resumed = read_metrics(out)
     assert resumed["steps"] == STEPS
-    # It trained only the steps after the checkpoint: the tokens of this launch are the uninterrupted run's
-    # tokens minus those the checkpoint had seen (a restart from step 0 would count them all).
-    assert resumed["train_tokens"] == two_machine_ddp["train_tokens"] - state["num_input_tokens_seen"]
+    # metrics.json reports the whole run: the checkpoint's part from its log history and this launch's steps after it
+    # (a restart from step 0 would count the first part twice).
+    assert resumed["resumed_from_step"] == state["global_step"]
+    assert resumed["train_tokens"] == two_machine_ddp["train_tokens"]
     # And it went on exactly where the checkpoint stopped: the losses after it are the uninterrupted run's.
     after = {s: loss for s, loss in train_losses(resumed).items() if s > state["global_step"]}
     assert after and after == pytest.approx({s: train_losses(two_machine_ddp)[s] for s in after}, rel=1e-4)

@@ -404,9 +404,14 @@ def test_evaluate_any_text_file_with_the_models_tokenizer(start_checkpoint, tmp_
 def test_sft_defaults_for_a_pretrained_lora_teach_a_style():
     """sft.py's rule (chat=True): LoRA on a pretrained checkpoint at 1e-3, which adopts a persona in tens of steps
     where 2e-4 does not (docs/sft.md); the other defaults stay."""
-    assert model_defaults("org/model", adapter=True, preset_learning_rate=1e-2, chat=True) == {
+    batches = {"per_device_train_batch_size": 2, "per_device_eval_batch_size": 4}  # rows of 512 tokens: 1024 / 2048
+    assert model_defaults("org/model", adapter=True, preset_learning_rate=1e-2, row_tokens=512, chat=True) == {
         "learning_rate": 1e-3,
         "modules_to_save": "",
+        **batches,
     }
-    assert model_defaults("org/model", adapter=False, preset_learning_rate=3e-3, chat=True) == {"learning_rate": 5e-5}
+    assert model_defaults("org/model", adapter=False, preset_learning_rate=3e-3, row_tokens=512, chat=True) == {
+        "learning_rate": 5e-5,
+        **batches,
+    }
     assert model_defaults("tiny", adapter=True, preset_learning_rate=1e-2, chat=True)["learning_rate"] == 1e-2
