@@ -208,6 +208,9 @@ def set_model_defaults(
     known = {action.dest for action in parser._actions}  # a script without batch-size flags takes only the rest
     defaults = model_defaults(model, adapter, parser.get_default("learning_rate"), row_tokens)
     flags = dict(defaults)
+    if trl:  # TRL's preference and RL scripts size their own batches: pairs of answers, groups of generations
+        flags = {k: v for k, v in flags.items() if not k.startswith("per_device_")}
+        defaults = {k: v for k, v in defaults.items() if not k.startswith("per_device_")}
     if trl and "modules_to_save" in flags:
         modules = flags.pop("modules_to_save")
         flags["lora_modules_to_save"] = modules.split(",") if modules else None
