@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SCRIPTS, run_script
+from conftest import run_script
 
 
 @pytest.fixture(scope="module")
@@ -253,11 +253,7 @@ def test_profile_breakdown_buckets_kernels_by_what_launched_them():
 def test_big_batch_reaches_the_process_that_runs_the_case():
     """--big_batch sizes the 'big batch' rows inside each case's own process (seen on an H200: it was not passed on, so
     a 24-row request ran 16 rows)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("throughput", SCRIPTS / "benchmarks" / "throughput.py")
-    throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(throughput)
+    throughput = load_script("benchmarks/throughput.py", "throughput")
     case = next(c for c in throughput.CASES if c.big_batch and not c.launch)
     cmd = throughput.launch(case, throughput.Args(big_batch=24), Path("result.json"))
     assert cmd[cmd.index("--big_batch") + 1] == "24"

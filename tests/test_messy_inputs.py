@@ -42,7 +42,7 @@ def test_rows_with_a_null_or_blank_text_are_skipped_with_a_count(ext: str, tmp_p
 
 
 def test_a_json_column_mixing_text_and_objects_is_refused_naming_the_row(tmp_path: Path) -> None:
-    rows = [{"text": t} for t in DOCUMENTS]
+    rows: list[dict] = [{"text": t} for t in DOCUMENTS]
     rows[5]["text"] = {"body": "an object"}
     source = tmp_path / "mixed.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
