@@ -9,15 +9,49 @@ the reward functions as keyword arguments.
 
 import random
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
+from trl import ModelConfig
 from trl.data_utils import is_conversational
 
 from hftrain.chat import rating_conversations, read_rows
 from hftrain.errors import UserError
+
+
+@dataclass
+class PairArguments:  # dpo.py and reward_model.py: preference pairs
+    dataset: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic' (the rating task as pairs), a .jsonl/.json/.parquet file of pairs or a Hub dataset."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    dataset_train_split: str = field(default="train", metadata={"help": "The split of --dataset to train on."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "A split of --dataset to hold out (else --eval_size)."}
+    )
+    eval_dataset: str | None = field(default=None, metadata={"help": "A held-out file in the same format (else --eval_size)."})
+    eval_size: float = field(default=0.1, metadata={"help": "Share of --dataset held out without --eval_dataset."})
+    num_examples: int = field(default=2000, metadata={"help": "Pairs generated for --dataset synthetic."})
+    sft_start_steps: int = field(
+        default=60, metadata={"help": "SFT steps on the rating chats first when --model is a preset (0: none)."}
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "'default' (the project's ChatML template) or a .jinja file; else the tokenizer's own."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
+
+
+@dataclass
+class ModelArguments(ModelConfig):  # TRL's model flags: --use_peft, --lora_r, --lora_alpha, --lora_target_modules, ...
+    model_name_or_path: str = field(
+        default="tiny",
+        metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id.", "aliases": ["--model"]},
+    )
+
 
 # A rating task answer: the digit alone (spaces around it allowed). Anything else is malformed: the reward gives it 0
 # and the accuracy counts it wrong, so that sampling " 4 4 4" cannot earn what the answer "4" earns.

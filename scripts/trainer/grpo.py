@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from transformers import AutoTokenizer, HfArgumentParser, set_seed
-from trl import GRPOConfig, GRPOTrainer, ModelConfig, get_peft_config
+from trl import GRPOConfig, GRPOTrainer, get_peft_config
 
 from hftrain.checkpoints import resolve_checkpoint
 from hftrain.cli import check_output_dir, check_training_args, set_model_defaults
@@ -44,7 +44,15 @@ from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
 from hftrain.models import PRESETS, load_config, load_model, save_preset_base
 from hftrain.preemption import PreemptionCallback
-from hftrain.preference import RATING_ANSWER, check_chat_template, greedy_accuracy, load_rows, set_chat_template, sft_start
+from hftrain.preference import (
+    RATING_ANSWER,
+    ModelArguments,
+    check_chat_template,
+    greedy_accuracy,
+    load_rows,
+    set_chat_template,
+    sft_start,
+)
 from hftrain.reporting import GenerationMeter, ThroughputCallback, write_results
 from hftrain.rewards import check_reward_funcs, load_reward
 
@@ -90,14 +98,6 @@ class ScriptArguments:
         default=None, metadata={"help": "'default' (the project's ChatML template) or a .jinja file; else the tokenizer's own."}
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
-
-
-@dataclass
-class ModelArguments(ModelConfig):  # TRL's model flags: --use_peft, --lora_r, --lora_alpha, --lora_target_modules, ...
-    model_name_or_path: str = field(
-        default="tiny",
-        metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id.", "aliases": ["--model"]},
-    )
 
 
 def check_generation_batch(known: Any) -> None:

@@ -30,11 +30,9 @@ Docs: https://huggingface.co/docs/trl/reward_trainer  https://arxiv.org/abs/2203
 
 import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
 
-from dataclasses import dataclass, field
-
 import torch
 from transformers import AutoTokenizer, HfArgumentParser, set_seed
-from trl import ModelConfig, RewardConfig, RewardTrainer, get_peft_config
+from trl import RewardConfig, RewardTrainer, get_peft_config
 
 from hftrain.checkpoints import resolve_checkpoint
 from hftrain.cli import check_output_dir, check_training_args, set_model_defaults
@@ -43,43 +41,12 @@ from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
 from hftrain.models import PRESETS, load_config, save_preset_base
 from hftrain.preemption import PreemptionCallback
-from hftrain.preference import check_chat_template, load_rows, set_chat_template, sft_start
+from hftrain.preference import ModelArguments, PairArguments, check_chat_template, load_rows, set_chat_template, sft_start
 from hftrain.reporting import ThroughputCallback, write_results
 
 
-@dataclass
-class ScriptArguments:
-    dataset: str = field(
-        default="synthetic",
-        metadata={"help": "'synthetic' (the rating task as pairs), a .jsonl/.json/.parquet file of pairs or a Hub dataset."},
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
-    dataset_train_split: str = field(default="train", metadata={"help": "The split of --dataset to train on."})
-    dataset_test_split: str | None = field(
-        default=None, metadata={"help": "A split of --dataset to hold out (else --eval_size)."}
-    )
-    eval_dataset: str | None = field(default=None, metadata={"help": "A held-out file in the same format (else --eval_size)."})
-    eval_size: float = field(default=0.1, metadata={"help": "Share of --dataset held out without --eval_dataset."})
-    num_examples: int = field(default=2000, metadata={"help": "Pairs generated for --dataset synthetic."})
-    sft_start_steps: int = field(
-        default=60, metadata={"help": "SFT steps on the rating chats first when --model is a preset (0: none)."}
-    )
-    chat_template: str | None = field(
-        default=None, metadata={"help": "'default' (the project's ChatML template) or a .jinja file; else the tokenizer's own."}
-    )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
-
-
-@dataclass
-class ModelArguments(ModelConfig):  # TRL's model flags: --use_peft, --lora_r, --lora_alpha, --lora_target_modules, ...
-    model_name_or_path: str = field(
-        default="tiny",
-        metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id.", "aliases": ["--model"]},
-    )
-
-
 def main() -> None:
-    parser = HfArgumentParser((ScriptArguments, RewardConfig, ModelArguments))
+    parser = HfArgumentParser((PairArguments, RewardConfig, ModelArguments))
     parser.set_defaults(
         output_dir="output/trainer/reward_model",
         max_steps=100,
