@@ -249,3 +249,13 @@ def test_real_checkpoint_grpo_user_reward_raises_the_mean_reward(real_checkpoint
     m = read_metrics(out)
     rewards = [row["reward"] for row in m["log_history"] if "reward" in row]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards
+
+
+@pytest.mark.parametrize("script", ["dpo.py", "reward_model.py", "grpo.py"])
+def test_output_dir_that_is_the_model_folder_is_refused(script: str, workdir: Path, start_checkpoint: str) -> None:
+    """As in the other training scripts: the run would write over the checkpoint it starts from."""
+    weights = Path(start_checkpoint, "model.safetensors").read_bytes()
+    args = ["--model", start_checkpoint, "--output_dir", start_checkpoint, "--overwrite_output_dir", "--max_steps", "1"]
+    proc = run_script(f"trainer/{script}", *args, cwd=workdir, check=False)
+    assert proc.returncode == 1 and f"--output_dir {start_checkpoint} is --model {start_checkpoint} itself" in proc.stderr
+    assert Path(start_checkpoint, "model.safetensors").read_bytes() == weights

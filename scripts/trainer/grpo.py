@@ -143,8 +143,8 @@ def main() -> None:
         raise UserError("grpo.py trains bf16/float32 weights; quantised bases are not part of this example")
     check_training_args(training_args)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0
+    check_output_dir(  # never the --model folder, inside it or holding it (model_args: its model_name_or_path)
+        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, model_args
     )
 
     # Every row and every reward is checked before anything is loaded or written.
