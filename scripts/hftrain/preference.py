@@ -13,20 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset, DatasetDict
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 from trl import ModelConfig
 from trl.data_utils import is_conversational
 
 from hftrain.chat import rating_conversations, read_rows
+from hftrain.checkpoints import resolve_checkpoint
+from hftrain.cli import check_output_dir, check_training_args
+from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
+from hftrain.models import PRESETS, load_config, load_model, save_preset_base
 
 
 @dataclass
-class PairArguments:  # dpo.py and reward_model.py: preference pairs
+class DataArguments:  # dpo.py and reward_model.py take it as it is; grpo.py adds its rewards
     dataset: str = field(
         default="synthetic",
-        metadata={"help": "'synthetic' (the rating task as pairs), a .jsonl/.json/.parquet file of pairs or a Hub dataset."},
+        metadata={"help": "'synthetic' (the rating task), a .jsonl/.json/.parquet file of pairs or prompts, or a Hub dataset."},
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
     dataset_train_split: str = field(default="train", metadata={"help": "The split of --dataset to train on."})
@@ -35,7 +40,7 @@ class PairArguments:  # dpo.py and reward_model.py: preference pairs
     )
     eval_dataset: str | None = field(default=None, metadata={"help": "A held-out file in the same format (else --eval_size)."})
     eval_size: float = field(default=0.1, metadata={"help": "Share of --dataset held out without --eval_dataset."})
-    num_examples: int = field(default=2000, metadata={"help": "Pairs generated for --dataset synthetic."})
+    num_examples: int = field(default=2000, metadata={"help": "Rows (pairs or prompts) generated for --dataset synthetic."})
     sft_start_steps: int = field(
         default=60, metadata={"help": "SFT steps on the rating chats first when --model is a preset (0: none)."}
     )
@@ -51,6 +56,18 @@ class ModelArguments(ModelConfig):  # TRL's model flags: --use_peft, --lora_r, -
         default="tiny",
         metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id.", "aliases": ["--model"]},
     )
+
+
+# The defaults dpo.py, reward_model.py and grpo.py share (each adds its own steps, batch and learning rate).
+DEFAULTS: dict[str, Any] = dict(
+    logging_steps=10,
+    save_strategy="no",
+    gradient_checkpointing=None,  # off (TRL turns it on); None: no notice of its new name, --activation_checkpointing
+    bf16=torch.cuda.is_available(),
+    dataloader_pin_memory=torch.cuda.is_available(),
+    report_to=["tensorboard"],
+    lora_target_modules=["all-linear"],
+)
 
 
 # A rating task answer: the digit alone (spaces around it allowed). Anything else is malformed: the reward gives it 0
@@ -113,38 +130,28 @@ def check_prompts(rows: Dataset, source: str) -> None:
             raise UserError(f"row {i + 1} of {source} has an empty prompt; give every row the text the model answers")
 
 
-def load_rows(
-    kind: str,
-    dataset: str,
-    config_name: str | None,
-    train_split: str,
-    eval_dataset: str | None,
-    eval_split: str | None,
-    eval_size: float,
-    num_examples: int,
-    seed: int,
-) -> DatasetDict:
+def load_rows(kind: str, args: DataArguments, seed: int) -> DatasetDict:
     """Train and test splits of `kind` rows ('preference' or 'prompt'), every row checked. 'synthetic' is the rating
     task; else a file or Hub dataset, held out by --eval_dataset, --dataset_test_split or a share of the rows."""
     check = check_preference_rows if kind == "preference" else check_prompts
-    if dataset == "synthetic":
+    if args.dataset == "synthetic":
         make = rating_preferences if kind == "preference" else rating_prompts
-        n_eval = max(1, int(num_examples * eval_size))
+        n_eval = max(1, int(args.num_examples * args.eval_size))
         return DatasetDict(
-            train=Dataset.from_list(make(num_examples - n_eval, seed)), test=Dataset.from_list(make(n_eval, seed + 1))
+            train=Dataset.from_list(make(args.num_examples - n_eval, seed)), test=Dataset.from_list(make(n_eval, seed + 1))
         )
-    train = read_rows(dataset, config_name, train_split)
-    check(train, dataset)
-    if eval_dataset is not None or eval_split is not None:
-        name = eval_dataset or f"{dataset} ({eval_split})"
-        test = read_rows(eval_dataset or dataset, config_name, eval_split or "train")
+    train = read_rows(args.dataset, args.dataset_config_name, args.dataset_train_split)
+    check(train, args.dataset)
+    if args.eval_dataset is not None or args.dataset_test_split is not None:
+        name = args.eval_dataset or f"{args.dataset} ({args.dataset_test_split})"
+        test = read_rows(args.eval_dataset or args.dataset, args.dataset_config_name, args.dataset_test_split or "train")
         check(test, name)
         return DatasetDict(train=train, test=test)
     if len(train) < 2:
         raise UserError(
-            f"--dataset {dataset} holds {len(train)} rows; it needs at least 2 (train and eval), or pass --eval_dataset"
+            f"--dataset {args.dataset} holds {len(train)} rows; it needs at least 2 (train and eval), or pass --eval_dataset"
         )
-    return train.train_test_split(test_size=eval_size, seed=seed)
+    return train.train_test_split(test_size=args.eval_size, seed=seed)
 
 
 def check_chat_template(rows: Dataset, tokenizer: PreTrainedTokenizerBase, model: str) -> bool:
@@ -170,13 +177,54 @@ def set_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | N
         tokenizer.chat_template = Path(chat_template).read_text()
 
 
+def check_run(script: str, args: DataArguments, training_args: Any, model_args: ModelArguments) -> str | None:
+    """What every run checks before it loads anything: an unquantised base, the training flags, the output folder
+    (never the --model folder, inside it or holding it). Returns the checkpoint to resume from, if any."""
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise UserError(f"{script} trains bf16/float32 weights; quantised bases are not part of this example")
+    check_training_args(training_args)
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    main = training_args.process_index == 0
+    check_output_dir(training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, main, model_args)
+    return checkpoint
+
+
+def load_tokenizer(
+    model: str, rows: Dataset, chat_template: str | None, training_args: Any
+) -> tuple[PreTrainedTokenizerBase, bool]:
+    """The tokenizer of --model (a preset's is the prepared data's) with its chat template (--chat_template), checked
+    against the rows; and whether they are conversational."""
+    preset = model in PRESETS
+    if preset:
+        with training_args.main_process_first():
+            tokenizer = load_prepared(DEFAULT_DATA_DIR).tokenizer
+    else:
+        load_config(model, training_args.trust_remote_code)  # one sentence if it is not a checkpoint
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=training_args.trust_remote_code)
+    set_chat_template(tokenizer, chat_template, preset)
+    return tokenizer, check_chat_template(rows, tokenizer, model)
+
+
+def start_model(model: str, tokenizer: PreTrainedTokenizerBase, sft_start_steps: int, training_args: Any, save: bool) -> str:
+    """The folder training starts from: --model itself; for a preset, its short SFT start (random weights answer
+    nothing yet) or, with --sft_start_steps 0 and `save`, its random weights saved, so that a reference model or an
+    adapter's base loads the same weights."""
+    set_seed(training_args.seed)
+    if model not in PRESETS:
+        return model
+    if sft_start_steps:
+        return sft_start(model, tokenizer, sft_start_steps, training_args)
+    if not save:
+        return model
+    with training_args.main_process_first():
+        return save_preset_base(model, tokenizer, training_args.output_dir, training_args.process_index == 0)
+
+
 def sft_start(preset: str, tokenizer: PreTrainedTokenizerBase, steps: int, training_args: Any) -> str:
     """A preset's random weights cannot answer at all, so neither a preference nor a reward can tell answers apart:
     `steps` of TRL's SFTTrainer on the rating chats teach it the answer format (and part of the task), saved to
     <output_dir>/sft_start, the start (and the LoRA base) of the run. Every process takes part (DDP)."""
     from trl import SFTConfig, SFTTrainer
-
-    from hftrain.models import load_model
 
     out = str(Path(training_args.output_dir, "sft_start"))
     config = SFTConfig(
@@ -186,7 +234,7 @@ def sft_start(preset: str, tokenizer: PreTrainedTokenizerBase, steps: int, train
         learning_rate=3e-3,
         warmup_steps=min(10, steps),
         assistant_only_loss=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         save_strategy="no",
         report_to=[],
         logging_steps=max(1, steps // 4),
@@ -202,6 +250,22 @@ def sft_start(preset: str, tokenizer: PreTrainedTokenizerBase, steps: int, train
     trainer.save_model()  # main process; the others wait for it below
     trainer.accelerator.wait_for_everyone()
     return out
+
+
+def run_facts(
+    trainer: Any, train_result: Any, base: str, dataset: str, task: str, throughput: Any, eval_metrics: dict | None = None
+) -> dict[str, Any]:
+    """What metrics.json and the model card hold of every run besides its own figures: the final held-out metrics
+    under TRL's names, the loss, steps, base, data, tokens/s and peak memory."""
+    return {
+        **{k: v for k, v in (eval_metrics or {}).items() if k.startswith("eval_")},
+        "train_loss": train_result.training_loss,
+        "steps": trainer.state.global_step,
+        "base_model": base,
+        "dataset": dataset,
+        "task": task,
+        **throughput.metrics,
+    }
 
 
 def greedy_accuracy(model: Any, tokenizer: PreTrainedTokenizerBase, rows: Dataset, max_new_tokens: int = 4) -> float:

@@ -32,33 +32,23 @@ Docs: https://huggingface.co/docs/trl/dpo_trainer  https://arxiv.org/abs/2305.18
 import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from transformers import HfArgumentParser
 from trl import DPOConfig, DPOTrainer, get_peft_config
 
-from hftrain.checkpoints import resolve_checkpoint
-from hftrain.cli import check_output_dir, check_training_args, set_model_defaults
-from hftrain.data import DEFAULT_DATA_DIR, load_prepared
-from hftrain.errors import UserError
+from hftrain import preference
+from hftrain.cli import set_model_defaults
 from hftrain.extras import check_training_extras
-from hftrain.models import PRESETS, load_config, load_model, save_preset_base
+from hftrain.models import load_model
 from hftrain.preemption import PreemptionCallback
-from hftrain.preference import (
-    ModelArguments,
-    PairArguments,
-    check_chat_template,
-    greedy_accuracy,
-    load_rows,
-    set_chat_template,
-    sft_start,
-)
 from hftrain.reporting import ThroughputCallback, write_results
 
 
 def main() -> None:
-    parser = HfArgumentParser((PairArguments, DPOConfig, ModelArguments))
+    parser = HfArgumentParser((preference.DataArguments, DPOConfig, preference.ModelArguments))
     known = parser.parse_known_args()[0]
     check_training_extras(known)
     parser.set_defaults(
+        **preference.DEFAULTS,
         output_dir="output/trainer/dpo",
         max_steps=150,
         per_device_train_batch_size=32,
@@ -72,63 +62,26 @@ def main() -> None:
         eval_strategy="steps",
         eval_steps=50,
         eval_on_start=True,  # eval_rewards/* at step 0: margins 0 and accuracy ~0, the reference's own view
-        logging_steps=10,
-        save_strategy="no",
         max_length=512,
-        gradient_checkpointing=False,  # TRL turns it on by default; small models do not need it
-        bf16=torch.cuda.is_available(),
-        dataloader_pin_memory=torch.cuda.is_available(),
-        report_to=["tensorboard"],
-        lora_target_modules=["all-linear"],
     )
     # learning_rate: the script's own on a preset's SFT start; a checkpoint's gentle 5e-5 (2e-4 LoRA), printed
     parser.set_defaults(learning_rate=2e-3 if known.use_peft else 1e-3)
     set_model_defaults(parser, known.model_name_or_path, known.use_peft, trl=True)
     args, training_args, model_args = parser.parse_args_into_dataclasses()
-    model_name = model_args.model_name_or_path
-    preset = model_name in PRESETS
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        raise UserError("dpo.py trains bf16/float32 weights; quantised bases are not part of this example")
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
-    check_training_args(training_args)
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(  # never the --model folder, inside it or holding it (model_args: its model_name_or_path)
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, model_args
-    )
+    checkpoint = preference.check_run("dpo.py", args, training_args, model_args)
 
     # Every row is checked before anything is loaded or written.
-    data = load_rows(
-        "preference",
-        args.dataset,
-        args.dataset_config_name,
-        args.dataset_train_split,
-        args.eval_dataset,
-        args.dataset_test_split,
-        args.eval_size,
-        args.num_examples,
-        training_args.seed,
-    )
-    if preset:
-        with training_args.main_process_first():
-            tokenizer = load_prepared(DEFAULT_DATA_DIR).tokenizer
-    else:
-        load_config(model_name, training_args.trust_remote_code)  # one sentence if it is not a checkpoint
-        tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
-    set_chat_template(tokenizer, args.chat_template, preset)
-    check_chat_template(data["train"], tokenizer, model_name)
-
-    set_seed(training_args.seed)
-    base = model_name
-    if preset and args.sft_start_steps:  # random weights answer nothing yet: a short SFT teaches the format first
-        base = sft_start(model_name, tokenizer, args.sft_start_steps, training_args)
-    elif preset:  # the reference (or an adapter's base) needs the same random weights: saved, they exist somewhere
-        with training_args.main_process_first():
-            base = save_preset_base(model_name, tokenizer, training_args.output_dir, training_args.process_index == 0)
+    data = preference.load_rows("preference", args, training_args.seed)
+    model_name = model_args.model_name_or_path
+    tokenizer, _ = preference.load_tokenizer(model_name, data["train"], args.chat_template, training_args)
+    # a preset: its short SFT start, or its random weights saved (the reference, or an adapter's base, loads them)
+    base = preference.start_model(model_name, tokenizer, args.sft_start_steps, training_args, save=True)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
     attn = model_args.attn_implementation or "sdpa"
     model = load_model(base, tokenizer, dtype=dtype, attn_implementation=attn)
     rating = args.dataset == "synthetic"
-    before = greedy_accuracy(model, tokenizer, data["test"]) if rating else None
+    before = preference.greedy_accuracy(model, tokenizer, data["test"]) if rating else None
 
     throughput = ThroughputCallback(seq_len=training_args.max_length or 512)
     # LoRA: the reference is the policy with its adapter switched off, no second copy; full fine-tuning: a frozen copy,
@@ -150,20 +103,16 @@ def main() -> None:
     trainer.save_model()
 
     if trainer.is_world_process_zero():
-        after = greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None
+        after = preference.greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None
         write_results(
             training_args.output_dir,
             {
                 "method": "DPO (TRL DPOTrainer)",
                 **({"eval_accuracy_before": before, "eval_accuracy": after} if rating else {}),
                 "accuracy_kind": "greedy answer" if rating else None,
-                **{k: v for k, v in eval_metrics.items() if k.startswith("eval_")},
-                "train_loss": train_result.training_loss,
-                "steps": trainer.state.global_step,
-                "base_model": base,
-                "dataset": args.dataset,
-                "task": "rating" if rating else "preference",
-                **throughput.metrics,
+                **preference.run_facts(
+                    trainer, train_result, base, args.dataset, "rating" if rating else "preference", throughput, eval_metrics
+                ),
             },
             trainer.state.log_history,
             curves=["rewards/margins", "eval_rewards/margins"],

@@ -34,25 +34,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from transformers import HfArgumentParser
 from trl import GRPOConfig, GRPOTrainer, get_peft_config
 
-from hftrain.checkpoints import resolve_checkpoint
-from hftrain.cli import check_output_dir, check_training_args, set_model_defaults
-from hftrain.data import DEFAULT_DATA_DIR, load_prepared
+from hftrain import preference
+from hftrain.cli import set_model_defaults
 from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
-from hftrain.models import PRESETS, load_config, load_model, save_preset_base
+from hftrain.models import load_model
 from hftrain.preemption import PreemptionCallback
-from hftrain.preference import (
-    RATING_ANSWER,
-    ModelArguments,
-    check_chat_template,
-    greedy_accuracy,
-    load_rows,
-    set_chat_template,
-    sft_start,
-)
 from hftrain.reporting import GenerationMeter, ThroughputCallback, write_results
 from hftrain.rewards import check_reward_funcs, load_reward
 
@@ -60,30 +50,18 @@ from hftrain.rewards import check_reward_funcs, load_reward
 def rating_reward(completions: list[Any], rating: list[str], **kwargs: Any) -> list[float]:
     """The rating task's verifiable reward, `rating` being the dataset's column of that name: 1 for the right rating,
     partial credit by distance (0.375 one star off, 0.25 two, 0.125 three, 0 four), 0 for a malformed answer (not a
-    rating alone: RATING_ANSWER)."""
+    rating alone: RATING_ANSWER in hftrain/preference.py)."""
     rewards = []
     for completion, answer in zip(completions, rating):
         text = completion[-1]["content"] if isinstance(completion, list) else completion  # a message list or text
-        found = re.fullmatch(RATING_ANSWER, text)
+        found = re.fullmatch(preference.RATING_ANSWER, text)
         distance = abs(int(found.group(1)) - int(answer)) if found else None
         rewards.append(0.0 if distance is None else 1.0 if distance == 0 else 0.5 - distance / 8)
     return rewards
 
 
 @dataclass
-class ScriptArguments:
-    dataset: str = field(
-        default="synthetic",
-        metadata={"help": "'synthetic' (the rating task as prompts), a .jsonl/.json/.parquet file of prompts or a Hub dataset."},
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
-    dataset_train_split: str = field(default="train", metadata={"help": "The split of --dataset to train on."})
-    dataset_test_split: str | None = field(
-        default=None, metadata={"help": "A split of --dataset to hold out (else --eval_size)."}
-    )
-    eval_dataset: str | None = field(default=None, metadata={"help": "A held-out file in the same format (else --eval_size)."})
-    eval_size: float = field(default=0.1, metadata={"help": "Share of --dataset held out without --eval_dataset."})
-    num_examples: int = field(default=4000, metadata={"help": "Prompts generated for --dataset synthetic."})
+class PromptArguments(preference.DataArguments):  # --dataset, --eval_dataset, --sft_start_steps, ... and the rewards
     reward_funcs: list[str] = field(
         default_factory=lambda: ["rating_reward"],
         metadata={
@@ -91,13 +69,6 @@ class ScriptArguments:
             "path/to/rewards.py:function, or a reward-model folder; several are summed (--reward_weights)."
         },
     )
-    sft_start_steps: int = field(
-        default=60, metadata={"help": "SFT steps on the rating chats before GRPO when --model is a preset (0: none)."}
-    )
-    chat_template: str | None = field(
-        default=None, metadata={"help": "'default' (the project's ChatML template) or a .jinja file; else the tokenizer's own."}
-    )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a run already in --output_dir."})
 
 
 def check_generation_batch(known: Any) -> None:
@@ -115,21 +86,16 @@ def check_generation_batch(known: Any) -> None:
 
 
 def main() -> None:
-    parser = HfArgumentParser((ScriptArguments, GRPOConfig, ModelArguments))
+    parser = HfArgumentParser((PromptArguments, GRPOConfig, preference.ModelArguments))
     parser.set_defaults(
+        **preference.DEFAULTS,
         output_dir="output/trainer/grpo",
         max_steps=400,
+        num_examples=4000,
         per_device_train_batch_size=64,
         num_generations=8,  # 64 completions a step: 8 prompts x 8 answers
         max_completion_length=8,  # a rating is one token and the end of turn; a real task needs hundreds
         temperature=1.0,
-        logging_steps=10,
-        save_strategy="no",
-        gradient_checkpointing=False,  # TRL turns it on by default; small models do not need it
-        bf16=torch.cuda.is_available(),
-        dataloader_pin_memory=torch.cuda.is_available(),
-        report_to=["tensorboard"],
-        lora_target_modules=["all-linear"],
     )
     known = parser.parse_known_args()[0]
     check_training_extras(known)
@@ -137,52 +103,22 @@ def main() -> None:
     parser.set_defaults(learning_rate=2e-3 if known.use_peft else 1e-3)  # a preset's SFT start; a checkpoint's are gentler
     set_model_defaults(parser, known.model_name_or_path, known.use_peft, trl=True)
     args, training_args, model_args = parser.parse_args_into_dataclasses()
-    model_name = model_args.model_name_or_path
-    preset = model_name in PRESETS
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        raise UserError("grpo.py trains bf16/float32 weights; quantised bases are not part of this example")
-    check_training_args(training_args)
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(  # never the --model folder, inside it or holding it (model_args: its model_name_or_path)
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, model_args
-    )
+    checkpoint = preference.check_run("grpo.py", args, training_args, model_args)
 
     # Every row and every reward is checked before anything is loaded or written.
-    data = load_rows(
-        "prompt",
-        args.dataset,
-        args.dataset_config_name,
-        args.dataset_train_split,
-        args.eval_dataset,
-        args.dataset_test_split,
-        args.eval_size,
-        args.num_examples,
-        training_args.seed,
-    )
+    data = preference.load_rows("prompt", args, training_args.seed)
     reward_funcs = [
         load_reward(spec, {"rating_reward": rating_reward}, training_args.max_completion_length) for spec in args.reward_funcs
     ]
-    if preset:
-        with training_args.main_process_first():
-            tokenizer = load_prepared(DEFAULT_DATA_DIR).tokenizer
-    else:
-        load_config(model_name, training_args.trust_remote_code)  # one sentence if it is not a checkpoint
-        tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
-    set_chat_template(tokenizer, args.chat_template, preset)
-    conversational = check_chat_template(data["train"], tokenizer, model_name)
+    model_name = model_args.model_name_or_path
+    tokenizer, conversational = preference.load_tokenizer(model_name, data["train"], args.chat_template, training_args)
     check_reward_funcs(reward_funcs, data["train"], conversational)
-
-    set_seed(training_args.seed)
-    base = model_name
-    if preset and args.sft_start_steps:  # random weights never sample a rating: a short SFT teaches the format first
-        base = sft_start(model_name, tokenizer, args.sft_start_steps, training_args)
-    elif preset and model_args.use_peft:
-        with training_args.main_process_first():
-            base = save_preset_base(model_name, tokenizer, training_args.output_dir, training_args.process_index == 0)
+    # a preset: its short SFT start (random weights never sample a rating), or its random weights saved for LoRA
+    base = preference.start_model(model_name, tokenizer, args.sft_start_steps, training_args, save=model_args.use_peft)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
     model = load_model(base, tokenizer, dtype=dtype, attn_implementation=model_args.attn_implementation or "sdpa")
     rating = args.dataset == "synthetic"
-    before = greedy_accuracy(model, tokenizer, data["test"]) if rating else None
+    before = preference.greedy_accuracy(model, tokenizer, data["test"]) if rating else None
 
     throughput = ThroughputCallback(seq_len=training_args.max_completion_length)
     trainer = GRPOTrainer(
@@ -205,18 +141,13 @@ def main() -> None:
             {
                 "method": "GRPO (TRL GRPOTrainer)",
                 **({"eval_accuracy_before": before} if rating else {}),
-                "eval_accuracy": greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None,
+                "eval_accuracy": preference.greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None,
                 "accuracy_kind": "greedy answer" if rating else None,
                 "reward_first": rewards[0] if rewards else None,  # the mean reward of the sampled answers, first logged step
                 "reward_last": rewards[-1] if rewards else None,
                 "reward_funcs": args.reward_funcs,
                 "card_metrics": ["reward_first", "reward_last"],
-                "train_loss": train_result.training_loss,
-                "steps": trainer.state.global_step,
-                "base_model": base,
-                "dataset": args.dataset,
-                "task": "rating" if rating else "prompts",
-                **throughput.metrics,
+                **preference.run_facts(trainer, train_result, base, args.dataset, "rating" if rating else "prompts", throughput),
                 **generation.metrics(),
             },
             trainer.state.log_history,

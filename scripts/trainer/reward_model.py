@@ -30,24 +30,20 @@ Docs: https://huggingface.co/docs/trl/reward_trainer  https://arxiv.org/abs/2203
 
 import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
 
-import torch
-from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from transformers import HfArgumentParser
 from trl import RewardConfig, RewardTrainer, get_peft_config
 
-from hftrain.checkpoints import resolve_checkpoint
-from hftrain.cli import check_output_dir, check_training_args, set_model_defaults
-from hftrain.data import DEFAULT_DATA_DIR, load_prepared
-from hftrain.errors import UserError
+from hftrain import preference
+from hftrain.cli import set_model_defaults
 from hftrain.extras import check_training_extras
-from hftrain.models import PRESETS, load_config, save_preset_base
 from hftrain.preemption import PreemptionCallback
-from hftrain.preference import ModelArguments, PairArguments, check_chat_template, load_rows, set_chat_template, sft_start
 from hftrain.reporting import ThroughputCallback, write_results
 
 
 def main() -> None:
-    parser = HfArgumentParser((PairArguments, RewardConfig, ModelArguments))
+    parser = HfArgumentParser((preference.DataArguments, RewardConfig, preference.ModelArguments))
     parser.set_defaults(
+        **preference.DEFAULTS,
         output_dir="output/trainer/reward_model",
         max_steps=100,
         per_device_train_batch_size=32,
@@ -56,14 +52,7 @@ def main() -> None:
         eval_strategy="steps",
         eval_steps=50,
         eval_on_start=True,  # the held-out pair accuracy of the untrained head
-        logging_steps=10,
-        save_strategy="no",
         max_length=512,
-        gradient_checkpointing=False,
-        bf16=torch.cuda.is_available(),
-        dataloader_pin_memory=torch.cuda.is_available(),
-        report_to=["tensorboard"],
-        lora_target_modules=["all-linear"],
         lora_task_type="SEQ_CLS",  # PEFT keeps the new score head trainable and saves it with the adapter
     )
     known = parser.parse_known_args()[0]
@@ -72,44 +61,15 @@ def main() -> None:
     parser.set_defaults(learning_rate=1e-3 if known.use_peft else 3e-4)
     set_model_defaults(parser, known.model_name_or_path, known.use_peft, trl=True)
     args, training_args, model_args = parser.parse_args_into_dataclasses()
-    model_name = model_args.model_name_or_path
-    preset = model_name in PRESETS
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        raise UserError("reward_model.py trains bf16/float32 weights; quantised bases are not part of this example")
     training_args.include_num_input_tokens_seen = "non_padding"
-    check_training_args(training_args)
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(  # never the --model folder, inside it or holding it (model_args: its model_name_or_path)
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, model_args
-    )
+    checkpoint = preference.check_run("reward_model.py", args, training_args, model_args)
 
-    data = load_rows(
-        "preference",
-        args.dataset,
-        args.dataset_config_name,
-        args.dataset_train_split,
-        args.eval_dataset,
-        args.dataset_test_split,
-        args.eval_size,
-        args.num_examples,
-        training_args.seed,
-    )
-    if preset:
-        with training_args.main_process_first():
-            tokenizer = load_prepared(DEFAULT_DATA_DIR).tokenizer
-    else:
-        load_config(model_name, training_args.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
-    set_chat_template(tokenizer, args.chat_template, preset)
-    check_chat_template(data["train"], tokenizer, model_name)
-
-    set_seed(training_args.seed)
-    base = model_name
-    if preset and args.sft_start_steps:  # the body that SFT taught to read reviews; the score head starts random
-        base = sft_start(model_name, tokenizer, args.sft_start_steps, training_args)
-    elif preset:
-        with training_args.main_process_first():
-            base = save_preset_base(model_name, tokenizer, training_args.output_dir, training_args.process_index == 0)
+    data = preference.load_rows("preference", args, training_args.seed)
+    task = "rating" if args.dataset == "synthetic" else "preference"
+    tokenizer, _ = preference.load_tokenizer(model_args.model_name_or_path, data["train"], args.chat_template, training_args)
+    # a preset: the body that its short SFT start taught to read reviews (the score head starts random), or its
+    # random weights saved, as RewardTrainer loads the model from a folder
+    base = preference.start_model(model_args.model_name_or_path, tokenizer, args.sft_start_steps, training_args, save=True)
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
     # How TRL loads it (from_pretrained): safetensors only, and no layers swapped for kernels fetched from the Hub.
     attn = model_args.attn_implementation or "sdpa"
@@ -138,14 +98,8 @@ def main() -> None:
                 "model_kind": "sequence classifier",
                 "eval_accuracy_before": first["eval_accuracy"] if first["step"] == 0 else None,
                 "accuracy_kind": "held-out pairs scored chosen above rejected",
-                **{k: v for k, v in eval_metrics.items() if k.startswith("eval_")},
                 "card_metrics": ["eval_margin", "eval_loss"],
-                "train_loss": train_result.training_loss,
-                "steps": trainer.state.global_step,
-                "base_model": base,
-                "dataset": args.dataset,
-                "task": "rating" if args.dataset == "synthetic" else "preference",
-                **throughput.metrics,
+                **preference.run_facts(trainer, train_result, base, args.dataset, task, throughput, eval_metrics),
             },
             trainer.state.log_history,
             curves=["margin", "eval_margin"],
