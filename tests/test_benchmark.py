@@ -1,4 +1,5 @@
-"""The benchmark harness on CPU: its smoke run, skipped cases, and the packing its padding-free cases use."""
+"""The benchmark harness on CPU: its smoke run, the examples its rows launch, skipped cases, and the packing its
+padding-free cases use."""
 
 import json
 from pathlib import Path
@@ -11,7 +12,8 @@ from conftest import run_script
 
 @pytest.fixture(scope="module")
 def smoke(workdir):
-    cases = "P1,P2,FA2 padding-free,DDP x2"  # two that run on CPU, two that say why not
+    # a peer built in the harness's process, a row that launches flash_attention.py, two that say why not
+    cases = "P2,SDPA padding-free,FA2 padding-free,DDP x2"
     proc = run_script("benchmarks/throughput.py", "--smoke", "--cases", cases, "--output", "results/smoke/benchmark", cwd=workdir)
     return json.loads((workdir / "results/smoke/benchmark.json").read_text()), proc
 
@@ -20,8 +22,8 @@ def test_smoke_run_measures_every_case_it_can_and_says_why_not_for_the_rest(smok
     result, proc = smoke
     rows = {r["case"]: r for r in result["rows"]}
     assert list(rows) == [
-        "P1: padded + SDPA",
         "P2: 2048-token blocks + SDPA",
+        "SDPA padding-free (block-diagonal mask)",
         "FA2 padding-free",
         "DDP x2: blocks + Liger (big batch)",
     ]
@@ -29,9 +31,19 @@ def test_smoke_run_measures_every_case_it_can_and_says_why_not_for_the_rest(smok
         r = rows[name]
         assert r["tokens_per_s_per_gpu"] > 0 and r["step_time_s"] > 0 and r["loss"] > 0, r
         assert r["flops_per_token"] > 0 and r["gpus"] == 1
-    # Blocks are full rows: every step carries micro-batch x T real tokens; padded rows carry fewer.
+        assert [step for step, _ in r["loss_curve"]] == [1, 2, 3, 4], r  # 1 warm-up step, 3 measured
+    # Blocks are full rows: every step carries micro-batch x T real tokens; packed rows of whole documents carry fewer.
     assert rows["P2: 2048-token blocks + SDPA"]["tokens_per_step"] == 2 * result["seq_len"]
-    assert rows["P1: padded + SDPA"]["tokens_per_step"] < 2 * result["seq_len"]
+    packed = rows["SDPA padding-free (block-diagonal mask)"]
+    assert 0 < packed["tokens_per_step"] < 2 * result["seq_len"]
+    # That row is the example itself, run by the harness with the flags the row names.
+    assert packed["command"] == (
+        "python scripts/sdpa/flash_attention.py --attn_implementation sdpa --pack_rows 256 --per_device_train_batch_size 2"
+    )
+    assert (
+        f"| {packed['case']} | 2 | {packed['tokens_per_s_per_gpu']:,.0f} |"
+        in (workdir / "results/smoke/benchmark.md").read_text()
+    )
     assert rows["FA2 padding-free"]["skipped"] == "needs flash-attn and a CUDA GPU"
     assert rows["DDP x2: blocks + Liger (big batch)"]["skipped"].startswith("needs 2 GPUs")
     assert result["versions"]["torch"] == torch.__version__ and result["device"] == "cpu"
@@ -165,34 +177,48 @@ def load_script(path: str, name: str):
     return module
 
 
+def parse_flash_attention(script, argv, output_dir):
+    """flash_attention.py's own parsing of `argv`, and the `Recipe` its flags build (setting the Trainer's fields)."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((script.AttentionArguments, TrainingArguments))
+    args, training_args = parser.parse_args_into_dataclasses(args=[*argv, "--output_dir", str(output_dir)])
+    return args, training_args, script.recipe(args, training_args)
+
+
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "float8"])
 def test_the_script_and_the_benchmark_build_the_same_recipe(tmp_path, fp8):
-    """The command in flash_attention.py's docstring and the benchmark's recipe case hand the Trainer the same
-    settings: both are a `hftrain.recipe.Recipe`, here compared field by field, Trainer argument by argument."""
+    """The benchmark's recipe case launches flash_attention.py with exactly the flags of the command in the script's
+    docstring, and the script turns both into the same `hftrain.recipe.Recipe` and Trainer settings."""
     import re
     from dataclasses import replace
-
-    from transformers import HfArgumentParser, TrainingArguments
 
     bench = load_script("benchmarks/throughput.py", "throughput_script")
     script = load_script("sdpa/flash_attention.py", "flash_attention_script")
     line = next(ln for ln in script.__doc__.splitlines() if ("float8 (H100" in ln) == fp8 and "--compile_layers" in ln)
     flags = re.findall(r"--\w+(?: (?!--)\S+)?", line)
     argv = [part for flag in flags for part in flag.split(" ")]
-    args, training_args = HfArgumentParser((script.AttentionArguments, TrainingArguments)).parse_args_into_dataclasses(
-        args=[*argv, "--output_dir", str(tmp_path)]
-    )
-    from_script = script.recipe(args, training_args)
 
     case = {c.name: c for c in bench.CASES}[bench.RECIPE_FP8 if fp8 else bench.RECIPE_BF16]
     assert case.big_batch  # 16 rows on a GPU of 100 GiB or more, as the docstring's command
     case = replace(case, micro_batch=16)
-    bench_args = bench.Args(model="llama-3.2-1b", seq_len=2048)
-    from_bench = bench.recipe_of(case, bench_args.seq_len)
-    assert from_script == from_bench and from_bench.fp8 == fp8 and from_bench.fused_loss and from_bench.compile_layers
-    bench_training = bench.training_arguments(case, bench_args, str(tmp_path))
+    bench_args = bench.Args(model="llama-3.2-1b", data_dir="data/synthetic-long", seq_len=2048)
+    cmd = bench.launch(case, bench_args, tmp_path / "case")
+    assert cmd[1].endswith("scripts/sdpa/flash_attention.py")
+    named = bench.example_flags(case, bench_args.seq_len) + ["--per_device_train_batch_size", "16"]
+    own = [f for f in flags if not f.startswith(("--model ", "--data_dir "))]  # those two: every row's
+    assert sorted(own) == sorted(re.findall(r"--\w+(?: (?!--)\S+)?", " ".join(named)))
+    for flag in flags:  # each of the docstring's flags, with its value, is in the launched command
+        name, *value = flag.split(" ")
+        at = len(cmd) - 1 - cmd[::-1].index(name)  # the last occurrence: the one the parser keeps
+        assert cmd[at : at + 1 + len(value)] == [name, *value], flag
+
+    _, doc_training, from_doc = parse_flash_attention(script, argv, tmp_path / "doc")
+    _, bench_training, from_bench = parse_flash_attention(script, cmd[2:], tmp_path / "bench")
+    assert from_doc == from_bench and from_bench.fp8 == fp8 and from_bench.fused_loss and from_bench.compile_layers
+    assert from_bench.rows == 16 and from_bench.pack_rows == 2048
     for key in ("per_device_train_batch_size", "use_liger_kernel", "liger_kernel_config", "remove_unused_columns", "optim"):
-        assert getattr(training_args, key) == getattr(bench_training, key), key
+        assert getattr(doc_training, key) == getattr(bench_training, key), key
     assert bench_training.liger_kernel_config == {
         "fused_linear_cross_entropy": True,
         "cross_entropy": False,
@@ -200,10 +226,35 @@ def test_the_script_and_the_benchmark_build_the_same_recipe(tmp_path, fp8):
         "swiglu": False,
         "rope": False,
     }
-    tokenizer = type("Tok", (), {"pad_token_id": 0})()
-    ours, theirs = from_script.collator(0), bench.collator(case, tokenizer, bench_args.seq_len)
-    assert type(ours) is type(theirs) and ours.pad_to == theirs.pad_to == 16 * 2048
-    assert ours.flatten.return_flash_attn_kwargs and theirs.flatten.return_flash_attn_kwargs
+    collator = from_bench.collator(0)
+    assert collator.pad_to == 16 * 2048 and collator.flatten.return_flash_attn_kwargs
+
+
+def test_every_row_of_ours_is_what_its_example_builds_from_the_rows_flags(tmp_path):
+    """Each flash_attention.py row, launched as the harness launches it and parsed by the script itself, gets the
+    attention, batches, Liger kernels, compilation, float8 and optimizer the row names (flex attention and Liger's
+    full kernels next to packed rows were not flags the script took)."""
+    bench = load_script("benchmarks/throughput.py", "throughput_rows")
+    script = load_script("sdpa/flash_attention.py", "flash_attention_rows")
+    ours = [c for c in bench.CASES if c.script == bench.FLASH_ATTENTION]
+    assert len(ours) == 16 and not [c for c in bench.CASES if not c.script and not c.peer and c.gpus == 1 and not c.launch]
+    for i, case in enumerate(ours):
+        cmd = bench.launch(case, bench.Args(model="1b"), tmp_path / str(i))
+        args, training_args, recipe = parse_flash_attention(script, cmd[2:], tmp_path / f"parsed{i}")
+        assert args.attn_implementation == case.attn and args.padding_free == (case.batches == "packed"), case.name
+        assert args.pack_rows == (2048 if case.batches == "packed" else 0), case.name
+        assert (recipe.compile_layers, recipe.fp8, recipe.fused_loss) == (case.compile == "layers", case.fp8, case.fused_loss)
+        assert training_args.per_device_train_batch_size == case.micro_batch and training_args.optim.value == case.optim
+        assert training_args.use_liger_kernel == (case.liger or case.fused_loss), case.name
+        assert training_args.liger_kernel_config == (bench.FUSED_LOSS_ONLY if case.fused_loss and not case.liger else None)
+        if "galore" in case.optim:
+            assert training_args.optim_args == bench.GALORE_ARGS
+            assert training_args.optim_target_modules == bench.GALORE_TARGET_MODULES
+        assert (training_args.max_steps, training_args.logging_steps, training_args.lr_scheduler_type.value) == (
+            25,
+            5,
+            "constant",
+        )
 
 
 def test_profile_breakdown_buckets_kernels_by_what_launched_them():
@@ -255,5 +306,5 @@ def test_big_batch_reaches_the_process_that_runs_the_case():
     a 24-row request ran 16 rows)."""
     throughput = load_script("benchmarks/throughput.py", "throughput")
     case = next(c for c in throughput.CASES if c.big_batch and not c.launch)
-    cmd = throughput.launch(case, throughput.Args(big_batch=24), Path("result.json"))
+    cmd = throughput.launch(case, throughput.Args(big_batch=24), Path("case"))
     assert cmd[cmd.index("--big_batch") + 1] == "24"

@@ -97,9 +97,9 @@ class AttentionArguments(ScriptArguments):
     attn_implementation: str = field(
         default="flash_attention_2",
         metadata={
-            "help": "flash_attention_2 (needs the flash-attn package and a CUDA GPU), or sdpa / eager to run the same "
-            "padding-free batches without it (CPU too).",
-            "choices": ["flash_attention_2", "sdpa", "eager"],
+            "help": "flash_attention_2 (needs the flash-attn package and a CUDA GPU), or sdpa / eager / flex_attention to "
+            "run the same padding-free batches without it (CPU too).",
+            "choices": ["flash_attention_2", "sdpa", "eager", "flex_attention"],
         },
     )
     padding_free: bool = field(
@@ -143,10 +143,13 @@ def recipe(args: AttentionArguments, training_args: TrainingArguments) -> Recipe
         fp8=args.fp8,
         fused_loss=args.fused_loss,
     )
+    every_liger_kernel = training_args.use_liger_kernel  # --use_liger_kernel: all of Liger's kernels, as asked
     for key, value in r.training_arguments().items():
         # the optimizer stays the user's choice (its default is the recipe's fused AdamW); only packed rows
         # carry `documents`, which the Trainer must not drop as an unused column
-        if key != "optim" and (key != "remove_unused_columns" or args.pack_rows):
+        if key == "optim" or (key == "remove_unused_columns" and not args.pack_rows):
+            continue
+        if not (every_liger_kernel and "liger" in key):
             setattr(training_args, key, value)
     return r
 
