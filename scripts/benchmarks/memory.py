@@ -13,6 +13,11 @@ sequence length and bf16 weights, on synthetic fixed-length data:
 | `lora` | frozen bf16 base, adapters only learn: 2 + ~0 + ~0 |
 | `qlora` | frozen 4-bit NF4 base: ~0.55 + ~0 + ~0 (paged 8-bit AdamW for the adapters) |
 
+The cases are built here, one per fresh process (`measure_case`), not launched from the examples
+(scripts/trainer/galore.py, qlora.py): the table counts what only the process holding the model sees
+(the optimizer state's and the loaded weights' bytes), in pure bf16 weights on fixed-length rows, where
+the examples train in mixed precision on the data's own documents.
+
 Activation checkpointing is on in every case (as QLoRA's recipe has it), so activations are
 small and the differences are the weights, gradients and optimizer state each technique
 shrinks; `--no_activation_checkpointing` measures without it. "Full" fine-tuning here keeps
