@@ -12,8 +12,8 @@ from conftest import run_script
 
 @pytest.fixture(scope="module")
 def smoke(workdir):
-    # a peer built in the harness's process, a row that launches flash_attention.py, two that say why not
-    cases = "P2,SDPA padding-free,FA2 padding-free,DDP x2"
+    # a row that launches flash_attention.py, two that say why not (a peer, built in the harness's process: below)
+    cases = "SDPA padding-free,FA2 padding-free,DDP x2"
     proc = run_script("benchmarks/throughput.py", "--smoke", "--cases", cases, "--output", "results/smoke/benchmark", cwd=workdir)
     return json.loads((workdir / "results/smoke/benchmark.json").read_text()), proc
 
@@ -21,20 +21,12 @@ def smoke(workdir):
 def test_smoke_run_measures_every_case_it_can_and_says_why_not_for_the_rest(smoke, workdir):
     result, proc = smoke
     rows = {r["case"]: r for r in result["rows"]}
-    assert list(rows) == [
-        "P2: 2048-token blocks + SDPA",
-        "SDPA padding-free (block-diagonal mask)",
-        "FA2 padding-free",
-        "DDP x2: blocks + Liger (big batch)",
-    ]
-    for name in list(rows)[:2]:
-        r = rows[name]
-        assert r["tokens_per_s_per_gpu"] > 0 and r["step_time_s"] > 0 and r["loss"] > 0, r
-        assert r["flops_per_token"] > 0 and r["gpus"] == 1
-        assert [step for step, _ in r["loss_curve"]] == [1, 2, 3, 4], r  # 1 warm-up step, 3 measured
-    # Blocks are full rows: every step carries micro-batch x T real tokens; packed rows of whole documents carry fewer.
-    assert rows["P2: 2048-token blocks + SDPA"]["tokens_per_step"] == 2 * result["seq_len"]
+    assert list(rows) == ["SDPA padding-free (block-diagonal mask)", "FA2 padding-free", "DDP x2: blocks + Liger (big batch)"]
     packed = rows["SDPA padding-free (block-diagonal mask)"]
+    assert packed["tokens_per_s_per_gpu"] > 0 and packed["step_time_s"] > 0 and packed["loss"] > 0, packed
+    assert packed["flops_per_token"] > 0 and packed["gpus"] == 1
+    assert [step for step, _ in packed["loss_curve"]] == [1, 2, 3, 4], packed  # 1 warm-up step, 3 measured
+    # Packed rows of whole documents: fewer real tokens per step than micro-batch x T (blocks: exactly that, below).
     assert 0 < packed["tokens_per_step"] < 2 * result["seq_len"]
     # That row is the example itself, run by the harness with the flags the row names.
     assert packed["command"] == (
@@ -124,7 +116,7 @@ def test_a_failed_launch_is_reported_by_the_workers_own_exception():
 
 def test_a_checkpoint_directory_is_benchmarked_and_its_config_recorded(workdir, start_checkpoint):
     """--model <checkpoint>: the FLOPs count reads the checkpoint's config (it used to look the name up in the
-    presets and fail); the results record the model's config; --profile_steps adds where the time went."""
+    presets and fail); the results record the model's config; --profile_steps adds where the time went (a peer)."""
     out = "results/smoke/tiny-0.1m"  # a dotted name keeps its dots: tiny-0.1m.json, not tiny-0.json
     run_script(
         "benchmarks/throughput.py",
@@ -142,6 +134,9 @@ def test_a_checkpoint_directory_is_benchmarked_and_its_config_recorded(workdir, 
     result = json.loads((workdir / f"{out}.json").read_text())
     (row,) = result["rows"]
     assert result["model"] == start_checkpoint and row["tokens_per_s_per_gpu"] > 0 and row["flops_per_token"] > 0
+    # A peer, built in the harness's process; blocks are full rows: every step carries micro-batch x T real tokens.
+    assert row["tokens_per_step"] == 2 * result["seq_len"] and row["step_time_s"] > 0 and row["loss"] > 0
+    assert [step for step, _ in row["loss_curve"]] == [1, 2, 3, 4] and row["gpus"] == 1  # 1 warm-up step, 3 measured
     assert result["vocab_size"] == result["model_config"]["vocab_size"] == 640
     assert result["model_config"]["model_type"] == "llama" and result["model_config"]["num_hidden_layers"] == 2
     assert row["profile"]["steps"] == 1 and row["profile"]["step_ms"] > 0 and row["graph_breaks"] == 0
@@ -308,3 +303,24 @@ def test_big_batch_reaches_the_process_that_runs_the_case():
     case = next(c for c in throughput.CASES if c.big_batch and not c.launch)
     cmd = throughput.launch(case, throughput.Args(big_batch=24), Path("case"))
     assert cmd[cmd.index("--big_batch") + 1] == "24"
+
+
+def test_a_launched_rows_numbers_are_the_logged_steps_after_the_warm_up():
+    """An example's metrics.json read as a row: tokens and seconds between the warm-up's last logged row and the last
+    measured one; peak memory (CUDA: the callback's peak since the row before) over the measured rows only."""
+    from hftrain.benchmarking import after_warmup
+
+    def row(step, runtime, tokens, peak):
+        return {"loss": 3.0 - step / 10, "step": step, "train_runtime": runtime, "num_input_tokens_seen": tokens, **peak}
+
+    history = [
+        row(2, 9.0, 2000, {"peak_memory_gib": 70.0, "peak_reserved_gib": 75.0}),  # warm-up: compilation's peak
+        row(4, 10.0, 4000, {"peak_memory_gib": 50.0, "peak_reserved_gib": 52.0}),
+        {"eval_loss": 1.0, "step": 4},
+        row(6, 11.0, 6000, {"peak_memory_gib": 51.0, "peak_reserved_gib": 53.0}),
+        row(8, 13.0, 8000, {"peak_memory_gib": 90.0, "peak_reserved_gib": 95.0}),  # after the measured steps
+    ]
+    r = after_warmup({"log_history": history}, warmup=2, steps=4)
+    assert r["tokens_per_s"] == 4000 / 2.0 and r["step_time_s"] == 0.5 and r["tokens_per_step"] == 1000
+    assert (r["peak_allocated_gib"], r["peak_reserved_gib"]) == (51.0, 53.0) and r["loss"] == 3.0 - 0.6
+    assert [step for step, _ in r["loss_curve"]] == [2, 4, 6]

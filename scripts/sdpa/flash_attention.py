@@ -20,8 +20,8 @@ batch's loss up to float rounding (tests/test_attention.py checks it).
         --pack_rows 2048 --compile_layers --fused_loss --per_device_train_batch_size 16   # the benchmark's bf16 recipe
     ... --pack_rows 2048 --compile_layers --fused_loss --fp8 --per_device_train_batch_size 16   # float8 (H100/H200)
 
-Those flags build a `hftrain.recipe.Recipe`, the same class the benchmark's recipe cases are built from
-(tests/test_benchmark.py checks that both hand the Trainer the same settings).
+Those flags build a `hftrain.recipe.Recipe`; the benchmark's recipe cases launch this script with them
+(tests/test_benchmark.py checks the flags and the settings they hand the Trainer).
 
 With sdpa or eager the same packed batches work too: transformers turns the restarting
 `position_ids` into a block-diagonal causal mask (see hftrain/packing.py for when it does not).
@@ -133,7 +133,7 @@ class AttentionArguments(ScriptArguments):
 
 
 def recipe(args: AttentionArguments, training_args: TrainingArguments) -> Recipe:
-    """The flags as the benchmark's `Recipe`; its Trainer settings (micro-batch in rows, fused loss,
+    """The flags as a `Recipe`; its Trainer settings (micro-batch in rows, fused loss,
     `remove_unused_columns=False` for the packed rows' `documents`) are set on `training_args`."""
     r = Recipe(
         attn_implementation=args.attn_implementation,
