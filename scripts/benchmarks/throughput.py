@@ -16,8 +16,8 @@ are built here, in the case's own process, `measure_case`):
 The project's cases keep documents isolated (padding-free rows, FlashAttention-2's varlen kernel
 attending within each document) and add Liger, regional compilation, float8 and the large micro-batch. Each
 is the example itself, launched as a user runs it: scripts/sdpa/flash_attention.py with the flags the case
-names (`example_flags`, recorded in the row as `command`), and for FSDP2 + QLoRA
-scripts/trainer/sharded/fsdp_qlora.py under accelerate_config_fsdp_qlora.yaml; the row's numbers are the
+names (`example_flags`, recorded in the row as `command`), for QLoRA scripts/trainer/qlora.py, and for
+FSDP2 + QLoRA scripts/trainer/sharded/fsdp_qlora.py under accelerate_config_fsdp_qlora.yaml; the row's numbers are the
 ones the script writes to its metrics.json (`hftrain.benchmarking.after_warmup`). The several-GPU rows
 scale the P3 peer (DDP, FSDP2, ZeRO-3) and are built here too.
 
@@ -126,7 +126,7 @@ def example_flags(case: Case, seq_len: int) -> list[str]:
     """The flags of the case's example that make the case (the script's defaults left out; the micro-batch is
     `trainer_flags`'s --per_device_train_batch_size): what a user types."""
     if case.script != FLASH_ATTENTION:
-        return ["--learning_rate", "1e-3"] if case.adapter else []  # fsdp_qlora.py: its own settings, few parameters
+        return ["--learning_rate", "1e-3"] if case.adapter else []  # (fsdp_)qlora.py: its own settings, few parameters
     flags = [] if case.attn == "flash_attention_2" else ["--attn_implementation", case.attn]
     flags += ["--padding_free", "false"] if case.batches == "padded" else ["--pack_rows", str(seq_len)]
     flags += [
@@ -191,6 +191,8 @@ CASES = [
         fused_loss=True,
         big_batch=True,
     ),
+    # QLoRA as scripts/trainer/qlora.py teaches it: its own padded batches, gradient checkpointing, 8-bit paged AdamW
+    Case("QLoRA (qlora.py)", "padded", adapter="qlora", optim="paged_adamw_8bit", script="trainer/qlora.py"),
     packed("GaLore (FA2 padding-free)", optim="galore_adamw"),
     packed("8-bit AdamW (FA2 padding-free)", optim="adamw_bnb_8bit"),
 ]
@@ -452,8 +454,14 @@ def example_row(case: Case, metrics: dict[str, Any], args: Args, fpt: float) -> 
         "gpus": metrics["num_devices"],
         "flops_per_token": fpt,
         "micro_batch": case.micro_batch,
-        "command": " ".join([f"python scripts/{case.script}", *example_flags(case, args.seq_len)])
-        + f" --per_device_train_batch_size {case.micro_batch}",
+        "command": " ".join(
+            [
+                f"accelerate launch --config_file {case.launch} --num_processes {case.gpus}" if case.launch else "python",
+                f"scripts/{case.script}",
+                *example_flags(case, args.seq_len),
+                f"--per_device_train_batch_size {case.micro_batch}",
+            ]
+        ),
     }
 
 
