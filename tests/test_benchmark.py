@@ -324,3 +324,35 @@ def test_a_launched_rows_numbers_are_the_logged_steps_after_the_warm_up():
     assert r["tokens_per_s"] == 4000 / 2.0 and r["step_time_s"] == 0.5 and r["tokens_per_step"] == 1000
     assert (r["peak_allocated_gib"], r["peak_reserved_gib"]) == (51.0, 53.0) and r["loss"] == 3.0 - 0.6
     assert [step for step, _ in r["loss_curve"]] == [2, 4, 6]
+
+
+def test_the_callback_logs_each_rows_peak_memory_since_the_row_before(monkeypatch):
+    """On CUDA each logged loss row gets the peak memory since the row before (the benchmarks read the measured steps'
+    peak from metrics.json), and the run's own peak still counts the whole run. CUDA's counters faked here."""
+    import hftrain.reporting as reporting
+
+    peaks = {"allocated": 0.0, "reserved": 0.0}
+    monkeypatch.setattr(reporting.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(reporting, "peak_memory_gib", lambda: peaks["allocated"])
+    monkeypatch.setattr(reporting, "peak_reserved_gib", lambda: peaks["reserved"])
+    monkeypatch.setattr(reporting, "reset_peak_memory", lambda: peaks.update(allocated=1.0, reserved=2.0))
+    monkeypatch.setattr(reporting, "synchronize", lambda: None)
+    monkeypatch.setattr(reporting, "device_name", lambda: "fake GPU")
+
+    state = type("State", (), {"log_history": [], "global_step": 0, "num_input_tokens_seen": 0})()
+    callback = reporting.ThroughputCallback(seq_len=8)
+    callback._start(state)
+    for step, (allocated, reserved) in enumerate([(70.0, 75.0), (50.0, 52.0)], start=1):
+        peaks.update(allocated=allocated, reserved=reserved)
+        state.global_step, state.num_input_tokens_seen = step, 100 * step
+        state.log_history.append({"loss": 1.0, "step": step})
+        callback.on_log(None, state, None, logs={"loss": 1.0})
+    state.log_history.append({"eval_loss": 1.0, "step": 2})
+    callback.on_log(None, state, None, logs={"eval_loss": 1.0})  # not a training row: left alone
+    assert [(r.get("peak_memory_gib"), r.get("peak_reserved_gib")) for r in state.log_history] == [
+        (70.0, 75.0),
+        (50.0, 52.0),
+        (None, None),
+    ]
+    callback._stop(state)
+    assert (callback.metrics["peak_memory_gib"], callback.metrics["peak_reserved_gib"]) == (70.0, 75.0)
