@@ -60,6 +60,7 @@ from hftrain.models import load_model, save_preset_base
 from hftrain.quantization import load_4bit
 from hftrain.reporting import ThroughputCallback
 
+
 @dataclass(frozen=True)
 class Case:
     optim: str  # TrainingArguments.optim

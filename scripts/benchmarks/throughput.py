@@ -478,7 +478,13 @@ def run_matrix(args: Args, cases: list[Case], fpt: float) -> list[dict[str, Any]
                 env = case_env(one_gpu=not case.launch)
                 measured = run_case(case.name, launch(case, args, out), env, result_file(case, out), args.case_timeout)
                 if case.script and "error" not in measured:
-                    measured = {"wall_s": measured["wall_s"], **example_row(case, measured, args, fpt)}
+                    try:
+                        measured = {"wall_s": measured["wall_s"], **example_row(case, measured, args, fpt)}
+                    except KeyError as missing:  # e.g. a run stopped early: the row says so, the others still run
+                        measured = {
+                            "wall_s": measured["wall_s"],
+                            "error": f"its metrics.json lacks {missing} (a step's logged row or a field)",
+                        }
                 row |= measured
             print(
                 {k: row[k] for k in row if k in ("case", "tokens_per_s_per_gpu", "peak_allocated_gib", "skipped", "error")},

@@ -153,11 +153,12 @@ class ThroughputCallback(TrainerCallback):
     """For the Trainer: needs `include_num_input_tokens_seen="non_padding"` so padding is not counted.
 
     The examples measure the whole run. On CUDA each logged loss row also gets the peak memory since the row before
-    (`peak_memory_gib`, `peak_reserved_gib`): with the row's `train_runtime` and `num_input_tokens_seen` (the Trainer's
-    own), the benchmarks read any stretch of steps from metrics.json, e.g. the steps after a warm-up. The benchmarks start the clock after `warmup_steps` (compilation,
-    allocator, autotuning left out) and, with `measured_steps`, stop it that many steps later (the steps after
-    are profiled, not measured); peak memory counts from the clock's start, or from the first step with
-    `peak_memory_over_warmup` (a first optimizer step allocates the state, and the memory table counts it)."""
+    (`peak_memory_gib`, `peak_reserved_gib`): with the row's `train_runtime` and `num_input_tokens_seen` (the
+    Trainer's own), a benchmark reads any stretch of steps from an example's metrics.json, e.g. those after a warm-up.
+    The cases a benchmark builds itself start the clock after `warmup_steps` (compilation, allocator, autotuning left
+    out) and, with `measured_steps`, stop it that many steps later (the steps after are profiled, not measured); peak
+    memory counts from the clock's start, or from the first step with `peak_memory_over_warmup` (a first optimizer
+    step allocates the state, and the memory table counts it)."""
 
     def __init__(
         self, seq_len: int, warmup_steps: int = 0, measured_steps: int = 0, peak_memory_over_warmup: bool = False
