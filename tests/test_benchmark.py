@@ -1,4 +1,5 @@
-"""The benchmark harness on CPU: its smoke run, skipped cases, and the packing its padding-free cases use."""
+"""The benchmark harness on CPU: its smoke run, the examples its rows launch, skipped cases, and the packing its
+padding-free cases use."""
 
 import json
 from pathlib import Path
@@ -11,7 +12,8 @@ from conftest import run_script
 
 @pytest.fixture(scope="module")
 def smoke(workdir):
-    cases = "P1,P2,FA2 padding-free,DDP x2"  # two that run on CPU, two that say why not
+    # a row that launches flash_attention.py, two that say why not (a peer, built in the harness's process: below)
+    cases = "SDPA padding-free,FA2 padding-free,DDP x2"
     proc = run_script("benchmarks/throughput.py", "--smoke", "--cases", cases, "--output", "results/smoke/benchmark", cwd=workdir)
     return json.loads((workdir / "results/smoke/benchmark.json").read_text()), proc
 
@@ -19,19 +21,21 @@ def smoke(workdir):
 def test_smoke_run_measures_every_case_it_can_and_says_why_not_for_the_rest(smoke, workdir):
     result, proc = smoke
     rows = {r["case"]: r for r in result["rows"]}
-    assert list(rows) == [
-        "P1: padded + SDPA",
-        "P2: 2048-token blocks + SDPA",
-        "FA2 padding-free",
-        "DDP x2: blocks + Liger (big batch)",
-    ]
-    for name in list(rows)[:2]:
-        r = rows[name]
-        assert r["tokens_per_s_per_gpu"] > 0 and r["step_time_s"] > 0 and r["loss"] > 0, r
-        assert r["flops_per_token"] > 0 and r["gpus"] == 1
-    # Blocks are full rows: every step carries micro-batch x T real tokens; padded rows carry fewer.
-    assert rows["P2: 2048-token blocks + SDPA"]["tokens_per_step"] == 2 * result["seq_len"]
-    assert rows["P1: padded + SDPA"]["tokens_per_step"] < 2 * result["seq_len"]
+    assert list(rows) == ["SDPA padding-free (block-diagonal mask)", "FA2 padding-free", "DDP x2: blocks + Liger (big batch)"]
+    packed = rows["SDPA padding-free (block-diagonal mask)"]
+    assert packed["tokens_per_s_per_gpu"] > 0 and packed["step_time_s"] > 0 and packed["loss"] > 0, packed
+    assert packed["flops_per_token"] > 0 and packed["gpus"] == 1
+    assert [step for step, _ in packed["loss_curve"]] == [1, 2, 3, 4], packed  # 1 warm-up step, 3 measured
+    # Packed rows of whole documents: fewer real tokens per step than micro-batch x T (blocks: exactly that, below).
+    assert 0 < packed["tokens_per_step"] < 2 * result["seq_len"]
+    # That row is the example itself, run by the harness with the flags the row names.
+    assert packed["command"] == (
+        "python scripts/sdpa/flash_attention.py --attn_implementation sdpa --pack_rows 256 --per_device_train_batch_size 2"
+    )
+    assert (
+        f"| {packed['case']} | 2 | {packed['tokens_per_s_per_gpu']:,.0f} |"
+        in (workdir / "results/smoke/benchmark.md").read_text()
+    )
     assert rows["FA2 padding-free"]["skipped"] == "needs flash-attn and a CUDA GPU"
     assert rows["DDP x2: blocks + Liger (big batch)"]["skipped"].startswith("needs 2 GPUs")
     assert result["versions"]["torch"] == torch.__version__ and result["device"] == "cpu"
@@ -112,7 +116,7 @@ def test_a_failed_launch_is_reported_by_the_workers_own_exception():
 
 def test_a_checkpoint_directory_is_benchmarked_and_its_config_recorded(workdir, start_checkpoint):
     """--model <checkpoint>: the FLOPs count reads the checkpoint's config (it used to look the name up in the
-    presets and fail); the results record the model's config; --profile_steps adds where the time went."""
+    presets and fail); the results record the model's config; --profile_steps adds where the time went (a peer)."""
     out = "results/smoke/tiny-0.1m"  # a dotted name keeps its dots: tiny-0.1m.json, not tiny-0.json
     run_script(
         "benchmarks/throughput.py",
@@ -130,6 +134,9 @@ def test_a_checkpoint_directory_is_benchmarked_and_its_config_recorded(workdir, 
     result = json.loads((workdir / f"{out}.json").read_text())
     (row,) = result["rows"]
     assert result["model"] == start_checkpoint and row["tokens_per_s_per_gpu"] > 0 and row["flops_per_token"] > 0
+    # A peer, built in the harness's process; blocks are full rows: every step carries micro-batch x T real tokens.
+    assert row["tokens_per_step"] == 2 * result["seq_len"] and row["step_time_s"] > 0 and row["loss"] > 0
+    assert [step for step, _ in row["loss_curve"]] == [1, 2, 3, 4] and row["gpus"] == 1  # 1 warm-up step, 3 measured
     assert result["vocab_size"] == result["model_config"]["vocab_size"] == 640
     assert result["model_config"]["model_type"] == "llama" and result["model_config"]["num_hidden_layers"] == 2
     assert row["profile"]["steps"] == 1 and row["profile"]["step_ms"] > 0 and row["graph_breaks"] == 0
@@ -165,34 +172,48 @@ def load_script(path: str, name: str):
     return module
 
 
+def parse_flash_attention(script, argv, output_dir):
+    """flash_attention.py's own parsing of `argv`, and the `Recipe` its flags build (setting the Trainer's fields)."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((script.AttentionArguments, TrainingArguments))
+    args, training_args = parser.parse_args_into_dataclasses(args=[*argv, "--output_dir", str(output_dir)])
+    return args, training_args, script.recipe(args, training_args)
+
+
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "float8"])
 def test_the_script_and_the_benchmark_build_the_same_recipe(tmp_path, fp8):
-    """The command in flash_attention.py's docstring and the benchmark's recipe case hand the Trainer the same
-    settings: both are a `hftrain.recipe.Recipe`, here compared field by field, Trainer argument by argument."""
+    """The benchmark's recipe case launches flash_attention.py with exactly the flags of the command in the script's
+    docstring, and the script turns both into the same `hftrain.recipe.Recipe` and Trainer settings."""
     import re
     from dataclasses import replace
-
-    from transformers import HfArgumentParser, TrainingArguments
 
     bench = load_script("benchmarks/throughput.py", "throughput_script")
     script = load_script("sdpa/flash_attention.py", "flash_attention_script")
     line = next(ln for ln in script.__doc__.splitlines() if ("float8 (H100" in ln) == fp8 and "--compile_layers" in ln)
     flags = re.findall(r"--\w+(?: (?!--)\S+)?", line)
     argv = [part for flag in flags for part in flag.split(" ")]
-    args, training_args = HfArgumentParser((script.AttentionArguments, TrainingArguments)).parse_args_into_dataclasses(
-        args=[*argv, "--output_dir", str(tmp_path)]
-    )
-    from_script = script.recipe(args, training_args)
 
     case = {c.name: c for c in bench.CASES}[bench.RECIPE_FP8 if fp8 else bench.RECIPE_BF16]
     assert case.big_batch  # 16 rows on a GPU of 100 GiB or more, as the docstring's command
     case = replace(case, micro_batch=16)
-    bench_args = bench.Args(model="llama-3.2-1b", seq_len=2048)
-    from_bench = bench.recipe_of(case, bench_args.seq_len)
-    assert from_script == from_bench and from_bench.fp8 == fp8 and from_bench.fused_loss and from_bench.compile_layers
-    bench_training = bench.training_arguments(case, bench_args, str(tmp_path))
+    bench_args = bench.Args(model="llama-3.2-1b", data_dir="data/synthetic-long", seq_len=2048)
+    cmd = bench.launch(case, bench_args, tmp_path / "case")
+    assert cmd[1].endswith("scripts/sdpa/flash_attention.py")
+    named = bench.example_flags(case, bench_args.seq_len) + ["--per_device_train_batch_size", "16"]
+    own = [f for f in flags if not f.startswith(("--model ", "--data_dir "))]  # those two: every row's
+    assert sorted(own) == sorted(re.findall(r"--\w+(?: (?!--)\S+)?", " ".join(named)))
+    for flag in flags:  # each of the docstring's flags, with its value, is in the launched command
+        name, *value = flag.split(" ")
+        at = len(cmd) - 1 - cmd[::-1].index(name)  # the last occurrence: the one the parser keeps
+        assert cmd[at : at + 1 + len(value)] == [name, *value], flag
+
+    _, doc_training, from_doc = parse_flash_attention(script, argv, tmp_path / "doc")
+    _, bench_training, from_bench = parse_flash_attention(script, cmd[2:], tmp_path / "bench")
+    assert from_doc == from_bench and from_bench.fp8 == fp8 and from_bench.fused_loss and from_bench.compile_layers
+    assert from_bench.rows == 16 and from_bench.pack_rows == 2048
     for key in ("per_device_train_batch_size", "use_liger_kernel", "liger_kernel_config", "remove_unused_columns", "optim"):
-        assert getattr(training_args, key) == getattr(bench_training, key), key
+        assert getattr(doc_training, key) == getattr(bench_training, key), key
     assert bench_training.liger_kernel_config == {
         "fused_linear_cross_entropy": True,
         "cross_entropy": False,
@@ -200,10 +221,35 @@ def test_the_script_and_the_benchmark_build_the_same_recipe(tmp_path, fp8):
         "swiglu": False,
         "rope": False,
     }
-    tokenizer = type("Tok", (), {"pad_token_id": 0})()
-    ours, theirs = from_script.collator(0), bench.collator(case, tokenizer, bench_args.seq_len)
-    assert type(ours) is type(theirs) and ours.pad_to == theirs.pad_to == 16 * 2048
-    assert ours.flatten.return_flash_attn_kwargs and theirs.flatten.return_flash_attn_kwargs
+    collator = from_bench.collator(0)
+    assert collator.pad_to == 16 * 2048 and collator.flatten.return_flash_attn_kwargs
+
+
+def test_every_row_of_ours_is_what_its_example_builds_from_the_rows_flags(tmp_path):
+    """Each flash_attention.py row, launched as the harness launches it and parsed by the script itself, gets the
+    attention, batches, Liger kernels, compilation, float8 and optimizer the row names (flex attention and Liger's
+    full kernels next to packed rows were not flags the script took)."""
+    bench = load_script("benchmarks/throughput.py", "throughput_rows")
+    script = load_script("sdpa/flash_attention.py", "flash_attention_rows")
+    ours = [c for c in bench.CASES if c.script == bench.FLASH_ATTENTION]
+    assert len(ours) == 16 and not [c for c in bench.CASES if not c.script and not c.peer and c.gpus == 1 and not c.launch]
+    for i, case in enumerate(ours):
+        cmd = bench.launch(case, bench.Args(model="1b"), tmp_path / str(i))
+        args, training_args, recipe = parse_flash_attention(script, cmd[2:], tmp_path / f"parsed{i}")
+        assert args.attn_implementation == case.attn and args.padding_free == (case.batches == "packed"), case.name
+        assert args.pack_rows == (2048 if case.batches == "packed" else 0), case.name
+        assert (recipe.compile_layers, recipe.fp8, recipe.fused_loss) == (case.compile == "layers", case.fp8, case.fused_loss)
+        assert training_args.per_device_train_batch_size == case.micro_batch and training_args.optim.value == case.optim
+        assert training_args.use_liger_kernel == (case.liger or case.fused_loss), case.name
+        assert training_args.liger_kernel_config == (bench.FUSED_LOSS_ONLY if case.fused_loss and not case.liger else None)
+        if "galore" in case.optim:
+            assert training_args.optim_args == bench.GALORE_ARGS
+            assert training_args.optim_target_modules == bench.GALORE_TARGET_MODULES
+        assert (training_args.max_steps, training_args.logging_steps, training_args.lr_scheduler_type.value) == (
+            25,
+            5,
+            "constant",
+        )
 
 
 def test_profile_breakdown_buckets_kernels_by_what_launched_them():
@@ -255,5 +301,58 @@ def test_big_batch_reaches_the_process_that_runs_the_case():
     a 24-row request ran 16 rows)."""
     throughput = load_script("benchmarks/throughput.py", "throughput")
     case = next(c for c in throughput.CASES if c.big_batch and not c.launch)
-    cmd = throughput.launch(case, throughput.Args(big_batch=24), Path("result.json"))
+    cmd = throughput.launch(case, throughput.Args(big_batch=24), Path("case"))
     assert cmd[cmd.index("--big_batch") + 1] == "24"
+
+
+def test_a_launched_rows_numbers_are_the_logged_steps_after_the_warm_up():
+    """An example's metrics.json read as a row: tokens and seconds between the warm-up's last logged row and the last
+    measured one; peak memory (CUDA: the callback's peak since the row before) over the measured rows only."""
+    from hftrain.benchmarking import after_warmup
+
+    def row(step, runtime, tokens, peak):
+        return {"loss": 3.0 - step / 10, "step": step, "train_runtime": runtime, "num_input_tokens_seen": tokens, **peak}
+
+    history = [
+        row(2, 9.0, 2000, {"peak_memory_gib": 70.0, "peak_reserved_gib": 75.0}),  # warm-up: compilation's peak
+        row(4, 10.0, 4000, {"peak_memory_gib": 50.0, "peak_reserved_gib": 52.0}),
+        {"eval_loss": 1.0, "step": 4},
+        row(6, 11.0, 6000, {"peak_memory_gib": 51.0, "peak_reserved_gib": 53.0}),
+        row(8, 13.0, 8000, {"peak_memory_gib": 90.0, "peak_reserved_gib": 95.0}),  # after the measured steps
+    ]
+    r = after_warmup({"log_history": history}, warmup=2, steps=4)
+    assert r["tokens_per_s"] == 4000 / 2.0 and r["step_time_s"] == 0.5 and r["tokens_per_step"] == 1000
+    assert (r["peak_allocated_gib"], r["peak_reserved_gib"]) == (51.0, 53.0) and r["loss"] == 3.0 - 0.6
+    assert [step for step, _ in r["loss_curve"]] == [2, 4, 6]
+
+
+def test_the_callback_logs_each_rows_peak_memory_since_the_row_before(monkeypatch):
+    """On CUDA each logged loss row gets the peak memory since the row before (the benchmarks read the measured steps'
+    peak from metrics.json), and the run's own peak still counts the whole run. CUDA's counters faked here."""
+    import hftrain.reporting as reporting
+
+    peaks = {"allocated": 0.0, "reserved": 0.0}
+    monkeypatch.setattr(reporting.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(reporting, "peak_memory_gib", lambda: peaks["allocated"])
+    monkeypatch.setattr(reporting, "peak_reserved_gib", lambda: peaks["reserved"])
+    monkeypatch.setattr(reporting, "reset_peak_memory", lambda: peaks.update(allocated=1.0, reserved=2.0))
+    monkeypatch.setattr(reporting, "synchronize", lambda: None)
+    monkeypatch.setattr(reporting, "device_name", lambda: "fake GPU")
+
+    state = type("State", (), {"log_history": [], "global_step": 0, "num_input_tokens_seen": 0})()
+    callback = reporting.ThroughputCallback(seq_len=8)
+    callback._start(state)
+    for step, (allocated, reserved) in enumerate([(70.0, 75.0), (50.0, 52.0)], start=1):
+        peaks.update(allocated=allocated, reserved=reserved)
+        state.global_step, state.num_input_tokens_seen = step, 100 * step
+        state.log_history.append({"loss": 1.0, "step": step})
+        callback.on_log(None, state, None, logs={"loss": 1.0})
+    state.log_history.append({"eval_loss": 1.0, "step": 2})
+    callback.on_log(None, state, None, logs={"eval_loss": 1.0})  # not a training row: left alone
+    assert [(r.get("peak_memory_gib"), r.get("peak_reserved_gib")) for r in state.log_history] == [
+        (70.0, 75.0),
+        (50.0, 52.0),
+        (None, None),
+    ]
+    callback._stop(state)
+    assert (callback.metrics["peak_memory_gib"], callback.metrics["peak_reserved_gib"]) == (70.0, 75.0)

@@ -13,6 +13,11 @@ sequence length and bf16 weights, on synthetic fixed-length data:
 | `lora` | frozen bf16 base, adapters only learn: 2 + ~0 + ~0 |
 | `qlora` | frozen 4-bit NF4 base: ~0.55 + ~0 + ~0 (paged 8-bit AdamW for the adapters) |
 
+The cases are built here, one per fresh process (`measure_case`), not launched from the examples
+(scripts/trainer/galore.py, qlora.py): the table counts what only the process holding the model sees
+(the optimizer state's and the loaded weights' bytes), in pure bf16 weights on fixed-length rows, where
+the examples train in mixed precision on the data's own documents.
+
 Activation checkpointing is on in every case (as QLoRA's recipe has it), so activations are
 small and the differences are the weights, gradients and optimizer state each technique
 shrinks; `--no_activation_checkpointing` measures without it. "Full" fine-tuning here keeps
@@ -55,14 +60,21 @@ from hftrain.models import load_model, save_preset_base
 from hftrain.quantization import load_4bit
 from hftrain.reporting import ThroughputCallback
 
-# case: (TrainingArguments.optim, LoRA adapters?, 4-bit base?, runs on CPU?)
-CASES: dict[str, tuple[str, bool, bool, bool]] = {
-    "full_adamw": ("adamw_torch", False, False, True),
-    "full_adamw_8bit": ("adamw_bnb_8bit", False, False, True),
-    "galore_adamw": ("galore_adamw", False, False, True),
-    "galore_adamw_8bit_layerwise": ("galore_adamw_8bit_layerwise", False, False, False),
-    "lora": ("adamw_torch", True, False, True),
-    "qlora": ("paged_adamw_8bit", True, True, True),
+
+@dataclass(frozen=True)
+class Case:
+    optim: str  # TrainingArguments.optim
+    adapter: str = ""  # "lora": LoRA adapters on every linear layer; "qlora": the same on a 4-bit NF4 base
+    cpu: bool = True  # runs on CPU (the smoke run); the 8-bit GaLore variants call torch.cuda.synchronize()
+
+
+CASES = {
+    "full_adamw": Case("adamw_torch"),
+    "full_adamw_8bit": Case("adamw_bnb_8bit"),
+    "galore_adamw": Case("galore_adamw"),
+    "galore_adamw_8bit_layerwise": Case("galore_adamw_8bit_layerwise", cpu=False),
+    "lora": Case("adamw_torch", adapter="lora"),
+    "qlora": Case("paged_adamw_8bit", adapter="qlora"),
 }
 
 
@@ -120,7 +132,7 @@ def optimizer_state_bytes(optimizer: Any) -> int:
 
 def measure_case(case: str, args: TableArguments) -> dict[str, Any]:
     """One case, in this (fresh) process: load the base, train a few steps, measure."""
-    optim, lora, four_bit, _ = CASES[case]
+    optim, lora, four_bit = CASES[case].optim, bool(CASES[case].adapter), CASES[case].adapter == "qlora"
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32  # bnb's CPU kernels and CPU matmuls want float32
@@ -268,7 +280,7 @@ def main() -> None:
     if unknown:
         raise UserError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     if not cuda:
-        names = [c for c in names if CASES[c][3]]  # the 8-bit GaLore variants call torch.cuda.synchronize()
+        names = [c for c in names if CASES[c].cpu]
     out = output_dir("memory", args.smoke, args.output_dir)
 
     # Every case runs on the first visible GPU only: plain `python` on several GPUs would make the

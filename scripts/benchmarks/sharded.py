@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from hftrain.benchmarking import SCRIPTS, accelerate_launch, case_env, machine, output_dir, run_case
+from hftrain.benchmarking import case_env, example_command, machine, output_dir, run_case, trainer_flags
 from hftrain.data import DEFAULT_DATA_DIR
 from hftrain.errors import UserError
 
@@ -87,12 +87,10 @@ def write(args: Args, head: dict[str, Any], rows: list[dict]) -> None:
 
 def launch(args: Args, config: str, script: str, out: Path) -> list[str]:
     """The example as its README row launches it, with the settings every case shares."""
-    cmd = accelerate_launch(config, args.num_processes)
-    cmd += ["--mixed_precision", "no"] if args.smoke else []  # CPU: float32, as every example there
-    cmd += [str(SCRIPTS / script), "--model", args.model, "--data_dir", args.data_dir, "--output_dir", str(out)]
-    cmd += ["--max_steps", str(args.steps), "--logging_steps", str(min(5, args.steps)), "--learning_rate", "1e-4"]
-    cmd += ["--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", str(args.batch_size)]
-    return cmd + ["--eval_strategy", "no", "--save_strategy", "no"]
+    cmd = example_command(script, [], config, args.num_processes)
+    if args.smoke:  # CPU: float32, as every example there (an accelerate option: before the script)
+        cmd[-1:-1] = ["--mixed_precision", "no"]
+    return cmd + trainer_flags(args.model, args.data_dir, out, args.steps, min(5, args.steps), args.batch_size)
 
 
 def main() -> None:

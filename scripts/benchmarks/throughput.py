@@ -6,20 +6,26 @@ the same model (`--model`: a preset, e.g. `llama-3.2-1b`, the exact Llama-3.2-1B
 Only the case's own settings change: how batches are built, the attention implementation, Liger
 kernels, `torch.compile`, float8, the micro-batch, the optimizer, an adapter, the number of GPUs.
 
-Peers, built the way people use the Hugging Face stack:
+Peers, built the way people use the Hugging Face stack (other projects' settings, not examples of ours: these rows
+are built here, in the case's own process, `measure_case`):
 - P1: padded batches from a padding collator, SDPA: what a new Trainer user gets.
 - P2: `run_clm.py` style: documents concatenated and cut into full 2048-token blocks, SDPA.
   Nothing is padded, but attention crosses document boundaries.
 - P3: P2 tuned as far as the stack goes without changing what it computes: Liger kernels,
   `torch.compile`, the largest micro-batch that fits.
 The project's cases keep documents isolated (padding-free rows, FlashAttention-2's varlen kernel
-attending within each document) and add Liger, regional compilation and the large micro-batch; the
-recipe cases are built from `hftrain.recipe.Recipe`, the class behind scripts/sdpa/flash_attention.py's flags.
+attending within each document) and add Liger, regional compilation, float8 and the large micro-batch. Each
+is the example itself, launched as a user runs it: scripts/sdpa/flash_attention.py with the flags the case
+names (`example_flags`, recorded in the row as `command`), for QLoRA scripts/trainer/qlora.py, and for
+FSDP2 + QLoRA scripts/trainer/sharded/fsdp_qlora.py under accelerate_config_fsdp_qlora.yaml; the row's numbers are the
+ones the script writes to its metrics.json (`hftrain.benchmarking.after_warmup`). The several-GPU rows
+scale the P3 peer (DDP, FSDP2, ZeRO-3) and are built here too.
 
 Numbers: tokens/s counts real tokens only (no padding) over the steps after the warm-up; MFU uses
 nanoGPT's 6N + 12·L·H·T FLOPs per token with T = 2048 for every case, against the GPU's datasheet
 peak and against the bf16 matmul rate measured at the start; peak memory is allocated and reserved
-after the warm-up. A case whose package or hardware is missing is reported as skipped, with why.
+after the warm-up (a launched example: over the logged steps after it). A case whose package or hardware is
+missing is reported as skipped, with why.
 
     python scripts/prepare_datasets.py --dataset synthetic-long --num_examples 2000 --max_length 2048
     python scripts/benchmarks/throughput.py                   # every case the GPUs here can run (invoke bench)
@@ -29,7 +35,7 @@ after the warm-up. A case whose package or hardware is missing is reported as sk
 
 Writes results/throughput/benchmark.json (every row, the model's config, device, versions, date),
 benchmark.md (the tables) and benchmark.png (tokens/s and memory per case). `--profile_steps N`
-profiles N steps after the measured ones (torch.profiler) and adds where the GPU time went
+profiles N steps after the measured ones (torch.profiler) of the cases built here and adds where the GPU time went
 (hftrain.profiling: attention, matmuls, output layer + loss, optimizer, idle, syncs, graph breaks).
 """
 
@@ -65,20 +71,22 @@ from hftrain.benchmarking import (
     ROOT,
     SCRIPTS,
     accelerate_launch,
+    after_warmup,
     case_env,
+    example_command,
     machine,
     output_dir,
     run_case,
     save_figure,
     subplots,
+    trainer_flags,
 )
 from hftrain.data import PadCollator, Prepared, load_prepared
 from hftrain.errors import UserError
-from hftrain.models import PRESETS, load_config, load_model, preset_config, save_preset_base
-from hftrain.packing import packed_rows
+from hftrain.models import PRESETS, load_config, load_model, preset_config
 from hftrain.profiling import BUCKETS, ProfileSteps, compile_counters
-from hftrain.quantization import float8_training, has_float8_tensor_cores, load_4bit, nf4_config
-from hftrain.recipe import FUSED_LOSS_ONLY, Recipe
+from hftrain.quantization import has_float8_tensor_cores
+from hftrain.recipe import FUSED_LOSS_ONLY
 from hftrain.reporting import ThroughputCallback, flops_per_token, peak_flops
 from hftrain.sharding import gather_lm_head_for_liger
 
@@ -101,25 +109,35 @@ class Case:
     launch: str = ""  # accelerate config for cases on several GPUs ("+deepspeed" adds deepspeed_config.json)
     peer: str = ""  # P1, P2, P3 for the peer cases
     baseline: str = ""  # the 1-GPU case a distributed case's scaling efficiency is measured against
+    script: str = ""  # the example a case of ours launches (under scripts/); "": a peer, built in its own process here
+
+
+FLASH_ATTENTION = "sdpa/flash_attention.py"
+GALORE_ARGS = "rank=128,update_proj_gap=200,scale=0.25"
 
 
 def packed(name: str, **kwargs: Any) -> Case:
-    """The project's batches: whole documents, padding-free, isolated by FlashAttention-2's varlen kernel."""
-    return Case(name, "packed", **{"attn": "flash_attention_2", **kwargs})
+    """The project's batches: whole documents, padding-free, isolated by FlashAttention-2's varlen kernel; the case
+    is flash_attention.py with --pack_rows."""
+    return Case(name, "packed", **{"attn": "flash_attention_2", "script": FLASH_ATTENTION, **kwargs})
 
 
-def recipe_of(case: Case, seq_len: int) -> Recipe | None:
-    """The `Recipe` a packed case runs (None for the others)."""
-    if case.batches != "packed":
-        return None
-    return Recipe(
-        attn_implementation=case.attn,
-        pack_rows=seq_len,
-        rows=case.micro_batch,
-        compile_layers=case.compile == "layers",
-        fp8=case.fp8,
-        fused_loss=case.fused_loss,
-    )
+def example_flags(case: Case, seq_len: int) -> list[str]:
+    """The flags of the case's example that make the case (the script's defaults left out; the micro-batch is
+    `trainer_flags`'s --per_device_train_batch_size): what a user types."""
+    if case.script != FLASH_ATTENTION:
+        return ["--learning_rate", "1e-3"] if case.adapter else []  # (fsdp_)qlora.py: its own settings, few parameters
+    flags = [] if case.attn == "flash_attention_2" else ["--attn_implementation", case.attn]
+    flags += ["--padding_free", "false"] if case.batches == "padded" else ["--pack_rows", str(seq_len)]
+    flags += [
+        f"--{on}" for on, wanted in (("compile_layers", case.compile == "layers"), ("fused_loss", case.fused_loss)) if wanted
+    ]
+    flags += ["--fp8"] if case.fp8 else []
+    flags += ["--use_liger_kernel", "true"] if case.liger else []
+    flags += [] if case.optim == "adamw_torch_fused" else ["--optim", case.optim]
+    if "galore" in case.optim:
+        flags += ["--optim_target_modules", GALORE_TARGET_MODULES, "--optim_args", GALORE_ARGS]
+    return flags
 
 
 CASES = [
@@ -139,8 +157,8 @@ CASES = [
     ),
     Case("P3: blocks + Liger (24 rows)", "blocks", liger=True, micro_batch=24, peer="P3"),
     Case("P3: blocks + Liger (32 rows)", "blocks", liger=True, micro_batch=32, peer="P3"),
-    Case("SDPA padding-free (block-diagonal mask)", "packed"),
-    Case("FA2 padded", "padded", attn="flash_attention_2"),
+    packed("SDPA padding-free (block-diagonal mask)", attn="sdpa"),
+    Case("FA2 padded", "padded", attn="flash_attention_2", script=FLASH_ATTENTION),
     packed("FA2 padding-free"),
     packed("FA2 padding-free + Liger (big batch)", liger=True, big_batch=True),
     packed("FA2 padding-free + compiled layers", compile="layers"),
@@ -173,18 +191,30 @@ CASES = [
         fused_loss=True,
         big_batch=True,
     ),
-    packed("LoRA (FA2 padding-free)", adapter="lora"),
-    packed("QLoRA (FA2 padding-free)", adapter="qlora", optim="paged_adamw_8bit"),
+    # QLoRA as scripts/trainer/qlora.py teaches it: its own padded batches, gradient checkpointing, 8-bit paged AdamW
+    Case("QLoRA (qlora.py)", "padded", adapter="qlora", optim="paged_adamw_8bit", script="trainer/qlora.py"),
     packed("GaLore (FA2 padding-free)", optim="galore_adamw"),
     packed("8-bit AdamW (FA2 padding-free)", optim="adamw_bnb_8bit"),
 ]
-# The recipe as scripts/sdpa/flash_attention.py's docstring gives it (tests/test_benchmark.py compares the two)
+# The recipe as scripts/sdpa/flash_attention.py's docstring gives it (tests/test_benchmark.py compares the flags)
 RECIPE_BF16 = "FA2 padding-free + compiled layers + fused loss (big batch)"
 RECIPE_FP8 = "FA2 padding-free + float8 + compiled layers + fused loss (big batch)"
 # Several GPUs: the recipe of `DIST_BASELINE` on 1 GPU, so the per-GPU ratio is the scaling efficiency.
-# FSDP2 + QLoRA is measured against itself on 1 GPU (its bf16-stored 4-bit base exists only under FSDP).
+# FSDP2 + QLoRA (scripts/trainer/sharded/fsdp_qlora.py, its own batches) is measured against itself on 1 GPU.
 DIST_BASELINE = "P3: blocks + Liger (big batch)"
 QLORA_FSDP = "accelerate_config_fsdp_qlora.yaml"
+
+
+def fsdp_qlora(n: int) -> Case:
+    return Case(
+        f"FSDP2 + QLoRA x{n}",
+        "padded",
+        adapter="qlora",
+        gpus=n,
+        launch=QLORA_FSDP,
+        baseline="FSDP2 + QLoRA x1" if n > 1 else "",
+        script="trainer/sharded/fsdp_qlora.py",
+    )
 
 
 def distributed(n: int) -> list[Case]:
@@ -194,13 +224,10 @@ def distributed(n: int) -> list[Case]:
         big(f"FSDP2 x{n}: blocks + Liger (big batch)", launch="accelerate_config_fsdp.yaml"),
         big(f"ZeRO-3 x{n}: blocks + Liger (big batch)", launch="accelerate_config.yaml+deepspeed"),
     ]
-    qlora = Case(
-        f"FSDP2 + QLoRA x{n}: blocks", "blocks", adapter="qlora", gpus=n, launch=QLORA_FSDP, baseline="FSDP2 + QLoRA x1: blocks"
-    )
-    return cases + [qlora]
+    return cases + [fsdp_qlora(n)]
 
 
-CASES += [Case("FSDP2 + QLoRA x1: blocks", "blocks", adapter="qlora", launch=QLORA_FSDP)]
+CASES += [fsdp_qlora(1)]
 CASES += distributed(2) + distributed(4) + distributed(8)
 SMOKE = ["P1: padded + SDPA", "P2: 2048-token blocks + SDPA", "SDPA padding-free (block-diagonal mask)"]
 
@@ -264,17 +291,10 @@ def build_dataset(case: Case, data: Prepared, seq_len: int) -> Any:
     docs = data.train.select_columns(["input_ids"])
     if case.batches == "padded":
         return docs
-    if case.batches == "blocks":  # run_clm.py's group_texts: concatenate, cut into full blocks, drop the rest
-        flat = [t for ids in docs["input_ids"] for t in ids]
-        blocks = [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
-        return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
-    return packed_rows(docs, seq_len)
-
-
-def collator(case: Case, tokenizer: Any, seq_len: int) -> Any:
-    if recipe := recipe_of(case, seq_len):
-        return recipe.collator(tokenizer.pad_token_id)
-    return PadCollator(tokenizer, pad_to_multiple_of=8) if case.batches == "padded" else default_data_collator
+    # run_clm.py's group_texts: concatenate, cut into full blocks, drop the rest
+    flat = [t for ids in docs["input_ids"] for t in ids]
+    blocks = [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
 
 
 def model_config(model: str, tokenizer: Any) -> PretrainedConfig:
@@ -282,8 +302,14 @@ def model_config(model: str, tokenizer: Any) -> PretrainedConfig:
     return preset_config(model, tokenizer) if model in PRESETS else load_config(model)
 
 
+def shape_flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
+    """FLOPs per token of the model's unquantized, unsharded shape, counted on a meta copy (no memory, no weights)."""
+    with torch.device("meta"):
+        return flops_per_token(AutoModelForCausalLM.from_config(config), seq_len)
+
+
 def training_arguments(case: Case, args: Args, output_dir: str) -> TrainingArguments:
-    """The case's TrainingArguments; a recipe case takes its fields from its `Recipe`."""
+    """A peer case's TrainingArguments."""
     cuda = torch.cuda.is_available()
     deepspeed = str(ROOT / "deepspeed_config.json") if case.launch.endswith("+deepspeed") else None
     own: dict[str, Any] = dict(
@@ -291,23 +317,18 @@ def training_arguments(case: Case, args: Args, output_dir: str) -> TrainingArgum
         optim=case.optim,
         use_liger_kernel=case.liger or case.fused_loss,
         liger_kernel_config=FUSED_LOSS_ONLY if case.fused_loss and not case.liger else None,
-        remove_unused_columns=False,  # packed rows carry `documents`, which the model does not take
     )
-    if (recipe := recipe_of(case, args.seq_len)) and not case.liger:
-        own.update(recipe.training_arguments())
     return TrainingArguments(
         output_dir=output_dir,
         max_steps=args.warmup + args.steps + args.profile_steps,
-        learning_rate=1e-4 if not case.adapter else 1e-3,
+        learning_rate=1e-4,
         lr_scheduler_type="constant",
         bf16=cuda,
         use_cpu=not cuda,
-        optim_target_modules=GALORE_TARGET_MODULES if "galore" in case.optim else None,
-        optim_args="rank=128,update_proj_gap=200,scale=0.25" if "galore" in case.optim else None,
         torch_compile=case.compile == "model",
         deepspeed=deepspeed,
         include_num_input_tokens_seen="non_padding",
-        logging_steps=min(5, args.steps),
+        logging_steps=logging_steps(args),
         save_strategy="no",
         eval_strategy="no",
         report_to=[],
@@ -318,64 +339,33 @@ def training_arguments(case: Case, args: Args, output_dir: str) -> TrainingArgum
 
 
 def measure_case(case: Case, args: Args) -> dict[str, Any]:
-    """One case, in this (fresh) process: build its model and batches, train, measure after the warm-up."""
+    """One peer case, in this (fresh) process: build its model and batches, train, measure after the warm-up."""
     cuda = torch.cuda.is_available()
     data = load_prepared(args.data_dir)
     model_name = args.model
     # FLOPs from the unquantized, unsharded shape, counted on a meta copy made before TrainingArguments: once
     # those hold a ZeRO-3 config, every model created is partitioned by deepspeed.zero.Init (meta included).
     config = model_config(model_name, data.tokenizer)
-    with torch.device("meta"):
-        fpt = flops_per_token(AutoModelForCausalLM.from_config(config), args.seq_len)
+    fpt = shape_flops_per_token(config, args.seq_len)
     case_dir = str(Path(args.result).with_suffix("")) if args.result else tempfile.mkdtemp(prefix="bench-")
     training_args = training_arguments(case, args, case_dir)  # before the model: ZeRO-3 partitions it while it is created
     deepspeed = training_args.deepspeed
     train = build_dataset(case, data, args.seq_len)
     set_seed(0)
-    device = PartialState().device
-    fsdp = "fsdp" in case.launch
-    if case.adapter == "qlora":
-        with training_args.main_process_first():
-            base = save_preset_base(
-                model_name,
-                data.tokenizer,
-                training_args.output_dir,
-                PartialState().is_main_process,
-                dtype=torch.bfloat16,
-                device=device,
-            )
-        if fsdp:  # as scripts/trainer/sharded/fsdp_qlora.py: 4-bit stored in bf16, so FSDP can shard it
-            nf4 = nf4_config(torch.bfloat16, quant_storage=torch.bfloat16)
-            model = load_model(base, data.tokenizer, dtype=torch.bfloat16, attn_implementation=case.attn, quantization_config=nf4)
-        else:
-            model = load_4bit(base, data.tokenizer, torch.bfloat16, device, attn_implementation=case.attn)
-    else:
-        # Random init on the GPU: seconds for 1B. ZeRO-3 places the partitions itself (zero.Init), so no device there.
-        with torch.device(device) if cuda and not deepspeed else contextlib.nullcontext():
-            model = load_model(model_name, data.tokenizer, attn_implementation=case.attn)
-    if case.adapter:
-        # imported only here: peft imports bitsandbytes, seconds that every other case's process would pay
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-        if case.adapter == "qlora" and not fsdp:  # (it casts the non-4-bit layers to float32, which FSDP cannot mix)
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    # Random init on the GPU: seconds for 1B. ZeRO-3 places the partitions itself (zero.Init), so no device there.
+    with torch.device(PartialState().device) if cuda and not deepspeed else contextlib.nullcontext():
+        model = load_model(model_name, data.tokenizer, attn_implementation=case.attn)
     gather_lm_head_for_liger(model, training_args)  # ZeRO-3 + Liger only
-    if recipe := recipe_of(case, args.seq_len):
-        recipe.prepare_model(model)
-    else:
-        if case.fp8:
-            float8_training(model)
-        if case.compile == "layers":  # regional compilation: one graph per decoder layer, reused by all of them
-            for layer in model.get_decoder().layers:
-                layer.compile()
+    if case.compile == "layers":  # regional compilation: one graph per decoder layer, reused by all of them
+        for layer in model.get_decoder().layers:
+            layer.compile()
     clock = ThroughputCallback(args.seq_len, warmup_steps=args.warmup, measured_steps=args.steps)
     profile = ProfileSteps(args.warmup + args.steps, args.profile_steps, config.vocab_size)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train,
-        data_collator=collator(case, data.tokenizer, args.seq_len),
+        data_collator=PadCollator(data.tokenizer, pad_to_multiple_of=8) if case.batches == "padded" else default_data_collator,
         processing_class=data.tokenizer,
         callbacks=[clock, profile] if args.profile_steps else [clock],
     )
@@ -423,8 +413,25 @@ def matmul_tflops() -> float | None:
     return 2 * 8192**3 / best / 1e12
 
 
-def launch(case: Case, args: Args, result: Path) -> list[str]:
-    own = [str(SCRIPTS / "benchmarks" / "throughput.py"), "--run_case", case.name, "--result", str(result)]
+def logging_steps(args: Args) -> int:
+    """Logged rows at the warm-up's last step and at the last measured one: the clock readings of a launched case."""
+    return math.gcd(args.warmup, args.steps)
+
+
+def result_file(case: Case, out: Path) -> Path:
+    """Where a case's process leaves its numbers: an example's metrics.json in its --output_dir, a peer's row beside it."""
+    return out / "metrics.json" if case.script else out.with_suffix(".json")
+
+
+def launch(case: Case, args: Args, out: Path) -> list[str]:
+    """The case's command: its example with the case's flags (`example_flags`) and the settings every case shares,
+    or for a peer this script again, for that one case."""
+    if case.script:
+        flags = trainer_flags(args.model, args.data_dir, out, args.warmup + args.steps, logging_steps(args), case.micro_batch)
+        flags += ["--lr_scheduler_type", "constant", "--warmup_steps", "0", "--dataloader_drop_last", "true"]
+        flags += ["--seed", "0", "--report_to", "none", *example_flags(case, args.seq_len)]
+        return example_command(case.script, flags, case.launch, case.gpus)
+    own = [str(SCRIPTS / "benchmarks" / "throughput.py"), "--run_case", case.name, "--result", str(result_file(case, out))]
     own += ["--model", args.model, "--data_dir", args.data_dir, "--seq_len", str(args.seq_len)]
     own += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--profile_steps", str(args.profile_steps)]
     own += ["--smoke"] if args.smoke else []
@@ -438,7 +445,27 @@ def launch(case: Case, args: Args, result: Path) -> list[str]:
     return cmd + own
 
 
-def run_matrix(args: Args, cases: list[Case]) -> list[dict[str, Any]]:
+def example_row(case: Case, metrics: dict[str, Any], args: Args, fpt: float) -> dict[str, Any]:
+    """A launched example's row, from its metrics.json: the steps after the warm-up, per GPU."""
+    measured = after_warmup(metrics, args.warmup, args.steps)
+    return {
+        **measured,
+        "tokens_per_s_per_gpu": measured["tokens_per_s"] / metrics["num_devices"],
+        "gpus": metrics["num_devices"],
+        "flops_per_token": fpt,
+        "micro_batch": case.micro_batch,
+        "command": " ".join(
+            [
+                f"accelerate launch --config_file {case.launch} --num_processes {case.gpus}" if case.launch else "python",
+                f"scripts/{case.script}",
+                *example_flags(case, args.seq_len),
+                f"--per_device_train_batch_size {case.micro_batch}",
+            ]
+        ),
+    }
+
+
+def run_matrix(args: Args, cases: list[Case], fpt: float) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, case in enumerate(cases):
@@ -446,11 +473,19 @@ def run_matrix(args: Args, cases: list[Case]) -> list[dict[str, Any]]:
             if reason := skip_reason(case, args):
                 row["skipped"] = reason
             else:
-                result = Path(tmp) / f"{i}.json"
+                out = Path(tmp) / str(i)
                 # a 1-GPU case is one plain process, on one GPU: its rows must be one GPU's
-                row |= run_case(
-                    case.name, launch(case, args, result), case_env(one_gpu=not case.launch), result, args.case_timeout
-                )
+                env = case_env(one_gpu=not case.launch)
+                measured = run_case(case.name, launch(case, args, out), env, result_file(case, out), args.case_timeout)
+                if case.script and "error" not in measured:
+                    try:
+                        measured = {"wall_s": measured["wall_s"], **example_row(case, measured, args, fpt)}
+                    except KeyError as missing:  # e.g. a run stopped early: the row says so, the others still run
+                        measured = {
+                            "wall_s": measured["wall_s"],
+                            "error": f"its metrics.json lacks {missing} (a step's logged row or a field)",
+                        }
+                row |= measured
             print(
                 {k: row[k] for k in row if k in ("case", "tokens_per_s_per_gpu", "peak_allocated_gib", "skipped", "error")},
                 flush=True,
@@ -641,6 +676,7 @@ def main() -> None:
     if previous and previous["model"] != args.model:
         raise UserError(f"--append: {stem}.json was measured on the model {previous['model']}, not {args.model}")
     config = model_config(args.model, load_prepared(data_dir).tokenizer)
+    fpt = shape_flops_per_token(config, args.seq_len)
     keys = ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
     keys += ["num_key_value_heads", "head_dim", "tie_word_embeddings", "max_position_embeddings", "rope_parameters"]
     kept = [r for r in (previous or {}).get("rows", []) if r["case"] not in wanted]
@@ -661,7 +697,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     order = {c.name: i for i, c in enumerate(CASES)}
     for name in wanted:  # the files are rewritten after every case: a stopped run keeps what it measured
-        rows += run_matrix(args, [named[name]])
+        rows += run_matrix(args, [named[name]], fpt)
         result["rows"] = sorted(kept + rows, key=lambda r: order.get(r["case"], len(order)))
         summarize(result)
         write_outputs(result, stem, quiet=name != wanted[-1])

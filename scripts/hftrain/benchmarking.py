@@ -1,8 +1,10 @@
 """What the benchmark harnesses in `scripts/benchmarks/` share: the record of the machine a table was measured on,
-where results go, and the launch of each case in a fresh process.
+where results go, the launch of each case in a fresh process, and the reading of an example's own measurements.
 
-Every Trainer case is timed by `hftrain.reporting.ThroughputCallback`, the callback the examples report their
-tokens/s with (here with a warm-up left out); the GaLore cases train the modules `scripts/trainer/galore.py` trains.
+A row of ours is the example script itself (`example_command`), run with the flags the row names and the Trainer
+settings every row shares (`trainer_flags`); its numbers are the ones the script writes to metrics.json, timed by
+`hftrain.reporting.ThroughputCallback` and the Trainer's logged rows (`after_warmup` reads the steps after a warm-up
+from them). The GaLore cases train the modules `scripts/trainer/galore.py` trains.
 """
 
 import datetime
@@ -70,6 +72,47 @@ def accelerate_launch(config: str, num_processes: int) -> list[str]:
         *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config)),
         *("--num_processes", str(num_processes), "--main_process_port", str(free_port())),
     ]
+
+
+def example_command(script: str, flags: list[str], config: str = "", num_processes: int = 1) -> list[str]:
+    """`python scripts/<script> <flags>`, as the script's docstring launches it; with `config`, under
+    `accelerate launch --config_file <config>` on `num_processes` processes."""
+    launcher = accelerate_launch(config, num_processes) if config else [sys.executable]
+    return [*launcher, str(SCRIPTS / script), *flags]
+
+
+def trainer_flags(model: str, data_dir: str, output_dir: Path, max_steps: int, logging_steps: int, batch_size: int) -> list[str]:
+    """The Trainer flags every launched row shares: the model, data and per-GPU batch, a fixed number of steps, no
+    evaluation or checkpoint while training (the example still evaluates and saves once at the end)."""
+    return [
+        *("--model", model, "--data_dir", data_dir, "--output_dir", str(output_dir)),
+        *("--max_steps", str(max_steps), "--logging_steps", str(logging_steps), "--learning_rate", "1e-4"),
+        *("--per_device_train_batch_size", str(batch_size), "--per_device_eval_batch_size", str(batch_size)),
+        *("--eval_strategy", "no", "--save_strategy", "no"),
+    ]
+
+
+def after_warmup(metrics: dict[str, Any], warmup: int, steps: int) -> dict[str, Any]:
+    """tokens/s (all processes together), step time, tokens per step, loss and, on CUDA, peak memory over the `steps`
+    steps after `warmup`, read from an example's metrics.json: its logged loss rows carry the Trainer's
+    `train_runtime` and `num_input_tokens_seen` (real tokens), and the ThroughputCallback's peak memory since the row
+    before. The run must log at step `warmup` and `warmup + steps` (--logging_steps gcd(warmup, steps))."""
+    rows = {r["step"]: r for r in metrics["log_history"] if "loss" in r}
+    end, measured = rows[warmup + steps], [r for step, r in rows.items() if warmup < step <= warmup + steps]
+    start = rows[warmup] if warmup else {"train_runtime": 0.0, "num_input_tokens_seen": 0}
+    tokens = end["num_input_tokens_seen"] - start["num_input_tokens_seen"]
+    seconds = end["train_runtime"] - start["train_runtime"]
+    out = {
+        "tokens_per_s": tokens / seconds,
+        "step_time_s": seconds / steps,
+        "tokens_per_step": tokens / steps,
+        "loss": end["loss"],
+        "loss_curve": [[step, r["loss"]] for step, r in rows.items() if step <= warmup + steps],
+    }
+    if "peak_memory_gib" in end:  # CUDA only: the CPU's resident set has no peak to reset
+        out["peak_allocated_gib"] = max(r["peak_memory_gib"] for r in measured)
+        out["peak_reserved_gib"] = max(r["peak_reserved_gib"] for r in measured)
+    return out
 
 
 class CaseProcess:

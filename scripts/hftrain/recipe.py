@@ -1,8 +1,7 @@
 """The project's fast training recipe with documents isolated, defined once.
 
-`scripts/sdpa/flash_attention.py` turns its flags into a `Recipe`, and `scripts/benchmarks/throughput.py` builds its
-recipe cases from the same class, so the settings the benchmark measures are the settings the script
-runs (tests/test_benchmark.py compares what each hands to the Trainer). The pieces:
+`scripts/sdpa/flash_attention.py` turns its flags into a `Recipe`; `scripts/benchmarks/throughput.py`'s recipe cases
+launch that script with those flags (tests/test_benchmark.py checks they are the docstring's). The pieces:
 
 - rows of whole documents (`packed_rows`), flattened padding-free, attention within each document
   (FlashAttention-2's varlen kernel, the boundaries handed over once per batch as `cu_seq_lens_*`);
@@ -16,8 +15,6 @@ runs (tests/test_benchmark.py compares what each hands to the Trainer). The piec
 
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from hftrain.packing import PackedRowsCollator
 
@@ -47,14 +44,3 @@ class Recipe:
         # compiled layers get one fixed length (rows x pack_rows), else every new batch length recompiles
         pad_to = self.rows * self.pack_rows if self.compile_layers else None
         return PackedRowsCollator(self.attn_implementation, pad_to=pad_to, pad_token_id=pad_token_id)
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Float8 first, so that its casts are compiled with the layers; then each decoder layer compiled."""
-        if self.fp8:
-            from hftrain.quantization import float8_training
-
-            float8_training(model)
-        if self.compile_layers:
-            for layer in model.get_decoder().layers:  # type: ignore[operator]
-                layer.compile()
-        return model

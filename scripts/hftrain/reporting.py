@@ -152,10 +152,13 @@ def whole_run(state: Any, first_step: int) -> dict[str, Any]:
 class ThroughputCallback(TrainerCallback):
     """For the Trainer: needs `include_num_input_tokens_seen="non_padding"` so padding is not counted.
 
-    The examples measure the whole run. The benchmarks start the clock after `warmup_steps` (compilation,
-    allocator, autotuning left out) and, with `measured_steps`, stop it that many steps later (the steps after
-    are profiled, not measured); peak memory counts from the clock's start, or from the first step with
-    `peak_memory_over_warmup` (a first optimizer step allocates the state, and the memory table counts it)."""
+    The examples measure the whole run. On CUDA each logged loss row also gets the peak memory since the row before
+    (`peak_memory_gib`, `peak_reserved_gib`): with the row's `train_runtime` and `num_input_tokens_seen` (the
+    Trainer's own), a benchmark reads any stretch of steps from an example's metrics.json, e.g. those after a warm-up.
+    The cases a benchmark builds itself start the clock after `warmup_steps` (compilation, allocator, autotuning left
+    out) and, with `measured_steps`, stop it that many steps later (the steps after are profiled, not measured); peak
+    memory counts from the clock's start, or from the first step with `peak_memory_over_warmup` (a first optimizer
+    step allocates the state, and the memory table counts it)."""
 
     def __init__(
         self, seq_len: int, warmup_steps: int = 0, measured_steps: int = 0, peak_memory_over_warmup: bool = False
@@ -170,6 +173,7 @@ class ThroughputCallback(TrainerCallback):
         self.step_at_start = 0  # global_step when the clock started
         self.steps = 0  # steps the clock measured
         self.clock_running = False
+        self.earlier_peaks = (0.0, 0.0)  # allocated, reserved (GiB) before the last logged row's reset
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         # DDP runs one process per device; plain `python` on several GPUs runs DataParallel in one.
@@ -192,6 +196,14 @@ class ThroughputCallback(TrainerCallback):
         if self.clock_running and metrics:  # the evaluations between epochs are not training time
             self.meter.excluded += metrics.get("eval_runtime", 0.0)
 
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if not (torch.cuda.is_available() and logs and "loss" in logs and state.log_history):
+            return
+        interval = (peak_memory_gib(), peak_reserved_gib())
+        state.log_history[-1].update(peak_memory_gib=round(interval[0], 3), peak_reserved_gib=round(interval[1], 3))
+        self.earlier_peaks = (max(self.earlier_peaks[0], interval[0]), max(self.earlier_peaks[1], interval[1]))
+        reset_peak_memory()
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self.metrics:
             self._stop(state)
@@ -201,12 +213,17 @@ class ThroughputCallback(TrainerCallback):
     def _start(self, state: Any) -> None:
         self.tokens_at_start, self.step_at_start = state.num_input_tokens_seen, state.global_step
         self.meter.start(reset_peak=not self.peak_memory_over_warmup)
+        if not self.peak_memory_over_warmup:
+            self.earlier_peaks = (0.0, 0.0)
         self.clock_running = True
 
     def _stop(self, state: Any) -> None:
         self.meter.tokens = state.num_input_tokens_seen - self.tokens_at_start
         self.steps = state.global_step - self.step_at_start
         self.metrics = self.meter.stop()
+        if torch.cuda.is_available():  # the logged rows' resets must not hide an earlier peak
+            self.metrics["peak_memory_gib"] = max(self.metrics["peak_memory_gib"], round(self.earlier_peaks[0], 3))
+            self.metrics["peak_reserved_gib"] = max(self.metrics["peak_reserved_gib"], round(self.earlier_peaks[1], 3))
         self.clock_running = False
 
 

@@ -20,8 +20,8 @@ batch's loss up to float rounding (tests/test_attention.py checks it).
         --pack_rows 2048 --compile_layers --fused_loss --per_device_train_batch_size 16   # the benchmark's bf16 recipe
     ... --pack_rows 2048 --compile_layers --fused_loss --fp8 --per_device_train_batch_size 16   # float8 (H100/H200)
 
-Those flags build a `hftrain.recipe.Recipe`, the same class the benchmark's recipe cases are built from
-(tests/test_benchmark.py checks that both hand the Trainer the same settings).
+Those flags build a `hftrain.recipe.Recipe`; the benchmark's recipe cases launch this script with them
+(tests/test_benchmark.py checks the flags and the settings they hand the Trainer).
 
 With sdpa or eager the same packed batches work too: transformers turns the restarting
 `position_ids` into a block-diagonal causal mask (see hftrain/packing.py for when it does not).
@@ -97,9 +97,9 @@ class AttentionArguments(ScriptArguments):
     attn_implementation: str = field(
         default="flash_attention_2",
         metadata={
-            "help": "flash_attention_2 (needs the flash-attn package and a CUDA GPU), or sdpa / eager to run the same "
-            "padding-free batches without it (CPU too).",
-            "choices": ["flash_attention_2", "sdpa", "eager"],
+            "help": "flash_attention_2 (needs the flash-attn package and a CUDA GPU), or sdpa / eager / flex_attention to "
+            "run the same padding-free batches without it (CPU too).",
+            "choices": ["flash_attention_2", "sdpa", "eager", "flex_attention"],
         },
     )
     padding_free: bool = field(
@@ -133,7 +133,7 @@ class AttentionArguments(ScriptArguments):
 
 
 def recipe(args: AttentionArguments, training_args: TrainingArguments) -> Recipe:
-    """The flags as the benchmark's `Recipe`; its Trainer settings (micro-batch in rows, fused loss,
+    """The flags as a `Recipe`; its Trainer settings (micro-batch in rows, fused loss,
     `remove_unused_columns=False` for the packed rows' `documents`) are set on `training_args`."""
     r = Recipe(
         attn_implementation=args.attn_implementation,
@@ -143,10 +143,13 @@ def recipe(args: AttentionArguments, training_args: TrainingArguments) -> Recipe
         fp8=args.fp8,
         fused_loss=args.fused_loss,
     )
+    every_liger_kernel = training_args.use_liger_kernel  # --use_liger_kernel: all of Liger's kernels, as asked
     for key, value in r.training_arguments().items():
         # the optimizer stays the user's choice (its default is the recipe's fused AdamW); only packed rows
         # carry `documents`, which the Trainer must not drop as an unused column
-        if key != "optim" and (key != "remove_unused_columns" or args.pack_rows):
+        if key == "optim" or (key == "remove_unused_columns" and not args.pack_rows):
+            continue
+        if not (every_liger_kernel and "liger" in key):
             setattr(training_args, key, value)
     return r
 
