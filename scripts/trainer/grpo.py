@@ -49,14 +49,15 @@ from hftrain.rewards import check_reward_funcs, load_reward
 
 def rating_reward(completions: list[Any], rating: list[str], **kwargs: Any) -> list[float]:
     """The rating task's verifiable reward, `rating` being the dataset's column of that name: 1 for the right rating,
-    partial credit by distance (0.375 one star off, 0.25 two, 0.125 three, 0 four), 0 for a malformed answer (not a
-    rating alone: RATING_ANSWER in hftrain/preference.py)."""
+    partial credit by distance (0.2 one star off, 0.1 two, 0 further), 0 for a malformed answer (not a rating alone:
+    RATING_ANSWER in hftrain/preference.py). The credit is small on purpose: at 0.375 one star off, GRPO from one of
+    three seeds settled on the answers it already gave, near misses included (docs/preference-and-rl.md)."""
     rewards = []
     for completion, answer in zip(completions, rating):
         text = completion[-1]["content"] if isinstance(completion, list) else completion  # a message list or text
         found = re.fullmatch(preference.RATING_ANSWER, text)
         distance = abs(int(found.group(1)) - int(answer)) if found else None
-        rewards.append(0.0 if distance is None else 1.0 if distance == 0 else 0.5 - distance / 8)
+        rewards.append(0.0 if distance is None else 1.0 if distance == 0 else max(0.0, 0.3 - distance / 10))
     return rewards
 
 
