@@ -17,12 +17,12 @@ Every constant is traced to its source in docs/planner.md.
 import math
 from dataclasses import dataclass, field, replace
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from hftrain.benchmarking import ROOT
 from hftrain.errors import UserError
 from hftrain.gpus import BY_KEY, GPU, gpu_by_device_name
 from hftrain.models import PRESETS, load_config, preset_config
@@ -459,7 +459,7 @@ def efficiency() -> dict[str, Efficiency]:
 
     rows = []
     for name in CALIBRATION_FILES:
-        path = ROOT / name
+        path = Path(__file__).resolve().parents[2] / name  # the repository root
         rows += measured_rows(json.loads(path.read_text()), name)
     return fit_efficiency(rows)
 
