@@ -53,18 +53,46 @@ def install(clone: Path) -> Path:
 def import_times(python: str, clone: Path) -> None:
     """`-X importtime` over the script's import lines: the total, and each top-level package's cumulative share."""
     lines = [
-        line for line in (clone / SCRIPT).read_text().splitlines() if re.match(r"(import|from) \S+", line) and "__future__" not in line
+        line
+        for line in (clone / SCRIPT).read_text().splitlines()
+        if re.match(r"(import|from) \S+", line) and "__future__" not in line
     ]
     env = {**os.environ, "PYTHONPATH": str(clone / "scripts")}
-    proc = subprocess.run([python, "-X", "importtime", "-c", "\n".join(lines)], cwd=clone, env=env, capture_output=True, text=True)
+    import_cpu(python, clone, lines)
+    proc = subprocess.run(
+        [python, "-X", "importtime", "-c", "\n".join(lines)], cwd=clone, env=env, capture_output=True, text=True
+    )
     rows = [re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line) for line in proc.stderr.splitlines()]
     top = sorted(((int(m.group(2)), m.group(4)) for m in rows if m and len(m.group(3)) == 1), reverse=True)
     print(f"imports (-X importtime, the script's import lines): {sum(us for us, _ in top) / 1e6:.2f} s")
     for us, name in top[:12]:
         print(f"    {us / 1e6:6.2f} s  {name}")
-    for name in ("trl", "deepspeed", "bitsandbytes", "torchao", "galore_torch", "liger_kernel", "peft"):
-        found = [m for m in rows if m and m.group(4) == name]
-        print(f"    {name}: {'imported, ' + format(int(found[0].group(2)) / 1e6, '.2f') + ' s' if found else 'not imported'}")
+    optional = ("trl", "deepspeed", "bitsandbytes", "torchao", "galore_torch", "liger_kernel", "peft")
+    check = "\n".join([*lines, "import sys", f"print(*[n for n in {optional!r} if n in sys.modules])"])
+    loaded = subprocess.run([python, "-c", check], cwd=clone, env=env, capture_output=True, text=True).stdout.split()
+    for name in optional:
+        cumulative = next((int(m.group(2)) for m in rows if m and m.group(4) == name), 0)
+        print(f"    {name}: {f'imported ({cumulative / 1e6:.2f} s cumulative)' if name in loaded else 'not imported'}")
+
+
+def import_cpu(python: str, clone: Path, lines: list[str], repeats: int = 3) -> None:
+    """CPU seconds (user + sys, least of `repeats`) of torch and the Trainer alone, and of the script's import lines:
+    the difference is what the project's own modules add. CPU time moves less than wall time on a busy machine."""
+    env = {**os.environ, "PYTHONPATH": str(clone / "scripts")}
+    usage = "import resource\nr = resource.getrusage(resource.RUSAGE_SELF)\nprint(r.ru_utime + r.ru_stime)"
+
+    def cpu(code: str) -> float:
+        runs = [
+            subprocess.run([python, "-c", f"{code}\n{usage}"], cwd=clone, env=env, capture_output=True, text=True)
+            for _ in range(repeats)
+        ]
+        return min(float(run.stdout.split()[-1]) for run in runs)
+
+    trainer = cpu("import torch\nfrom transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed")
+    script = cpu("\n".join(lines))
+    print(
+        f"imports, CPU time: torch + the Trainer {trainer:.2f} s, the script's import lines {script:.2f} s (the project's modules add {script - trainer:.2f} s)"
+    )
 
 
 def run_once(python: str, clone: Path) -> None:
@@ -94,7 +122,13 @@ def main() -> None:
         clone = fresh_clone(Path(work))
         venv = Path(args.venv) if args.venv else install(clone)
         python = str(venv / "bin" / "python")
-        print(sh(python, "-c", "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)").strip())
+        print(
+            sh(
+                python,
+                "-c",
+                "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)",
+            ).strip()
+        )
         import_times(python, clone)
         for _ in range(args.runs):
             run_once(python, clone)
