@@ -196,10 +196,10 @@ def train_losses(metrics: dict) -> dict[int, float]:
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A scratch project folder with the default synthetic data already prepared."""
-    from hftrain.data import prepare
+    from hftrain.data import PrepareArguments, prepare
 
     path = tmp_path_factory.mktemp("work")
-    prepare(output_dir=str(path / "data" / "synthetic"))
+    prepare(PrepareArguments(output_dir=str(path / "data" / "synthetic")))
     return path
 
 

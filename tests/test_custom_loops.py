@@ -33,9 +33,9 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "
 
 @pytest.fixture(scope="module")
 def odd_data(workdir: Path) -> Path:
-    from hftrain.data import prepare
+    from hftrain.data import PrepareArguments, prepare
 
-    path = prepare(output_dir=str(workdir / ODD_DATA), num_examples=3010)  # 10% held out: 301 test examples
+    path = prepare(PrepareArguments(output_dir=str(workdir / ODD_DATA), num_examples=3010))  # 10% held out: 301 test examples
     info = json.loads((path / "info.json").read_text())
     assert (info["num_train"], info["num_test"]) == (2709, 301)
     return path

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, EvalPrediction
 
 from conftest import read_metrics, run_script
 from hftrain import task
-from hftrain.data import PadCollator, load_prepared, prepare
+from hftrain.data import PadCollator, PrepareArguments, load_prepared, prepare, rebuild_command
 from hftrain.errors import UserError
 from hftrain.metrics import Accuracy
 from hftrain.models import PRESETS, load_model
@@ -41,10 +41,10 @@ def test_prepared_synthetic_data_and_tokenizer_load_with_the_library(workdir):
     assert tok.decode(ids, skip_special_tokens=True).endswith(f"Rating: {tok.decode([ids[-2]]).strip()}")
     # Preparing again with the same arguments is a no-op; other arguments need --force.
     before = (workdir / "data/synthetic/info.json").stat().st_mtime_ns
-    prepare(output_dir=str(workdir / "data/synthetic"))
+    prepare(PrepareArguments(output_dir=str(workdir / "data/synthetic")))
     assert (workdir / "data/synthetic/info.json").stat().st_mtime_ns == before
     with pytest.raises(UserError, match="--force"):
-        prepare(output_dir=str(workdir / "data/synthetic"), num_examples=100)
+        prepare(PrepareArguments(output_dir=str(workdir / "data/synthetic"), num_examples=100))
 
 
 def test_prepare_from_text_file_then_train_on_it(workdir, tmp_path):
@@ -74,20 +74,64 @@ def test_prepare_plain_text_and_saved_dataset(tmp_path):
     lines = [f"line {i}: the quick brown fox jumps over the lazy dog number {i % 7}" for i in range(200)]
     (tmp_path / "plain.txt").write_text("\n".join(lines), encoding="utf-8")
     # One example per line only when asked (the default cuts text into blocks, tests/test_own_data.py); held out: the end.
-    plain = prepare(str(tmp_path / "plain.txt"), str(tmp_path / "plain"), vocab_size=300, sample_by="line", group_texts=False)
+    plain = prepare(
+        PrepareArguments(
+            dataset=str(tmp_path / "plain.txt"),
+            output_dir=str(tmp_path / "plain"),
+            vocab_size=300,
+            sample_by="line",
+            group_texts=False,
+        )
+    )
     data = load_prepared(str(plain))
     assert data.task == "text" and data.answer_token_ids == [] and (len(data.train), len(data.test)) == (180, 20)
     assert data.tokenizer.decode(data.test[0]["input_ids"], skip_special_tokens=True) == lines[180]
 
     Dataset.from_dict({"body": lines, "id": list(range(200))}).save_to_disk(str(tmp_path / "saved"))
-    data = load_prepared(str(prepare(str(tmp_path / "saved"), str(tmp_path / "from_saved"), text_column="body", block_size=64)))
+    data = load_prepared(
+        str(
+            prepare(
+                PrepareArguments(
+                    dataset=str(tmp_path / "saved"), output_dir=str(tmp_path / "from_saved"), text_column="body", block_size=64
+                )
+            )
+        )
+    )
     assert data.train.column_names == ["input_ids", "position_ids", "prompt_len"] and len(data.train[0]["input_ids"]) == 64
 
 
 def test_prepare_with_an_existing_tokenizer_folder(workdir, tmp_path):
     """--tokenizer takes a tokenizer saved with save_pretrained (a model folder, or a Hub id when online)."""
-    out = prepare(output_dir=str(tmp_path / "reuse"), tokenizer_name=str(workdir / "data/synthetic/tokenizer"), num_examples=200)
+    out = prepare(
+        PrepareArguments(
+            output_dir=str(tmp_path / "reuse"), tokenizer=str(workdir / "data/synthetic/tokenizer"), num_examples=200
+        )
+    )
     assert load_prepared(str(out)).tokenizer.get_vocab() == load_prepared(str(workdir / "data/synthetic")).tokenizer.get_vocab()
+
+
+def test_folders_prepared_before_newer_arguments_still_match(tmp_path):
+    """info.json's request of a folder prepared before --model, --block_size and the other later flags existed
+    lacks them: preparing it again with those flags at their defaults reuses it, a rebuild command names only
+    flags that differ from the defaults, and the command line takes the same dataclass as prepare()."""
+    from prepare_datasets import PrepareArguments as CommandLineArguments
+
+    assert CommandLineArguments is PrepareArguments
+    out = prepare(PrepareArguments(output_dir=str(tmp_path / "old"), num_examples=100, vocab_size=300))
+    info = json.loads((out / "info.json").read_text())
+    first_keys = ["dataset", "tokenizer_name", "text_column", "vocab_size", "max_length", "test_size", "num_examples", "seed"]
+    assert set(first_keys) <= set(info["request"])
+    info["request"] = {k: info["request"][k] for k in first_keys}  # as the first folders recorded it
+    (out / "info.json").write_text(json.dumps(info))
+    before = (out / "info.json").stat().st_mtime_ns
+    assert prepare(PrepareArguments(output_dir=str(out), num_examples=100, vocab_size=300)) == out
+    assert (out / "info.json").stat().st_mtime_ns == before
+    with pytest.raises(UserError, match="other arguments"):
+        prepare(PrepareArguments(output_dir=str(out), num_examples=100, vocab_size=300, block_size=64))
+    rebuild = rebuild_command(str(out), {**info["request"], "tokenizer_name": "tok", "block_size": 64})
+    assert rebuild == f"python scripts/prepare_datasets.py --output_dir {out} --tokenizer tok --vocab_size 300 " + (
+        "--num_examples 100 --block_size 64 --force"
+    )
 
 
 def test_pad_collator_masks_padding_even_when_pad_is_eos(workdir):

@@ -163,7 +163,7 @@ def test_every_config_and_tokenizer_load_passes_trust_remote_code(workdir, tmp_p
     prepared tokenizer, the checkpoint's own tokenizer. Each asked on a terminal; here input() answers "y"."""
     import transformers.dynamic_module_utils
 
-    from hftrain.data import load_prepared, prepare
+    from hftrain.data import PrepareArguments, load_prepared, prepare
     from hftrain.models import check_tokenizer_matches, model_positions
 
     monkeypatch.setattr("builtins.input", lambda *args: "y")
@@ -172,9 +172,13 @@ def test_every_config_and_tokenizer_load_passes_trust_remote_code(workdir, tmp_p
     tokenizer_only = ships_code(tmp_path / "tok", marker, config=False)
     assert model_positions(str(ships_code(tmp_path / "model", marker))) == (None, str(tmp_path / "model"))
     with pytest.raises(UserError, match="--tokenizer .* ships its own Python code"):
-        prepare("synthetic", str(tmp_path / "data"), tokenizer_name=str(tokenizer_only), num_examples=50)
+        prepare(
+            PrepareArguments(
+                dataset="synthetic", output_dir=str(tmp_path / "data"), tokenizer=str(tokenizer_only), num_examples=50
+            )
+        )
     prepared = tmp_path / "prepared"
-    prepare(output_dir=str(prepared), num_examples=100)
+    prepare(PrepareArguments(output_dir=str(prepared), num_examples=100))
     ships_code(prepared / "tokenizer", marker, config=False)
     info = json.loads((prepared / "info.json").read_text())
     del info["files"]  # as prepared before the files were hashed (a changed file is refused before the tokenizer loads)
@@ -222,13 +226,13 @@ def test_output_dir_never_holds_or_sits_in_an_input(workdir, start_checkpoint, t
 
 
 def test_prepare_force_never_deletes_a_run_inside_the_data_folder(tmp_path):
-    from hftrain.data import prepare
+    from hftrain.data import PrepareArguments, prepare
 
-    out = prepare(output_dir=str(tmp_path / "data"), num_examples=100)
+    out = prepare(PrepareArguments(output_dir=str(tmp_path / "data"), num_examples=100))
     (out / "run").mkdir()
     (out / "run/metrics.json").write_text("{}")
     with pytest.raises(UserError, match="holds run, which prepare_datasets.py did not write"):
-        prepare(output_dir=str(out), num_examples=120, force=True)
+        prepare(PrepareArguments(output_dir=str(out), num_examples=120, force=True))
     assert (out / "run/metrics.json").exists() and json.loads((out / "info.json").read_text())["num_train"] == 90
 
 
@@ -265,29 +269,29 @@ def test_resume_removes_the_saves_a_kill_cut_short(tmp_path, own_process_state):
 
 
 def test_a_source_file_changed_after_preparation_is_refused(tmp_path):
-    from hftrain.data import prepare
+    from hftrain.data import PrepareArguments, prepare
 
     corpus = tmp_path / "my corpus.txt"
     corpus.write_text("A first document about cats.\n\nA second one about dogs.\n" * 30)
-    out = prepare(str(corpus), str(tmp_path / "data"), block_size=16)
+    out = prepare(PrepareArguments(dataset=str(corpus), output_dir=str(tmp_path / "data"), block_size=16))
     os.utime(corpus)  # touched, same content: still the data it was prepared from
-    assert prepare(str(corpus), str(out), block_size=16) == out
+    assert prepare(PrepareArguments(dataset=str(corpus), output_dir=str(out), block_size=16)) == out
     corpus.write_text(corpus.read_text() + "A third document.\n")
     rebuild = f"python scripts/prepare_datasets.py --dataset '{corpus}' --output_dir {out} --block_size 16 --force"
     with pytest.raises(UserError, match=f"--dataset {corpus} changed since it was prepared into {out} .*"):
-        prepare(str(corpus), str(out), block_size=16)
+        prepare(PrepareArguments(dataset=str(corpus), output_dir=str(out), block_size=16))
     with pytest.raises(UserError) as e:
-        prepare(str(corpus), str(out), block_size=16)
+        prepare(PrepareArguments(dataset=str(corpus), output_dir=str(out), block_size=16))
     assert str(e.value).endswith(f"rebuild it: {rebuild}")  # shell-quoted: the path has a space
     corpus.unlink()  # deleted once prepared: the prepared data stands on its own
-    assert prepare(str(corpus), str(out), block_size=16) == out
+    assert prepare(PrepareArguments(dataset=str(corpus), output_dir=str(out), block_size=16)) == out
 
 
 def test_a_tokenizer_that_loses_characters_is_refused_or_named(tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from hftrain.data import prepare
+    from hftrain.data import PrepareArguments, prepare
 
     english = "the cat sat on the mat and the dog ran to the park "
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -298,10 +302,10 @@ def test_a_tokenizer_that_loses_characters_is_refused_or_named(tmp_path, capsys)
     russian = tmp_path / "russian.txt"
     russian.write_text((english + "кошка сидела на коврике и собака бежала в парк\n\n") * 20)
     with pytest.raises(UserError, match=r"the tokenizer of .* loses \d+% of the characters of --dataset"):
-        prepare(str(russian), str(tmp_path / "ru"), tokenizer_name=str(folder), block_size=16)
+        prepare(PrepareArguments(dataset=str(russian), output_dir=str(tmp_path / "ru"), tokenizer=str(folder), block_size=16))
     mostly = tmp_path / "mostly-english.txt"
     mostly.write_text((english * 10 + "café\n\n") * 20)
-    prepare(str(mostly), str(tmp_path / "en"), tokenizer_name=str(folder), block_size=16)
+    prepare(PrepareArguments(dataset=str(mostly), output_dir=str(tmp_path / "en"), tokenizer=str(folder), block_size=16))
     # "café" is one unknown word: its 4 characters of each ~400 are lost
     assert f"warning: the tokenizer of {folder} loses 0.9% of the characters" in capsys.readouterr().out
 
@@ -361,14 +365,14 @@ def test_resume_into_another_model_is_one_sentence(workdir, tmp_path):
 def test_a_full_disk_during_preparation_names_the_data_folder(tmp_path, monkeypatch):
     from datasets import DatasetDict
 
-    from hftrain.data import prepare
+    from hftrain.data import PrepareArguments, prepare
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(DatasetDict, "save_to_disk", disk_full)
     with pytest.raises(UserError, match=f"no space left in {tmp_path} while preparing the data folder {tmp_path / 'data'}"):
-        prepare(output_dir=str(tmp_path / "data"), num_examples=100)
+        prepare(PrepareArguments(output_dir=str(tmp_path / "data"), num_examples=100))
     assert os.listdir(tmp_path) == []
 
 
@@ -376,7 +380,7 @@ def test_sigterm_during_preparation_leaves_no_temporary_folder(tmp_path):
     """In a child process (SIGTERM would end this one): the signal arrives while the data is being written."""
     from datasets import DatasetDict
 
-    from hftrain.data import prepare
+    from hftrain.data import PrepareArguments, prepare
 
     def terminated(*args, **kwargs) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -387,7 +391,7 @@ def test_sigterm_during_preparation_leaves_no_temporary_folder(tmp_path):
         status = 3
         try:
             DatasetDict.save_to_disk = terminated  # type: ignore[method-assign]
-            prepare(output_dir=str(tmp_path / "data"), num_examples=100)
+            prepare(PrepareArguments(output_dir=str(tmp_path / "data"), num_examples=100))
         except SystemExit as e:
             status = 1 if "stopped by SIGTERM" in str(e.code) else 2
         finally:

@@ -12,7 +12,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from conftest import run_in_process
-from hftrain.data import load_prepared, prepare
+from hftrain.data import PrepareArguments, load_prepared, prepare
 from hftrain.errors import UserError
 
 DOCUMENTS = [f"Note {i}: the ferry to the island leaves at {i % 12 + 1} o'clock when the sea is calm. " * 2 for i in range(40)]
@@ -36,7 +36,7 @@ def test_rows_with_a_null_or_blank_text_are_skipped_with_a_count(ext: str, tmp_p
         frame.to_parquet(source)
     else:
         frame.to_json(source, orient="records", lines=True)
-    out = prepare(str(source), str(tmp_path / "data"), vocab_size=300)
+    out = prepare(PrepareArguments(dataset=str(source), output_dir=str(tmp_path / "data"), vocab_size=300))
     assert f"--dataset {source}: skipping 2 of 40 rows whose 'text' is empty or null" in capsys.readouterr().out
     assert len(load_prepared(str(out)).train) > 0
 
@@ -47,7 +47,7 @@ def test_a_json_column_mixing_text_and_objects_is_refused_naming_the_row(tmp_pat
     source = tmp_path / "mixed.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(UserError) as refused:
-        prepare(str(source), str(tmp_path / "data"))
+        prepare(PrepareArguments(dataset=str(source), output_dir=str(tmp_path / "data")))
     assert str(refused.value) == (
         f"error: --dataset {source}: column 'text' holds an object in row 6, not text (every row's value must be a "
         "string); pass --text_column"
@@ -61,7 +61,7 @@ def test_a_damaged_save_to_disk_source_is_refused(damage: str, tmp_path: Path) -
     file = next(saved.glob("*.arrow")) if damage == "arrow" else saved / damage
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # a copy cut short
     with pytest.raises(UserError) as refused:
-        prepare(str(saved), str(tmp_path / "data"))
+        prepare(PrepareArguments(dataset=str(saved), output_dir=str(tmp_path / "data")))
     assert re.fullmatch(
         rf"error: --dataset {saved} is a damaged save_to_disk folder \(\w+: .+\); save it again", str(refused.value)
     )
@@ -70,19 +70,23 @@ def test_a_damaged_save_to_disk_source_is_refused(damage: str, tmp_path: Path) -
 def test_a_truncated_info_json_is_named_and_force_repairs_it(tmp_path: Path) -> None:
     source = tmp_path / "notes.txt"
     source.write_text("\n\n".join(DOCUMENTS))
-    out = prepare(str(source), str(tmp_path / "data"), vocab_size=300)
+    out = prepare(PrepareArguments(dataset=str(source), output_dir=str(tmp_path / "data"), vocab_size=300))
     info = out / "info.json"
     info.write_text(info.read_text()[:100])
     rebuild = f"python scripts/prepare_datasets.py --dataset {source} --output_dir {out} --vocab_size 300 --force"
-    for again in (lambda: prepare(str(source), str(out), vocab_size=300), lambda: load_prepared(str(out))):
+    for again in (
+        lambda: prepare(PrepareArguments(dataset=str(source), output_dir=str(out), vocab_size=300)),
+        lambda: load_prepared(str(out)),
+    ):
         with pytest.raises(UserError) as refused:
             again()
         assert str(refused.value).startswith(f"error: {out}/info.json is damaged (JSONDecodeError); rebuild the prepared data: ")
     assert str(refused.value).endswith(f"--output_dir {out} --force")  # load_prepared cannot read what it was made from
     with pytest.raises(UserError) as refused:
-        prepare(str(source), str(out), vocab_size=300)
+        prepare(PrepareArguments(dataset=str(source), output_dir=str(out), vocab_size=300))
     assert str(refused.value).endswith(rebuild)
-    prepare(str(source), str(out), vocab_size=300, force=True)  # the command it gives repairs it
+    # the command it gives repairs it
+    prepare(PrepareArguments(dataset=str(source), output_dir=str(out), vocab_size=300, force=True))
     assert len(load_prepared(str(out)).train) > 0
 
 
@@ -97,7 +101,7 @@ def test_a_full_disk_or_a_read_only_folder_while_preparing_is_one_sentence(tmp_p
     with monkeypatch.context() as m:
         m.setattr(DatasetDict, "save_to_disk", full)
         with pytest.raises(UserError) as refused:
-            prepare(str(source), str(out), vocab_size=300)
+            prepare(PrepareArguments(dataset=str(source), output_dir=str(out), vocab_size=300))
     assert str(refused.value) == (
         f"error: no space left in {out.parent} while preparing the data folder {out} (No space left on device); free some "
         "space there, or prepare the data on another disk (prepare_datasets.py --output_dir, then --data_dir)"
@@ -109,7 +113,7 @@ def test_a_full_disk_or_a_read_only_folder_while_preparing_is_one_sentence(tmp_p
 
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     with pytest.raises(UserError) as refused:
-        prepare(str(source), str(out), vocab_size=300)
+        prepare(PrepareArguments(dataset=str(source), output_dir=str(out), vocab_size=300))
     assert str(refused.value) == (
         f"error: cannot write the prepared data to {out} (Permission denied); prepare into a folder you can write to"
     )

@@ -217,11 +217,13 @@ def test_two_machines_preparing_one_shared_folder_at_once_keep_one_complete_copy
 
     def other_machine_renames_first(src: str, dst: str) -> None:
         monkeypatch.setattr(os, "replace", rename)
-        data.prepare(output_dir=str(out), num_examples=300)  # the other machine, same arguments, done first
+        data.prepare(
+            data.PrepareArguments(output_dir=str(out), num_examples=300)
+        )  # the other machine, same arguments, done first
         rename(src, dst)  # a directory cannot replace a non-empty one: OSError
 
     monkeypatch.setattr(os, "replace", other_machine_renames_first)
-    assert data.prepare(output_dir=str(out), num_examples=300) == out
+    assert data.prepare(data.PrepareArguments(output_dir=str(out), num_examples=300)) == out
     assert [p.name for p in tmp_path.iterdir()] == ["synthetic"]  # no temporary copy left behind
     prepared = data.load_prepared(str(out))
     assert len(prepared.train) + len(prepared.test) == 300

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, HfArgumentP
 
 from conftest import read_metrics, run_script
 from hftrain import task
-from hftrain.data import load_prepared, prepare, train_tokenizer
+from hftrain.data import PrepareArguments, load_prepared, prepare, train_tokenizer
 from hftrain.errors import UserError
 from hftrain.models import check_checkpoint_format, model_defaults
 from hftrain.packing import PaddingFreeCollator
@@ -63,7 +63,15 @@ def padless_checkpoint(tmp_path_factory, corpus) -> Path:
 
 def test_corpus_in_blocks_keeps_documents_apart_and_holds_out_the_end(tmp_path, corpus):
     text = corpus.read_text()
-    data = load_prepared(str(prepare(str(corpus), str(tmp_path / "para"), vocab_size=400, sample_by="paragraph", block_size=64)))
+    data = load_prepared(
+        str(
+            prepare(
+                PrepareArguments(
+                    dataset=str(corpus), output_dir=str(tmp_path / "para"), vocab_size=400, sample_by="paragraph", block_size=64
+                )
+            )
+        )
+    )
     tok, eos, bos = data.tokenizer, data.tokenizer.eos_token_id, data.tokenizer.bos_token_id
     assert data.task == "text" and data.max_length == 64
     assert data.train.column_names == ["input_ids", "position_ids", "prompt_len"]
@@ -100,10 +108,16 @@ def test_corpus_in_blocks_keeps_documents_apart_and_holds_out_the_end(tmp_path, 
 
 
 def test_a_text_file_is_one_document_by_default_and_lines_only_on_request(tmp_path, corpus):
-    data = load_prepared(str(prepare(str(corpus), str(tmp_path / "doc"), vocab_size=400, block_size=64)))
+    data = load_prepared(
+        str(prepare(PrepareArguments(dataset=str(corpus), output_dir=str(tmp_path / "doc"), vocab_size=400, block_size=64)))
+    )
     eos = data.tokenizer.eos_token_id
     assert sum(x.count(eos) for s in (data.train, data.test) for x in s["input_ids"]) == 1  # only at the end of the file
-    lines = prepare(str(corpus), str(tmp_path / "lines"), vocab_size=400, sample_by="line", group_texts=False)
+    lines = prepare(
+        PrepareArguments(
+            dataset=str(corpus), output_dir=str(tmp_path / "lines"), vocab_size=400, sample_by="line", group_texts=False
+        )
+    )
     data = load_prepared(str(lines))
     assert "position_ids" not in data.train.column_names and all(x[-1] == eos for x in data.train["input_ids"])
     n_lines = len([ln for ln in corpus.read_text().splitlines() if ln.strip()])
@@ -120,9 +134,21 @@ def test_each_file_format_gives_the_same_blocks(tmp_path, corpus, ext):
     ](str(path))
     tokenizer = str(tmp_path / "tok")
     train_tokenizer([corpus.read_text()], 400).save_pretrained(tokenizer)
-    data = load_prepared(str(prepare(str(path), str(tmp_path / ext), tokenizer_name=tokenizer, block_size=64)))
+    data = load_prepared(
+        str(prepare(PrepareArguments(dataset=str(path), output_dir=str(tmp_path / ext), tokenizer=tokenizer, block_size=64)))
+    )
     reference = load_prepared(
-        str(prepare(str(corpus), str(tmp_path / "txt"), tokenizer_name=tokenizer, block_size=64, sample_by="paragraph"))
+        str(
+            prepare(
+                PrepareArguments(
+                    dataset=str(corpus),
+                    output_dir=str(tmp_path / "txt"),
+                    tokenizer=tokenizer,
+                    block_size=64,
+                    sample_by="paragraph",
+                )
+            )
+        )
     )
     # The table's rows are the paragraphs without their separating blank line: the same documents, token for token
     # up to the line breaks at their ends.
@@ -138,11 +164,19 @@ def test_named_splits_of_a_saved_dataset(tmp_path, corpus):
         {"main": Dataset.from_dict({"body": paragraphs[:-1]}), "heldout": Dataset.from_dict({"body": paragraphs[-1:]})}
     ).save_to_disk(str(tmp_path / "saved"))
     args: dict[str, Any] = dict(text_column="body", vocab_size=400, block_size=32, train_split="main")
-    data = load_prepared(str(prepare(str(tmp_path / "saved"), str(tmp_path / "a"), eval_split="heldout", **args)))
+    data = load_prepared(
+        str(
+            prepare(
+                PrepareArguments(dataset=str(tmp_path / "saved"), output_dir=str(tmp_path / "a"), eval_split="heldout", **args)
+            )
+        )
+    )
     held_out = "".join(data.tokenizer.decode(x, skip_special_tokens=True) for x in data.test["input_ids"])
     assert held_out == paragraphs[-1]
     with pytest.raises(UserError, match=r"has no 'validation' split \(it has: main, heldout\); pass --eval_split"):
-        prepare(str(tmp_path / "saved"), str(tmp_path / "b"), eval_split="validation", **args)
+        prepare(
+            PrepareArguments(dataset=str(tmp_path / "saved"), output_dir=str(tmp_path / "b"), eval_split="validation", **args)
+        )
     assert not (tmp_path / "b").exists()
 
 
@@ -312,13 +346,13 @@ def test_bad_block_size_and_columns_are_refused_before_anything_is_written(tmp_p
     ]
     for kwargs, message in cases:
         with pytest.raises(UserError, match=message):
-            prepare(str(corpus), str(tmp_path / "out"), **kwargs)
+            prepare(PrepareArguments(dataset=str(corpus), output_dir=str(tmp_path / "out"), **kwargs))
     table = tmp_path / "reviews.csv"
     Dataset.from_dict({"body": ["good"] * 4, "stars": [5] * 4}).to_csv(str(table))
     with pytest.raises(UserError, match=r"has no column 'text' \(it has: body, stars\); pass --text_column"):
-        prepare(str(table), str(tmp_path / "out"))
+        prepare(PrepareArguments(dataset=str(table), output_dir=str(tmp_path / "out")))
     with pytest.raises(UserError, match=r"column 'stars' holds Value\('int64'\), not text"):
-        prepare(str(table), str(tmp_path / "out"), text_column="stars")
+        prepare(PrepareArguments(dataset=str(table), output_dir=str(tmp_path / "out"), text_column="stars"))
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out-*"))
 
 
@@ -351,7 +385,11 @@ def real_data(real_checkpoint, tmp_path_factory) -> Path:
     """Prose prepared with the checkpoint's tokenizer in 64-token blocks, the end of the text held out (2 blocks)."""
     work = tmp_path_factory.mktemp("real")
     (work / "reviews.txt").write_text(corpus_text(n=4, seed=7), encoding="utf-8")
-    return prepare(str(work / "reviews.txt"), str(work / "data/blocks64"), model=str(real_checkpoint), block_size=64)
+    return prepare(
+        PrepareArguments(
+            dataset=str(work / "reviews.txt"), output_dir=str(work / "data/blocks64"), model=str(real_checkpoint), block_size=64
+        )
+    )
 
 
 def test_real_checkpoint_lora_lowers_held_out_perplexity(real_checkpoint, real_data):

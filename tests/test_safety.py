@@ -38,29 +38,29 @@ def one_sentence(proc: subprocess.CompletedProcess, message: str) -> None:
 
 @pytest.fixture(scope="module")
 def small_data(workdir: Path) -> Path:
-    from hftrain.data import prepare
+    from hftrain.data import PrepareArguments, prepare
 
-    return prepare(output_dir=str(workdir / SMALL_DATA), num_examples=400)
+    return prepare(PrepareArguments(output_dir=str(workdir / SMALL_DATA), num_examples=400))
 
 
 # ---------------------------------------------------------------- data preparation deletes only what it made
 
 
 def test_prepare_refuses_a_folder_it_did_not_make(tmp_path):
-    from hftrain.data import prepare
+    from hftrain.data import PrepareArguments, prepare
 
     mine = tmp_path / "mydir"
     mine.mkdir()
     (mine / "notes.txt").write_text("my own work")
     for force in (False, True):
         with pytest.raises(UserError, match=f"{mine} exists and was not made by prepare_datasets.py"):
-            prepare(output_dir=str(mine), num_examples=100, force=force)
+            prepare(PrepareArguments(output_dir=str(mine), num_examples=100, force=force))
     assert (mine / "notes.txt").read_text() == "my own work" and sorted(os.listdir(tmp_path)) == ["mydir"]
 
 
 def test_prepare_refuses_an_output_that_is_holds_or_sits_in_the_source(tmp_path):
     """`--dataset data/myreviews` once chose data/myreviews as its output and replaced the source with token ids."""
-    from hftrain.data import prepare
+    from hftrain.data import PrepareArguments, prepare
 
     source = tmp_path / "data/myreviews"
     Dataset.from_dict({"text": [f"review {i} was fine" for i in range(50)]}).save_to_disk(str(source))
@@ -68,16 +68,16 @@ def test_prepare_refuses_an_output_that_is_holds_or_sits_in_the_source(tmp_path)
     one_sentence(proc, "--output_dir data/myreviews is the source dataset itself")
     for output in (tmp_path / "data", source / "prepared"):
         with pytest.raises(UserError, match="the source dataset"):
-            prepare(str(source), str(output), force=True)
+            prepare(PrepareArguments(dataset=str(source), output_dir=str(output), force=True))
     assert load_from_disk(str(source))["text"][0] == "review 0 was fine"
     assert sorted(os.listdir(tmp_path / "data")) == ["myreviews"]
 
 
 def test_force_replaces_a_prepared_folder_only_once_the_new_one_is_in_place(tmp_path, monkeypatch):
-    from hftrain.data import prepare
+    from hftrain.data import PrepareArguments, prepare
 
     out = tmp_path / "prepared"
-    prepare(output_dir=str(out), num_examples=100)
+    prepare(PrepareArguments(output_dir=str(out), num_examples=100))
     before = json.loads((out / "info.json").read_text())
 
     def disk_error(*args, **kwargs):
@@ -85,12 +85,12 @@ def test_force_replaces_a_prepared_folder_only_once_the_new_one_is_in_place(tmp_
 
     monkeypatch.setattr(DatasetDict, "save_to_disk", disk_error)
     with pytest.raises(UserError, match=f"no space left in {tmp_path} while preparing the data folder {out}"):
-        prepare(output_dir=str(out), num_examples=120, force=True)
+        prepare(PrepareArguments(output_dir=str(out), num_examples=120, force=True))
     assert json.loads((out / "info.json").read_text()) == before  # the old folder, untouched
     assert os.listdir(tmp_path) == ["prepared"]  # no temporary folder left behind
     monkeypatch.undo()
 
-    prepare(output_dir=str(out), num_examples=120, force=True)
+    prepare(PrepareArguments(output_dir=str(out), num_examples=120, force=True))
     assert json.loads((out / "info.json").read_text())["num_train"] == 108
     assert os.listdir(tmp_path) == ["prepared"]  # the old copy, moved aside, is gone
 
@@ -104,9 +104,9 @@ def train_arrow(folder: Path) -> Path:
 
 
 def test_damaged_prepared_data_is_named_with_the_command_that_rebuilds_it(tmp_path):
-    from hftrain.data import load_prepared, prepare
+    from hftrain.data import PrepareArguments, load_prepared, prepare
 
-    out = prepare(output_dir=str(tmp_path / "p"), num_examples=300)
+    out = prepare(PrepareArguments(output_dir=str(tmp_path / "p"), num_examples=300))
     load_prepared(str(out))
     arrow = train_arrow(out)
     rebuild = f"python scripts/prepare_datasets.py --output_dir {out} --num_examples 300 --force"
@@ -117,28 +117,28 @@ def test_damaged_prepared_data_is_named_with_the_command_that_rebuilds_it(tmp_pa
         load_prepared(str(out))
     assert f"{out}/dataset/train/{arrow.name} is damaged" in str(e.value) and rebuild in str(e.value)
 
-    prepare(output_dir=str(out), num_examples=300, force=True)
+    prepare(PrepareArguments(output_dir=str(out), num_examples=300, force=True))
     os.truncate(arrow, arrow.stat().st_size // 2)  # cut short
     with pytest.raises(UserError, match=f"dataset/train/{arrow.name} is damaged.*{re.escape(rebuild)}"):
         load_prepared(str(out))
 
 
 def test_verification_hashes_once_then_trusts_size_and_mtime(tmp_path, monkeypatch):
-    import hftrain.safety
-    from hftrain.data import load_prepared, prepare
+    import hftrain.data_folders
+    from hftrain.data import PrepareArguments, load_prepared, prepare
 
-    out = prepare(output_dir=str(tmp_path / "p"), num_examples=300)
+    out = prepare(PrepareArguments(output_dir=str(tmp_path / "p"), num_examples=300))
     info = json.loads((out / "info.json").read_text())
     arrow = str(train_arrow(out).relative_to(out))
     assert info["files"][arrow]["rows"] == 270 and len(info["files"][arrow]["sha256"]) == 64
     hashed: list[Path] = []
-    digest = hftrain.safety.file_digest
+    digest = hftrain.data_folders.file_digest
 
     def counting_digest(path: Path) -> str:
         hashed.append(path)
         return digest(path)
 
-    monkeypatch.setattr(hftrain.safety, "file_digest", counting_digest)
+    monkeypatch.setattr(hftrain.data_folders, "file_digest", counting_digest)
     load_prepared(str(out))
     assert hashed == []  # verified when prepared
     os.utime(out / arrow)  # touched: hashed again, once
@@ -148,9 +148,9 @@ def test_verification_hashes_once_then_trusts_size_and_mtime(tmp_path, monkeypat
 
 
 def test_data_prepared_before_hashes_still_loads_and_counts_its_rows(tmp_path):
-    from hftrain.data import load_prepared, prepare
+    from hftrain.data import PrepareArguments, load_prepared, prepare
 
-    out = prepare(output_dir=str(tmp_path / "p"), num_examples=300)
+    out = prepare(PrepareArguments(output_dir=str(tmp_path / "p"), num_examples=300))
     info = json.loads((out / "info.json").read_text())
     del info["files"]
     (out / "info.json").write_text(json.dumps(info))
@@ -270,7 +270,7 @@ def test_every_trainer_script_honours_or_refuses_resume():
 
 
 def test_second_run_on_the_same_output_dir_stops_with_one_sentence(workdir, small_data):
-    from hftrain.safety import RunLock
+    from hftrain.run_lock import RunLock
 
     out = workdir / "output/safety/locked"
     lock = RunLock(str(out))
@@ -301,7 +301,7 @@ def test_stale_lock_is_taken_over_and_the_lock_released_at_exit(workdir):
 
 
 def test_lock_is_taken_by_one_process_and_released_on_errors(tmp_path):
-    from hftrain.safety import RunLock
+    from hftrain.run_lock import RunLock
 
     out = tmp_path / "out"
     first = RunLock(str(out))
@@ -461,12 +461,12 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(workdir, small_da
 def test_full_disk_sentence_names_the_folder(tmp_path, monkeypatch):
     """The errors a full disk raises (torch.save's, safetensors', a plain OSError) all become the one sentence;
     torch.save's own say nothing of the cause, so they count only when the disk is (nearly) full."""
-    import hftrain.safety
-    from hftrain.safety import full_disk_message
+    import hftrain.full_disk
+    from hftrain.full_disk import full_disk_message
 
     ambiguous = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 8128 vs 8016")
     assert full_disk_message(ambiguous, str(tmp_path)) is None or psutil.disk_usage(str(tmp_path)).free < 2**30
-    monkeypatch.setattr(hftrain.safety, "free_bytes", lambda path: 4096)
+    monkeypatch.setattr(hftrain.full_disk, "free_bytes", lambda path: 4096)
     for error in [
         OSError(28, "No space left on device", str(tmp_path / "x")),
         RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 8128 vs 8016"),

@@ -61,10 +61,16 @@ def test_streamed_blocks_equal_prepared_blocks(corpus, tokenizer_dir, tmp_path):
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from hftrain.data import prepare
+    from hftrain.data import PrepareArguments, prepare
 
     prepared = prepare(
-        str(corpus), str(tmp_path / "prepared"), tokenizer_name=tokenizer_dir, sample_by="paragraph", block_size=BLOCK
+        PrepareArguments(
+            dataset=str(corpus),
+            output_dir=str(tmp_path / "prepared"),
+            tokenizer=tokenizer_dir,
+            sample_by="paragraph",
+            block_size=BLOCK,
+        )
     )
     train = load_from_disk(str(prepared / "dataset"))["train"]
     streamed = list(stream_blocks(stream_documents(str(corpus)), AutoTokenizer.from_pretrained(tokenizer_dir), BLOCK))

@@ -11,8 +11,9 @@ from typing import Any
 
 from hftrain.data import DEFAULT_DATA_DIR
 from hftrain.errors import UserError
+from hftrain.full_disk import report_full_disk
 from hftrain.launch import check_launch
-from hftrain.safety import RunLock, report_full_disk
+from hftrain.run_lock import RunLock
 from hftrain.streaming import StreamingArguments, check_streaming_args
 
 

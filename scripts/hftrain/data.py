@@ -4,12 +4,12 @@
 splits (`save_to_disk`) and info.json; every training script reads it with `load_prepared()`.
 """
 
-import inspect
 import json
 import os
 import re
+import shlex
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +21,22 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from hftrain import task
 from hftrain.corpus import DEFAULT_BLOCK_SIZE, LOADERS, read_file, split_tail, tokenize_documents
 from hftrain.corpus import group_texts as group_texts_
-from hftrain.errors import UserError, cause_of
-from hftrain.models import PRESETS, check_checkpoint_format, check_remote_code, model_positions
-from hftrain.safety import (
+from hftrain.data_folders import (
     check_prepare_target,
-    full_disk_cause,
     publish_folder,
-    rebuild_command,
     record_files,
     source_change,
     source_files,
     temporary_folder,
     verify_files,
 )
+from hftrain.errors import UserError, cause_of
+from hftrain.full_disk import full_disk_cause
+from hftrain.models import PRESETS, check_checkpoint_format, check_remote_code, model_positions
 
 DEFAULT_DATA_DIR = "data/synthetic"
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 RATING_TEXT = re.compile(r"Rating: [1-5]\s*$")
-# prepare()'s arguments added after folders were first prepared, with their defaults (left out of info.json's request).
-NEWER_ARGUMENTS: dict[str, Any] = dict(
-    model=None,
-    dataset_config_name=None,
-    train_split=None,
-    eval_split=None,
-    sample_by=None,
-    block_size=None,
-    group_texts=True,
-)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -251,42 +240,130 @@ def _read_file(path: Path, dataset: str, sample_by: str) -> Any:
         raise
 
 
-def prepare(
-    dataset: str = "synthetic",
-    output_dir: str = DEFAULT_DATA_DIR,
-    tokenizer_name: str | None = None,
-    text_column: str = "text",
-    vocab_size: int = 1024,
-    max_length: int = 512,
-    test_size: float = 0.1,
-    num_examples: int = 6000,
-    seed: int = 0,
-    force: bool = False,
-    model: str | None = None,
-    dataset_config_name: str | None = None,
-    train_split: str | None = None,
-    eval_split: str | None = None,
-    sample_by: str | None = None,
-    block_size: int | None = None,
-    group_texts: bool = True,
-    trust_remote_code: bool = False,
-) -> Path:
+@dataclass
+class PrepareArguments:
+    """What `prepare()` builds and where: scripts/prepare_datasets.py's flags (the shape of run_clm's
+    DataTrainingArguments), also what a training script's --dataset passes. Every field but output_dir, force and
+    trust_remote_code is recorded in info.json's "request", which a second call must match."""
+
+    dataset: str = field(
+        default="synthetic",
+        metadata={
+            "help": "'synthetic', 'synthetic-long' (documents of 8-64 reviews), a UTF-8 text file, a .json/.jsonl/.csv/.parquet "
+            "file, a folder saved with save_to_disk, or a Hub dataset name."
+        },
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where to write (default: data/<dataset name>[-<checkpoint name>])."}
+    )
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The model the data is for: a checkpoint (folder or Hub id) lends its tokenizer and bounds --block_size "
+            "by its positions; a preset (tiny, small, 1b) only bounds --block_size."
+        },
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "A tokenizer to use (local folder or Hub id); default: --model's if it is a checkpoint, else a byte-level "
+            "BPE trained on the training split."
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "The column that holds the text (tables and datasets)."})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The Hub dataset's configuration (e.g. wikitext-2-raw-v1)."}
+    )
+    train_split: str | None = field(default=None, metadata={"help": "The split to train on (default: train)."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "The split to evaluate on (default: test or validation if there is one, else the end of --train_split)."
+        },
+    )
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per block of a text corpus (default: min(1024, the model's positions))."},
+    )
+    sample_by: str | None = field(
+        default=None,
+        metadata={
+            "help": "What one document of a text file is: the whole 'document' (default), each 'paragraph' (blank-line "
+            "separated) or each 'line'; EOS goes after each.",
+            "choices": ["document", "paragraph", "line"],
+        },
+    )
+    group_texts: bool = field(
+        default=True,
+        metadata={
+            "help": "Concatenate a corpus's documents and cut blocks; false: one example per document, cut to "
+            "--max_length and padded (the rating task always is)."
+        },
+    )
+    vocab_size: int = field(default=1024, metadata={"help": "Vocabulary size of a newly trained tokenizer."})
+    max_length: int = field(default=512, metadata={"help": "Examples (not blocks) are cut to this many tokens."})
+    test_size: float = field(
+        default=0.1, metadata={"help": "Fraction held out for evaluation when the source has no test split."}
+    )
+    num_examples: int = field(default=6000, metadata={"help": "Size of the synthetic task (train + test)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the synthetic task and of the rating task's train/test split."})
+    force: bool = field(default=False, metadata={"help": "Rebuild the folder even if it was prepared with other arguments."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run Python code shipped with --model or --tokenizer. Off: only enable for code you trust."},
+    )
+
+
+# Not part of what the data is: where it goes, whether to replace it, whether to run a checkpoint's code.
+NOT_RECORDED = ("output_dir", "force", "trust_remote_code")
+# info.json's name of a flag whose field was renamed (folders prepared before keep matching).
+RECORDED_NAMES = {"tokenizer": "tokenizer_name"}
+
+
+def recorded_request(args: PrepareArguments) -> dict[str, Any]:
+    """The arguments info.json records: a second call matches them, and the rebuild command repeats them."""
+    return {RECORDED_NAMES.get(k, k): v for k, v in asdict(args).items() if k not in NOT_RECORDED}
+
+
+def same_request(recorded: dict[str, Any], request: dict[str, Any]) -> bool:
+    """Whether a folder's recorded request asks for what `request` does. An argument it lacks was added to
+    prepare_datasets.py after it was prepared, which then made what that argument's default makes."""
+    defaults = recorded_request(PrepareArguments())
+    return {**defaults, **recorded} == {**defaults, **request}
+
+
+def rebuild_command(output_dir: str, request: dict[str, Any]) -> str:
+    """The prepare_datasets.py command that makes `output_dir` again from its recorded request, quoted for a shell."""
+    defaults = recorded_request(PrepareArguments())
+    flags = {recorded: flag for flag, recorded in RECORDED_NAMES.items()}
+    parts = ["python", "scripts/prepare_datasets.py"]
+    if request.get("dataset", "synthetic") != "synthetic":
+        parts += ["--dataset", str(request["dataset"])]
+    parts += ["--output_dir", str(output_dir)]
+    for key, value in request.items():
+        if key != "dataset" and value != defaults.get(key) and value is not None:
+            parts += [f"--{flags.get(key, key)}", str(value)]
+    return shlex.join([*parts, "--force"])
+
+
+def prepare(args: PrepareArguments) -> Path:
     """Build data/<name>/ once; a second call with the same arguments returns at once.
 
     The rating task (each example ends in "Rating: n") gives one padded example per review. Any other
     text is a corpus: documents tokenized whole with EOS after each, concatenated and cut into blocks of
     `block_size` tokens (default: min(1024, the model's positions)), the held-out split the end of the
     corpus unless the source has its own. `group_texts=False` keeps one example per document instead."""
+    dataset, force, trust_remote_code = args.dataset, args.force, args.trust_remote_code
+    max_length, test_size, seed, model, block_size = args.max_length, args.test_size, args.seed, args.model, args.block_size
+    output_dir = args.output_dir or default_data_dir(dataset, args.tokenizer or model)
     out = Path(output_dir)
-    request = {k: v for k, v in locals().items() if k not in ("output_dir", "force", "out", "trust_remote_code")}
-    # Arguments added later are recorded only when set, so folders prepared before them still match.
-    request = {k: v for k, v in request.items() if k not in NEWER_ARGUMENTS or v != NEWER_ARGUMENTS[k]}
+    request = recorded_request(args)
     check_prepare_target(dataset, output_dir, force)  # never over the source, nor over a folder prepare() did not make
     info_path = out / "info.json"
     if info_path.exists() and not force:
-        rebuild = rebuild_command(str(out), request, lambda key: inspect.signature(prepare).parameters[key].default)
+        rebuild = rebuild_command(str(out), request)
         info = read_info(out, rebuild)
-        if info["request"] == request:
+        if same_request(info["request"], request):
             change = source_change(dataset, info["source_files"]) if "source_files" in info else None
             if change is not None:
                 raise UserError(f"--dataset {dataset} changed since it was prepared into {out} ({change}); rebuild it: {rebuild}")
@@ -299,7 +376,7 @@ def prepare(
         raise UserError(f"--max_length {max_length} is too short; use at least 16 tokens")
     if not 0 < test_size < 1:
         raise UserError(f"--test_size {test_size} must be a fraction between 0 and 1")
-    tokenizer_name = tokenizer_name or (model if model is not None and model not in PRESETS else None)
+    tokenizer_name = args.tokenizer or (model if model is not None and model not in PRESETS else None)
     for name, flag in ((model, "--model"), (tokenizer_name, "--tokenizer")):
         if name is not None:
             check_checkpoint_format(name)
@@ -316,27 +393,27 @@ def prepare(
     sources = source_files(dataset)  # a local source's size, mtime and hash, before it is read
     raw = _read_source(
         dataset,
-        text_column,
-        num_examples,
+        args.text_column,
+        args.num_examples,
         seed,
         test_size,
-        dataset_config_name,
-        train_split or "train",
-        eval_split,
-        sample_by or "document",
+        args.dataset_config_name,
+        args.train_split or "train",
+        args.eval_split,
+        args.sample_by or "document",
     )
     is_rating = is_rating_task(raw["train"]["text"][:200] + (raw["test"]["text"][:200] if "test" in raw else []))
     if "test" not in raw:  # held out from the training split
-        if len(raw["train"]) < 2 and (is_rating or not group_texts):
+        if len(raw["train"]) < 2 and (is_rating or not args.group_texts):
             raise UserError(
                 f"--dataset {dataset} holds {len(raw['train'])} non-empty examples; it needs at least 2 (train and test)"
             )
         if is_rating:  # independent examples: a random split, as before
             raw = raw["train"].train_test_split(test_size=test_size, seed=seed)
         else:  # text: the end of the corpus, never random lines of it
-            raw = split_tail(raw["train"], test_size, whole_documents=not group_texts)
+            raw = split_tail(raw["train"], test_size, whole_documents=not args.group_texts)
     if tokenizer_name is None:
-        tokenizer: PreTrainedTokenizerBase = train_tokenizer(raw["train"]["text"], vocab_size)
+        tokenizer: PreTrainedTokenizerBase = train_tokenizer(raw["train"]["text"], args.vocab_size)
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, trust_remote_code=trust_remote_code)
@@ -357,7 +434,7 @@ def prepare(
         prompt = [len(x) - 2 if is_rating else 0 for x in ids]
         return {"input_ids": ids, "prompt_len": prompt}
 
-    if is_rating or not group_texts:
+    if is_rating or not args.group_texts:
         tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names, desc="tokenizing")
     else:  # documents whole, EOS after each, concatenated and cut into blocks (run_clm's group_texts)
         tokenized = DatasetDict({s: group_texts_(tokenize_documents(raw[s], tokenizer), block_size) for s in ("train", "test")})
@@ -456,7 +533,8 @@ def load_prepared(
         check_remote_code(model, trust_remote_code)
     if dataset is not None:
         data_dir = data_folder(data_dir, dataset, model)
-        prepare(dataset, data_dir, model=model if model not in PRESETS else None, trust_remote_code=trust_remote_code)
+        model_ = model if model not in PRESETS else None
+        prepare(PrepareArguments(dataset=dataset, output_dir=data_dir, model=model_, trust_remote_code=trust_remote_code))
     path = Path(data_dir)
     if not (path / "info.json").exists():
         if Path(data_dir).resolve() != Path(DEFAULT_DATA_DIR).resolve():
@@ -464,9 +542,9 @@ def load_prepared(
                 f"no prepared data in {data_dir}; run: python scripts/prepare_datasets.py --dataset <file, folder or Hub name> "
                 f"--output_dir {data_dir}"
             )
-        prepare()
+        prepare(PrepareArguments())
     info = read_info(path, f"python scripts/prepare_datasets.py --dataset <its source> --output_dir {data_dir} --force")
-    rebuild = rebuild_command(data_dir, info["request"], lambda key: inspect.signature(prepare).parameters[key].default)
+    rebuild = rebuild_command(data_dir, info["request"])
     if "files" in info:  # hashed when prepared; hashed again only when a file's size or mtime changed
         verify_files(path, info["files"], rebuild)
     try:

@@ -16,47 +16,33 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from hftrain.errors import UserError, cause_of
 
-# Llama architecture throughout (RMSNorm, SwiGLU, RoPE, grouped-query attention).
+SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+
+def _shape(sizes: tuple[int, int, int, int, int], positions: int, **config: Any) -> dict[str, Any]:
+    return dict(zip(SHAPE, sizes, strict=True), max_position_embeddings=positions, **config)
+
+
+# Llama architecture throughout (RMSNorm, SwiGLU, RoPE, grouped-query attention). Each row: hidden size, MLP size,
+# layers, attention heads, key/value heads, then the positions and what else differs from Llama's defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     # ~0.1M parameters: learns the rating task on a laptop CPU in seconds.
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    ),
+    "tiny": _shape((64, 256, 2, 4, 2), 1024),
     # ~100M parameters (without embeddings), GPT-2-small sized: one GPU.
-    "small": dict(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-    ),
+    "small": _shape((768, 3072, 12, 12, 4), 4096),
     # Llama-3.2-1B shape (~1B parameters with a 32k vocabulary): the benchmarks' model.
-    "1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
+    "1b": _shape(
+        (2048, 8192, 16, 32, 8),
+        8192,
         tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
     ),
     # The exact shape of meta-llama/Llama-3.2-1B (its config.json), random weights: 1.24B parameters, a
     # fifth of them the 128,256 x 2048 tied embedding / output layer. Its vocabulary is kept (PRESET_VOCAB).
-    "llama-3.2-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
+    "llama-3.2-1b": _shape(
+        (2048, 8192, 16, 32, 8),
+        131072,
         head_dim=64,
-        max_position_embeddings=131072,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         rope_parameters={
@@ -70,13 +56,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # The shape of Qwen/Qwen2.5-0.5B (Qwen2 architecture: biases on q/k/v), random weights: 0.49B parameters,
     # 0.14B of them the 151,936-token tied embedding / output layer.
-    "qwen2.5-0.5b": dict(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
+    "qwen2.5-0.5b": _shape(
+        (896, 4864, 24, 14, 2),
+        32768,
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},

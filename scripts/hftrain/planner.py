@@ -17,12 +17,12 @@ Every constant is traced to its source in docs/planner.md.
 import math
 from dataclasses import dataclass, field, replace
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from hftrain.benchmarking import ROOT
 from hftrain.errors import UserError
 from hftrain.gpus import BY_KEY, GPU, gpu_by_device_name
 from hftrain.models import PRESETS, load_config, preset_config
@@ -459,7 +459,7 @@ def efficiency() -> dict[str, Efficiency]:
 
     rows = []
     for name in CALIBRATION_FILES:
-        path = ROOT / name
+        path = Path(__file__).resolve().parents[2] / name  # the repository root
         rows += measured_rows(json.loads(path.read_text()), name)
     return fit_efficiency(rows)
 
@@ -644,6 +644,31 @@ RECIPE = "FA2 padding-free + compiled layers + fused loss (big batch)"
 RECIPE_FP8 = "FA2 padding-free + float8 + compiled layers + fused loss (big batch)"
 PACKED = Setup(batches="packed", attention="flash")
 BLOCKS = Setup(batches="padded", attention="flash")  # the Trainer scripts pad each batch; blocks of T are full rows
+
+
+def sharded(method: str, script: str, config: str, setup: Setup) -> Example:
+    """A script launched on 2 or more GPUs, its efficiency measured on 2 (the benchmark row named after it)."""
+    return Example(method, script, config, (), setup, script, min_gpus=2, measured_gpus=2)
+
+
+def checkpointed(example: Example) -> Example:
+    """The same example with --gradient_checkpointing: less activation memory, CHECKPOINT_SPEED of its speed."""
+    setup = replace(example.setup, checkpointing="hf")
+    return replace(example, flags=(*example.flags, "--gradient_checkpointing"), setup=setup, speed=CHECKPOINT_SPEED)
+
+
+FA2 = Example("full", "sdpa/flash_attention.py", "", ("--fused_loss",), replace(PACKED, fused_loss=True), "FA2 padding-free")
+GALORE = Example(
+    "galore", "trainer/galore.py", "", ("--optim", "galore_adamw"), replace(BLOCKS, method="galore"), "GaLore (FA2 padding-free)"
+)
+ADAM8BIT = Example(
+    "adam8bit",
+    "trainer/galore.py",
+    "",
+    ("--optim", "adamw_bnb_8bit"),
+    replace(BLOCKS, method="adam8bit"),
+    "8-bit AdamW (FA2 padding-free)",
+)
 EXAMPLES = [
     Example(
         "full",
@@ -662,45 +687,17 @@ EXAMPLES = [
         RECIPE_FP8,
         float8=True,
     ),
-    Example(
-        "full",
-        "sdpa/flash_attention.py",
-        "",
-        ("--fused_loss", "--gradient_checkpointing"),
-        replace(PACKED, fused_loss=True, checkpointing="hf"),
-        "FA2 padding-free",
-        speed=CHECKPOINT_SPEED,
+    checkpointed(FA2),
+    sharded(
+        "full", "trainer/sharded/fsdp.py", "accelerate_config_fsdp.yaml", replace(BLOCKS, sharding="fsdp2", checkpointing="fsdp")
     ),
-    Example(
-        "full",
-        "trainer/sharded/fsdp.py",
-        "accelerate_config_fsdp.yaml",
-        (),
-        replace(BLOCKS, sharding="fsdp2", checkpointing="fsdp"),
-        "trainer/sharded/fsdp.py",
-        min_gpus=2,
-        measured_gpus=2,
-    ),
-    Example(
+    sharded(
         "full",
         "trainer/sharded/zero.py",
         "accelerate_config.yaml + deepspeed_config.json",
-        (),
         replace(BLOCKS, sharding="zero3", precision="bf16"),
-        "trainer/sharded/zero.py",
-        min_gpus=2,
-        measured_gpus=2,
     ),
-    Example(
-        "full",
-        "trainer/getting_started.py",
-        "accelerate_config.yaml",
-        (),
-        BLOCKS,
-        "trainer/getting_started.py",
-        min_gpus=2,
-        measured_gpus=2,
-    ),
+    sharded("full", "trainer/getting_started.py", "accelerate_config.yaml", BLOCKS),
     Example("lora", "lora/custom_loop.py", "", (), replace(BLOCKS, method="lora"), "LoRA (FA2 padding-free)", max_gpus=1),
     Example(
         "lora",
@@ -711,46 +708,23 @@ EXAMPLES = [
         "LoRA (FA2 padding-free)",
         min_gpus=2,
     ),
-    Example(
+    sharded(
         "lora",
         "trainer/sharded/fsdp_lora.py",
         "accelerate_config_fsdp_lora.yaml",
-        (),
         replace(BLOCKS, method="lora", sharding="fsdp2", checkpointing="hf"),
-        "trainer/sharded/fsdp_lora.py",
-        min_gpus=2,
-        measured_gpus=2,
     ),
     Example(
         "qlora", "trainer/qlora.py", "", (), replace(BLOCKS, method="qlora", checkpointing="hf"), "memory.py: qlora", max_gpus=1
     ),
-    Example(
+    sharded(
         "qlora",
         "trainer/sharded/fsdp_qlora.py",
         "accelerate_config_fsdp_qlora.yaml",
-        (),
         replace(BLOCKS, method="qlora", sharding="fsdp2", precision="bf16", checkpointing="hf"),
-        "trainer/sharded/fsdp_qlora.py",
-        min_gpus=2,
-        measured_gpus=2,
     ),
-    Example(
-        "galore",
-        "trainer/galore.py",
-        "",
-        ("--optim", "galore_adamw"),
-        replace(BLOCKS, method="galore"),
-        "GaLore (FA2 padding-free)",
-    ),
-    Example(
-        "galore",
-        "trainer/galore.py",
-        "",
-        ("--optim", "galore_adamw", "--gradient_checkpointing"),
-        replace(BLOCKS, method="galore", checkpointing="hf"),
-        "GaLore (FA2 padding-free)",
-        speed=CHECKPOINT_SPEED,
-    ),
+    GALORE,
+    checkpointed(GALORE),
     Example(
         "galore",
         "trainer/galore.py",
@@ -760,23 +734,8 @@ EXAMPLES = [
         "memory.py: galore_adamw_8bit_layerwise",
         max_gpus=1,
     ),
-    Example(
-        "adam8bit",
-        "trainer/galore.py",
-        "",
-        ("--optim", "adamw_bnb_8bit"),
-        replace(BLOCKS, method="adam8bit"),
-        "8-bit AdamW (FA2 padding-free)",
-    ),
-    Example(
-        "adam8bit",
-        "trainer/galore.py",
-        "",
-        ("--optim", "adamw_bnb_8bit", "--gradient_checkpointing"),
-        replace(BLOCKS, method="adam8bit", checkpointing="hf"),
-        "8-bit AdamW (FA2 padding-free)",
-        speed=CHECKPOINT_SPEED,
-    ),
+    ADAM8BIT,
+    checkpointed(ADAM8BIT),
 ]
 MICRO_BATCHES = (32, 16, 8, 4, 2, 1)  # rows per GPU tried, largest first (the benchmarks measured 1-32)
 

@@ -1,4 +1,5 @@
-"""Throughput, MFU and peak memory, and the files every run leaves: metrics.json and a PNG.
+"""Throughput, MFU and peak memory, and the files every run leaves: metrics.json, a PNG and the model card
+(`hftrain.model_card`).
 
 `ThroughputMeter` serves custom loops; `ThroughputCallback` wraps it for the Trainer.
 MFU follows nanoGPT's `estimate_mfu`: 6N + 12·L·d·T FLOPs per token (N parameters that do
@@ -320,7 +321,8 @@ def write_results(
     """Write metrics.json, training_curves.png and the model card (README.md), print the one-line summary, return the
     metrics. `metrics` may name the run's base_model, dataset, task (rating or text) and method, for the card and the
     plot; `curves` go to the plot's right panel (`save_curves`)."""
-    from hftrain.sharing import shareable_base, write_model_card
+    from hftrain.model_card import write_model_card
+    from hftrain.sharing import shareable_base
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,190 +1,29 @@
-"""Nothing lost, nothing unpickled: the guards every script shares.
+"""Prepared data folders: written only where they may be, published whole, verified on load.
 
-- `RunLock`: one run per output directory. The main process writes `run.lock` (host, pid, process start
-  time) into `--output_dir` and removes it at exit, also after an error or a preemption's 143/130; a lock
-  left by a process that is gone (same host) is taken over with one line saying so.
-- `report_full_disk`: a disk that fills during a save ends the run with "no space left in <dir>" instead of
-  torch's or safetensors' traceback; complete checkpoints stay what `--resume_from_checkpoint latest` picks.
-- Data preparation: `check_prepare_target` refuses to write over anything it did not make (a folder
-  without info.json, the source dataset, a folder that holds or sits inside it); `publish_folder` puts a
-  new folder in place and deletes a replaced one only afterwards; `unwritable_message` names a full disk or a
-  read-only folder in one sentence.
-- Prepared data is verified on load: `record_files` notes each file's size, rows and SHA-256 in info.json;
-  `verify_files` hashes a file again only when its size or mtime changed (cached in `.verified.json`).
+- `check_prepare_target` refuses to write over anything prepare() did not make (a folder without info.json, the
+  source dataset, a folder that holds or sits inside it); `temporary_folder` and `publish_folder` put a new folder
+  in place and delete a replaced one only afterwards; `unwritable_message` names a full disk or a read-only folder
+  in one sentence.
+- `record_files` notes each file's size, rows and SHA-256 in info.json; `verify_files` hashes a file again only
+  when its size or mtime changed (cached in `.verified.json`).
+- `source_files` records a local source's files; `source_change` says how it changed since.
 """
 
-import atexit
 import contextlib
 import errno
 import hashlib
 import json
 import os
-import re
-import shlex
 import shutil
 import signal
-import socket
-import sys
 import tempfile
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
-
-import psutil  # an accelerate dependency
 
 from hftrain.errors import UserError
 
-LOCK_NAME = "run.lock"
 VERIFIED_NAME = ".verified.json"
-
-
-# ---------------------------------------------------------------- one run per output directory
-
-
-def _process_started(pid: int) -> float | None:
-    """When process `pid` started (seconds since the epoch), None if there is none: a pid reused by another
-    process has another start time."""
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return None
-
-
-class RunLock:
-    """`run.lock` in the output directory, held by the main process of a run (the others take none)."""
-
-    def __init__(self, output_dir: str, is_main_process: bool = True) -> None:
-        self.dir = Path(output_dir)
-        self.path = self.dir / LOCK_NAME
-        self.is_main_process = is_main_process
-        self.made_dir = False
-        self.held = False
-
-    def acquire(self) -> None:
-        if not self.is_main_process:
-            return
-        try:
-            self.made_dir = not self.dir.exists()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            # Written in full under a temporary name, then linked to run.lock: the link fails if a lock exists,
-            # so a second run never reads a half-written one.
-            me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_started(os.getpid())}
-            fd, tmp = tempfile.mkstemp(prefix=".run.lock-", dir=self.dir)
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-        except OSError as e:
-            raise UserError(f"cannot write to --output_dir {self.dir} ({e.strerror}); choose a folder you can write to")
-        try:
-            for _ in range(3):
-                try:
-                    os.link(tmp, self.path)
-                except FileExistsError:
-                    self._take_over_if_stale()
-                    continue
-                self.held = True
-                atexit.register(self.release)
-                return
-        finally:
-            os.unlink(tmp)
-        raise UserError(
-            f"could not take the lock {self.path}: other runs keep starting in {self.dir}; choose another --output_dir"
-        )
-
-    def _take_over_if_stale(self) -> None:
-        try:
-            holder = json.loads(self.path.read_text())
-            host, pid, started = holder["host"], int(holder["pid"]), holder.get("started")
-        except FileNotFoundError:
-            return  # released in between: try again
-        except (OSError, ValueError, KeyError, TypeError):
-            host, pid, started = None, 0, None
-        if host is None:
-            print(f"taking over the unreadable lock {self.path}", flush=True)
-        elif host == socket.gethostname():
-            now = _process_started(pid)
-            if now is not None and (started is None or abs(now - float(started)) < 1.0):
-                raise UserError(
-                    f"{self.dir} is in use by another run (process {pid} on {host}, see {self.path}); wait for it to end, "
-                    "or choose another --output_dir"
-                )
-            print(f"taking over the stale lock {self.path}: process {pid} on {host} is gone", flush=True)
-        else:
-            raise UserError(
-                f"{self.dir} is in use by another run (process {pid} on {host}, see {self.path}); wait for it to end, choose "
-                f"another --output_dir, or, if no run on {host} uses it any more, delete {self.path}"
-            )
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            if json.loads(self.path.read_text())["pid"] == os.getpid():
-                self.path.unlink()
-        if self.made_dir:  # a folder this run made and left empty (it stopped early) goes with the lock
-            with contextlib.suppress(OSError):
-                self.dir.rmdir()
-
-
-# ---------------------------------------------------------------- a full disk during a save
-
-
-def free_bytes(path: str) -> int:
-    folder = Path(path)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
-
-
-def full_disk_cause(error: BaseException, folder: str) -> str | None:
-    """What was being written when a full disk caused `error` (looking through its causes), else None. torch.save's
-    own errors ("file write failed", "unexpected pos") do not name the cause: they count when under 1 GiB is free."""
-    seen: BaseException | None = error
-    while seen is not None:
-        text = str(seen)
-        certain = isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT)
-        certain = certain or any(s in text for s in ("No space left", "StorageFull", "Disk quota exceeded"))
-        torch_write = any(s in text for s in ("file write failed", "inline_container", "unexpected pos"))
-        if certain or (torch_write and free_bytes(folder) < 2**30):
-            return text.splitlines()[0][:160] if text else type(seen).__name__
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def full_disk_message(error: BaseException, output_dir: str) -> str | None:
-    """The sentence for an error that a full disk caused during a run, else None."""
-    cause = full_disk_cause(error, output_dir)
-    if cause is None:
-        return None
-    return (
-        f"no space left in {output_dir} (while writing: {cause}); "
-        "free some space or choose another --output_dir, then run again: the checkpoints saved completely are kept, "
-        "and --resume_from_checkpoint latest continues from the newest"
-    )
-
-
-def report_full_disk(output_dir: str, is_main_process: bool = True) -> None:
-    """From now on, an uncaught error that a full disk caused prints one sentence instead of a traceback (the
-    status stays 1); the main process also removes the half-written checkpoint-*.tmp folders the loops left."""
-    previous = sys.excepthook
-
-    def hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
-        message = full_disk_message(error, output_dir)
-        if message is None:
-            previous(kind, error, tb)
-            return
-        if is_main_process:
-            for partial in Path(output_dir).glob("checkpoint-*.tmp"):
-                if re.fullmatch(r"checkpoint-\d+\.tmp", partial.name):  # a loop's save, not a user's folder of that name
-                    shutil.rmtree(partial, ignore_errors=True)
-        print(f"error: {message}", file=sys.stderr, flush=True)
-
-    sys.excepthook = hook
-
 
 # ---------------------------------------------------------------- data preparation: write only where it may
 
@@ -364,19 +203,6 @@ def verify_files(folder: Path, files: dict[str, dict[str, Any]], rebuild: str) -
         raise UserError(f"{folder}/{name} {problem}; rebuild the prepared data: {rebuild}")
     if changed:
         _write_verified(folder, verified)
-
-
-def rebuild_command(output_dir: str, request: dict[str, Any], defaults: Callable[[str], Any]) -> str:
-    """The prepare_datasets.py command that makes `output_dir` again from its recorded request, quoted for a shell."""
-    flags = {"tokenizer_name": "tokenizer"}
-    parts = ["python", "scripts/prepare_datasets.py"]
-    if request.get("dataset", "synthetic") != "synthetic":
-        parts += ["--dataset", str(request["dataset"])]
-    parts += ["--output_dir", str(output_dir)]
-    for key, value in request.items():
-        if key != "dataset" and value != defaults(key) and value is not None:
-            parts += [f"--{flags.get(key, key)}", str(value)]
-    return shlex.join([*parts, "--force"])
 
 
 # ---------------------------------------------------------------- the source of prepared data, recorded
