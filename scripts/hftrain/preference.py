@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 from trl import ModelConfig
 from trl.data_utils import is_conversational
 
-from hftrain.chat import rating_conversations, read_rows
+from hftrain.chat import DEFAULT_CHAT_TEMPLATE, rating_conversations, read_rows
 from hftrain.checkpoints import resolve_checkpoint
 from hftrain.cli import check_output_dir, check_training_args
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
@@ -167,8 +167,6 @@ def check_chat_template(rows: Dataset, tokenizer: PreTrainedTokenizerBase, model
 
 def set_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None, preset: bool) -> None:
     """--chat_template: 'default' (also a preset's), a .jinja file, or None for the tokenizer's own."""
-    from hftrain.chat import DEFAULT_CHAT_TEMPLATE
-
     if chat_template == "default" or (chat_template is None and preset):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     elif chat_template is not None:
