@@ -72,11 +72,12 @@ def start_run(
     check: Callable[[Any, TrainingArguments], None] | None = None,
     resumable: bool = True,
     streams: bool = True,
+    inputs: Any = None,
 ) -> str | None:
     """Every Trainer script's checks of its parsed arguments, all before anything is loaded or written: sizes no run
     can use, --push_to_hub of a preset, --streaming's (`streams`: the script's arguments have them), the script's own
-    `check(args, training_args)`; then resolve --resume_from_checkpoint, check the output directory (and take its run
-    lock). Returns the checkpoint to resume from, also left in training_args.resume_from_checkpoint."""
+    `check(args, training_args)`; then resolve --resume_from_checkpoint, check the output directory against the run's
+    `inputs` (by default `args`: --model, --data_dir, --dataset) and take its run lock. Returns the checkpoint to resume from, also left in training_args.resume_from_checkpoint."""
     if training_args.push_to_hub and model in PRESETS:
         raise UserError(
             f"--push_to_hub shares a fine-tuned model, but --model {model} is a preset with random weights; "
@@ -96,7 +97,11 @@ def start_run(
     if streams and args.streaming:
         stream_training_args(training_args)  # each process reads its part of every batch; no replay on resume
     check_output_dir(
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, args
+        training_args.output_dir,
+        args.overwrite_output_dir,
+        checkpoint is not None,
+        training_args.process_index == 0,
+        inputs or args,
     )
     if checkpoint and training_args.process_index == 0:
         print(f"resuming from {checkpoint}")
