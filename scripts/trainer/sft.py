@@ -46,6 +46,7 @@ from hftrain.checkpoints import check_same_model
 from hftrain.cli import MODEL_DEPENDENT, check_batch_size, parse_command_line
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
+from hftrain.lora import trained_in_full
 from hftrain.models import PRESETS, load_config, load_model, model_defaults, save_preset_base
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback
@@ -163,13 +164,16 @@ def main() -> None:
         trust_remote_code=training_args.trust_remote_code,
     )
 
+    peft_config = get_peft_config(model_args)  # LoraConfig(...) from TRL's --lora_* flags; None without --use_peft
+    if peft_config is not None:  # one trained copy for a tied model's embeddings and output layer (hftrain/lora.py)
+        peft_config.ensure_weight_tying = trained_in_full(peft_config.modules_to_save, model)["ensure_weight_tying"]
     trainer = SFTTrainer(
         model=model,
         args=training_args,  # assistant_only_loss, packing, max_length, neftune_noise_alpha, ...
         train_dataset=data["train"],
         eval_dataset=data["test"],
         processing_class=tokenizer,  # its chat template renders the chats; saved beside the model
-        peft_config=get_peft_config(model_args),  # None without --use_peft
+        peft_config=peft_config,
         callbacks=[
             ThroughputCallback(seq_len=training_args.max_length),
             PreemptionCallback(),

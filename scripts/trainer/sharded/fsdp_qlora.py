@@ -21,31 +21,16 @@ Docs: https://huggingface.co/docs/peft/accelerate/fsdp#use-peft-qlora-and-fsdp-f
 
 import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
 
-from dataclasses import dataclass, field
-
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import BitsAndBytesConfig, set_seed
 
-from hftrain.cli import ScriptArguments
 from hftrain.errors import UserError
 from hftrain.extras import require_extra
+from hftrain.lora import LoraScriptArguments, lora_flags
 from hftrain.models import count_parameters, load_model, save_preset_base
 from hftrain.sharding import check_fsdp_layer_classes
 from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
-
-
-@dataclass
-class QLoraArguments(ScriptArguments):
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is scaled by alpha / r."})
-    modules_to_save: str = field(
-        default="embed_tokens,lm_head",
-        metadata={
-            "help": "Comma-separated modules trained in full beside the adapters (saved with them). Default by --model: "
-            "embed_tokens,lm_head for a preset (random, they must learn), none for a pretrained checkpoint."
-        },
-    )
 
 
 def main() -> None:
@@ -56,7 +41,7 @@ def main() -> None:
             "or scripts/trainer/sharded/fsdp_lora.py instead"
         )
     args, training_args, checkpoint = parse_args(
-        QLoraArguments,
+        LoraScriptArguments,  # --lora_r, --lora_alpha, --lora_dropout, --modules_to_save (hftrain/lora.py)
         output_dir="output/trainer/sharded/fsdp_qlora",
         adapter=True,  # LoRA: the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
         learning_rate=1e-2,  # for a preset
@@ -86,15 +71,9 @@ def main() -> None:
     )
     check_fsdp_layer_classes(model)
 
-    lora = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        target_modules="all-linear",
-        # A preset's random base cannot be quantised into anything useful to adapt, so its
-        # embeddings and output layer (kept in bf16, not 4-bit) train too; not a pretrained base's (default by --model).
-        modules_to_save=[m for m in args.modules_to_save.split(",") if m] or None,  # default by --model
-        task_type="CAUSAL_LM",
-    )
+    # LoRA on every linear layer. A preset's random base cannot be quantised into anything useful to adapt, so its
+    # embeddings and output layer (kept in bf16, not 4-bit) train too; not a pretrained base's (default by --model).
+    lora = LoraConfig(**lora_flags(args, model), target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
 
