@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hftrain.cli import ScriptArguments
-from hftrain.models import PRESET_MODULES_TO_SAVE
+from hftrain.models import PRESET_MODULES_TO_SAVE, save_preset_base
 
 
 @dataclass
@@ -43,3 +43,11 @@ def trained_in_full(modules_to_save: str | list[str] | None, model: Any) -> dict
     modules = [m for m in names if m] or None
     tied = bool(modules) and bool(getattr(model.config, "tie_word_embeddings", False))
     return {"modules_to_save": modules, "ensure_weight_tying": tied}
+
+
+def adapter_base(model: str, tokenizer: Any, training_args: Any, **kwargs: Any) -> str:
+    """The base an adapter names, in a Trainer run: `hftrain.models.save_preset_base` (a preset's random weights saved
+    once, by the main process, in <output_dir>/base; kept when resuming), while the other processes wait."""
+    with training_args.main_process_first():
+        is_main, resuming = training_args.process_index == 0, training_args.resume_from_checkpoint is not None
+        return save_preset_base(model, tokenizer, training_args.output_dir, is_main, reuse=resuming, **kwargs)

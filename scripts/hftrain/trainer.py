@@ -129,18 +129,15 @@ def build_trainer(
     """The Trainer that scripts/trainer/getting_started.py spells out (tests/test_trainer.py keeps the two alike): the
     prepared data, the accuracy metric, the run's callbacks; `kwargs` add to or replace its arguments."""
     accuracy = Accuracy(data.answer_token_ids)
-    arguments = dict(
-        model=model,
-        args=training_args,
-        train_dataset=data.train,
-        eval_dataset=data.test,
-        data_collator=PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
-        processing_class=data.tokenizer,
-        compute_metrics=accuracy.compute_metrics,
-        preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-    )
-    callbacks = [*kwargs.pop("callbacks", []), *run_callbacks(data)]
-    trainer = trainer_class(**{**arguments, **kwargs}, callbacks=callbacks)
+    arguments = {
+        "data_collator": PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
+        "processing_class": data.tokenizer,
+        "compute_metrics": accuracy.compute_metrics,
+        "preprocess_logits_for_metrics": accuracy.preprocess_logits_for_metrics,
+        **kwargs,
+        "callbacks": [*kwargs.get("callbacks", []), *run_callbacks(data)],
+    }
+    trainer = trainer_class(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.test, **arguments)
     check_trainer(trainer, data)
     return trainer
 

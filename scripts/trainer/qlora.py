@@ -49,8 +49,8 @@ from transformers import BitsAndBytesConfig, TrainingArguments, set_seed
 
 from hftrain.errors import UserError
 from hftrain.extras import require_extra
-from hftrain.lora import LoraScriptArguments, lora_flags
-from hftrain.models import count_parameters, save_preset_base
+from hftrain.lora import LoraScriptArguments, adapter_base, lora_flags
+from hftrain.models import count_parameters
 from hftrain.quantization import check_4bit_device, load_4bit
 from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
 
@@ -71,16 +71,8 @@ def main() -> None:
     data = load_data(training_args, args)
     set_seed(training_args.seed)  # the preset's random weights depend on it
     compute_dtype = torch.bfloat16 if cuda else torch.float32
-    with training_args.main_process_first():  # under DDP, rank 0 writes the base checkpoint once
-        base = save_preset_base(
-            args.model,
-            data.tokenizer,
-            training_args.output_dir,
-            training_args.process_index == 0,
-            reuse=checkpoint is not None,
-            dtype=compute_dtype,
-            device=training_args.device,
-        )
+    # A preset's random weights saved (in float, on the device) for the 4-bit load; the adapter names them as its base.
+    base = adapter_base(args.model, data.tokenizer, training_args, dtype=compute_dtype, device=training_args.device)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",  # NormalFloat4: 16 levels placed for normally distributed weights

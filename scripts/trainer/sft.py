@@ -46,8 +46,8 @@ from hftrain.checkpoints import check_same_model
 from hftrain.cli import MODEL_DEPENDENT, check_batch_size, parse_command_line
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
-from hftrain.lora import trained_in_full
-from hftrain.models import PRESETS, load_config, load_model, model_defaults, save_preset_base
+from hftrain.lora import adapter_base, trained_in_full
+from hftrain.models import PRESETS, load_config, load_model, model_defaults
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback
 from hftrain.trainer import DEFAULTS, check_training_flags, finish_run, start_run
@@ -151,10 +151,7 @@ def main() -> None:
     set_seed(training_args.seed)  # the preset's random weights depend on it
     base = model_name
     if model_args.use_peft and preset:  # an adapter needs its base saved: a preset's random weights exist nowhere else
-        with training_args.main_process_first():
-            base = save_preset_base(
-                model_name, tokenizer, training_args.output_dir, training_args.process_index == 0, reuse=checkpoint is not None
-            )
+        base = adapter_base(model_name, tokenizer, training_args)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
     model = load_model(
         base,

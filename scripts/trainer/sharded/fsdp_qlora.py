@@ -27,8 +27,8 @@ from transformers import BitsAndBytesConfig, set_seed
 
 from hftrain.errors import UserError
 from hftrain.extras import require_extra
-from hftrain.lora import LoraScriptArguments, lora_flags
-from hftrain.models import count_parameters, load_model, save_preset_base
+from hftrain.lora import LoraScriptArguments, adapter_base, lora_flags
+from hftrain.models import count_parameters, load_model
 from hftrain.sharding import check_fsdp_layer_classes
 from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
 
@@ -51,14 +51,7 @@ def main() -> None:
     )
     data = load_data(training_args, args)
     set_seed(training_args.seed)  # the preset's random weights depend on it
-    with training_args.main_process_first():
-        base = save_preset_base(
-            args.model,
-            data.tokenizer,
-            training_args.output_dir,
-            training_args.process_index == 0,
-            reuse=checkpoint is not None,
-        )
+    base = adapter_base(args.model, data.tokenizer, training_args)  # a preset's random weights saved for the 4-bit load
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
