@@ -166,8 +166,13 @@ def throughput_metrics(trainer: Trainer) -> dict[str, Any]:
 def write_run_summary(
     trainer: Trainer, data: Prepared, train_result: Any, eval_metrics: dict[str, float], **extra: Any
 ) -> dict[str, Any] | None:
-    """`finish_run` with the rating task's metrics, and `data`'s model, source and task (for the model card)."""
-    metrics = {
+    """`finish_run` with `run_metrics` and the script's `extra` metrics."""
+    return finish_run(trainer, {**run_metrics(trainer, data, train_result, eval_metrics), **extra})
+
+
+def run_metrics(trainer: Trainer, data: Prepared, train_result: Any, eval_metrics: dict[str, float]) -> dict[str, Any]:
+    """The rating task's metrics of a run, with `data`'s model, source and task (for the model card)."""
+    return {
         "eval_accuracy": eval_metrics["eval_accuracy"],
         "eval_loss": eval_metrics["eval_loss"],
         "train_loss": train_result.training_loss,
@@ -177,7 +182,6 @@ def write_run_summary(
         "dataset": data.source,
         "task": data.task,
     }
-    return finish_run(trainer, {**metrics, **extra})
 
 
 def finish_run(trainer: Trainer, metrics: dict[str, Any]) -> dict[str, Any] | None:

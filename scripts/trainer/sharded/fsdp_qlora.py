@@ -6,8 +6,9 @@ Teaches the three settings that make 4-bit weights shardable and trainable toget
   4-bit weights into bf16 storage and every parameter of a decoder layer is then bf16;
 - accelerate's `mixed_precision: "no"` (accelerate_config_fsdp_qlora.yaml): the model already
   computes in bf16, and FSDP must not cast the packed storage;
-- gradient checkpointing from TrainingArguments (non-reentrant, so the frozen 4-bit inputs need
-  no `requires_grad` trick), and the adapter saved after switching to FULL_STATE_DICT.
+- gradient checkpointing from TrainingArguments, not FSDP's (which hides the LoRA tensors from the
+  save: see fsdp_lora.py); non-reentrant, so the frozen 4-bit inputs need no `requires_grad`
+  trick; and the adapter saved after switching to FULL_STATE_DICT.
 NF4 with double quantisation keeps the frozen base at ~0.5 byte per parameter.
 
     accelerate launch --config_file accelerate_config_fsdp_qlora.yaml scripts/trainer/sharded/fsdp_qlora.py --model 1b
@@ -45,8 +46,8 @@ def main() -> None:
         output_dir="output/trainer/sharded/fsdp_qlora",
         adapter=True,  # LoRA: the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
         learning_rate=1e-2,  # for a preset
-        bf16=True,
-        gradient_checkpointing=True,
+        bf16=True,  # the 4-bit base computes in bf16 (mixed_precision stays "no" in the config)
+        gradient_checkpointing=True,  # not FSDP's (see above); non-reentrant: the frozen inputs need no grad
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     data = load_data(training_args, args)
@@ -64,8 +65,8 @@ def main() -> None:
     )
     check_fsdp_layer_classes(model)
 
-    # LoRA on every linear layer. A preset's random base cannot be quantised into anything useful to adapt, so its
-    # embeddings and output layer (kept in bf16, not 4-bit) train too; not a pretrained base's (default by --model).
+    # LoRA on every projection in attention and MLP (not lm_head). A preset's random embeddings and output layer must
+    # learn too, a pretrained base's stay frozen (modules_to_save, default by --model, tied as the model ties them).
     lora = LoraConfig(**lora_flags(args, model), target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
@@ -73,9 +74,9 @@ def main() -> None:
     trainer = build_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
-    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is gathered whole on rank 0
+    if trainer.is_fsdp_enabled:  # gather whole tensors, or only rank 0's slice of each LoRA tensor is saved
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model()
+    trainer.save_model()  # adapter_model.safetensors + adapter_config.json naming the base
     write_run_summary(
         trainer, data, train_result, eval_metrics, trainable_parameters=count_parameters(model, trainable_only=True)
     )
