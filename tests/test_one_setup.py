@@ -155,3 +155,53 @@ def test_lora_rule_follows_the_model(monkeypatch):
     assert trained_in_full("embed_tokens,lm_head", untied)["ensure_weight_tying"] is False
     assert trained_in_full("", tied) == {"modules_to_save": None, "ensure_weight_tying": False}  # a checkpoint's default
     assert trained_in_full(["lm_head"], tied)["modules_to_save"] == ["lm_head"]  # TRL's list
+
+
+class Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "trainer/getting_started.py",
+        "trainer/sft.py",
+        "trainer/qlora.py",
+        "basic/custom_loop.py",
+        "lora/custom_loop_accelerate.py",
+    ],
+)
+def test_the_command_line_is_parsed_once(script, workdir, tmp_path, monkeypatch, capsys):
+    """One parse gives the arguments, which flags were given (so a flag wins over a default that --model decides) and
+    the checks' input; the start line still names the defaults a checkpoint takes and no flag replaced."""
+    import argparse
+
+    import hftrain.cli
+    import hftrain.trainer
+
+    parses = []
+    parse_known_args = argparse.ArgumentParser.parse_known_args
+
+    def count(self, *args, **kwargs):
+        parses.append(args)
+        return parse_known_args(self, *args, **kwargs)
+
+    def stop(*args, **kwargs):
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", count)
+    for module in (hftrain.cli, hftrain.trainer):  # where the output folder is checked: after every argument check
+        monkeypatch.setattr(module, "check_output_dir", stop)
+    model = workdir / "checkpoint"
+    if not model.exists():
+        from hftrain.data import load_prepared
+        from hftrain.models import load_model
+
+        load_model("tiny", load_prepared(str(workdir / "data/synthetic")).tokenizer).save_pretrained(model)
+    args = ["--model", str(model), "--learning-rate=1e-4", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(Parsed):
+        run_in_process(script, *args, cwd=workdir, monkeypatch=monkeypatch)
+    assert len(parses) == 1
+    line = capsys.readouterr().out
+    assert f"defaults for a pretrained checkpoint ({model})" in line and "per_device_train_batch_size" in line
+    assert "learning_rate" not in line  # the flag, however spelled, won

@@ -1,7 +1,10 @@
 """The Trainer setup that every Trainer example shares, so each script shows only its technique.
 
-`scripts/trainer/getting_started.py` spells all of this out; the other Trainer scripts call
-`parse_args`, `build_trainer` and `write_run_summary` and keep what is particular to them in view.
+Every Trainer script calls `parse_args` (DEFAULTS, the command line parsed once, every check, the run lock), `load_data`,
+`build_trainer` and `write_run_summary` (metrics.json, the model card, the Hub upload), and keeps what is particular to
+it in view; `scripts/trainer/getting_started.py`, the lesson, spells out the Trainer that `build_trainer` builds, and
+tests/test_one_setup.py keeps the two alike. sft.py, with TRL's argument classes, takes DEFAULTS, `start_run` and
+`finish_run`.
 """
 
 import sys
@@ -126,7 +129,7 @@ def load_data(training_args: TrainingArguments, args: Any) -> Prepared:
 def build_trainer(
     model: Any, training_args: TrainingArguments, data: Prepared, trainer_class: type = Trainer, **kwargs: Any
 ) -> Trainer:
-    """The Trainer that scripts/trainer/getting_started.py spells out (tests/test_trainer.py keeps the two alike): the
+    """The Trainer that scripts/trainer/getting_started.py spells out (tests/test_one_setup.py keeps the two alike): the
     prepared data, the accuracy metric, the run's callbacks; `kwargs` add to or replace its arguments."""
     accuracy = Accuracy(data.answer_token_ids)
     arguments = {
