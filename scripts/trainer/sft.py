@@ -92,6 +92,7 @@ def main() -> None:
         gradient_checkpointing=False,  # TRL turns it on by default; small models do not need it
         lora_target_modules=["all-linear"],
     )
+    # The defaults a preset and a pretrained checkpoint need differ (sft_defaults, printed at start); a flag wins.
     by_model = (*MODEL_DEPENDENT, "lora_modules_to_save", "warmup_steps")
     args, training_args, model_args = parse_command_line(
         parser, check=check_training_flags, defaults=sft_defaults, names=by_model
@@ -171,10 +172,8 @@ def main() -> None:
         eval_dataset=data["test"],
         processing_class=tokenizer,  # its chat template renders the chats; saved beside the model
         peft_config=peft_config,
-        callbacks=[
-            ThroughputCallback(seq_len=training_args.max_length),
-            PreemptionCallback(),
-        ],  # SIGTERM or Ctrl-C: save a checkpoint, then exit
+        # tokens/s and peak memory; SIGTERM or Ctrl-C: save a checkpoint, then exit
+        callbacks=[ThroughputCallback(seq_len=training_args.max_length), PreemptionCallback()],
     )
     if model_args.use_peft:
         trainer.model.print_trainable_parameters()
