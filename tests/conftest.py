@@ -1,6 +1,9 @@
 """Helpers: run the example scripts as a user would, in a scratch folder, and read what they wrote."""
 
+import ast
 import atexit
+import difflib
+import io
 import json
 import logging
 import os
@@ -9,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tokenize
 import traceback
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,49 @@ def first_screen(script: str, lines: int = 60) -> str:
     imports = [n for n in ast.parse(source).body if isinstance(n, ast.Import | ast.ImportFrom)]
     end = max(n.end_lineno or n.lineno for n in imports)
     return "\n".join(source.splitlines()[end : end + lines])
+
+
+def statements(path: Path) -> list[str]:
+    """The body as units a reader compares: one per statement (however the formatter wrapped it, whatever
+    its indentation, its trailing comment included) and one per standalone comment line. The module
+    docstring and the imports are left out: they follow from the body."""
+    source = path.read_text()
+    header: set[int] = set()
+    for node in ast.parse(source).body:
+        is_docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        if is_docstring or isinstance(node, ast.Import | ast.ImportFrom):
+            header.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    units: list[str] = []
+    tokens: list[str] = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.start[0] in header or tok.type in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+            continue
+        if tok.type == tokenize.COMMENT and not tokens:
+            units.append(tok.string)
+        elif tok.type == tokenize.NEWLINE:
+            units.append(" ".join(tokens))
+            tokens = []
+        else:
+            if tok.string in ")]}" and tokens and tokens[-1] == ",":
+                tokens.pop()  # a magic trailing comma only records how the formatter wrapped the call
+            tokens.append(tok.string)
+    return units
+
+
+def assert_twins(base: str, variant: str, words: tuple[str, ...], min_statements: int) -> None:
+    """Like accelerate's by_feature examples: every statement or comment of script `variant` that is not in `base`
+    names its technique (one of `words`); a statement of the base may only disappear where a technique statement takes
+    its place. `min_statements`: the variant is that long, and most of the base is in it (they really are twins)."""
+    old, new = statements(SCRIPTS / base), statements(SCRIPTS / variant)
+    offending = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
+        if op == "equal":
+            continue
+        added = [u for u in new[j1:j2] if not any(w in u.lower() for w in words)]
+        removed = old[i1:i2] if op == "delete" else []
+        offending += [f"+ {u}" for u in added] + [f"- {u}" for u in removed]
+    assert not offending, f"{variant} differs from {base} outside its technique {words}:\n" + "\n".join(offending)
+    assert len(new) > min_statements and len(set(old) & set(new)) > len(old) * 0.6
 
 
 def script_env(**extra: str) -> dict[str, str]:

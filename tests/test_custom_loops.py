@@ -6,20 +6,16 @@ Runs are shared through module fixtures: four trainings, one resume, all on a sm
 splits (2,709 train, 301 test) divide neither by two processes nor by the batch sizes.
 """
 
-import ast
-import difflib
-import io
 import json
 import math
 import shutil
-import tokenize
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SCRIPTS, accelerate_cpu, first_screen, read_metrics, run_script, train_losses
+from conftest import accelerate_cpu, assert_twins, first_screen, read_metrics, run_script, train_losses
 
 ODD_DATA = "data/odd"
 COMMON = ["--data_dir", ODD_DATA, "--num_train_epochs", "2", "--logging_steps", "10"]
@@ -120,47 +116,11 @@ TWINS = [
 ]
 
 
-def statements(path: Path) -> list[str]:
-    """The body as units a reader compares: one per statement (however the formatter wrapped it, whatever
-    its indentation, its trailing comment included) and one per standalone comment line. The module
-    docstring and the imports are left out: they follow from the body."""
-    source = path.read_text()
-    header: set[int] = set()
-    for node in ast.parse(source).body:
-        is_docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
-        if is_docstring or isinstance(node, ast.Import | ast.ImportFrom):
-            header.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
-    units: list[str] = []
-    tokens: list[str] = []
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.start[0] in header or tok.type in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
-            continue
-        if tok.type == tokenize.COMMENT and not tokens:
-            units.append(tok.string)
-        elif tok.type == tokenize.NEWLINE:
-            units.append(" ".join(tokens))
-            tokens = []
-        else:
-            if tok.string in ")]}" and tokens and tokens[-1] == ",":
-                tokens.pop()  # a magic trailing comma only records how the formatter wrapped the call
-            tokens.append(tok.string)
-    return units
-
-
 @pytest.mark.parametrize("base, variant, words", TWINS, ids=[f"{a}->{b}" for a, b, _ in TWINS])
 def test_twins_differ_only_by_their_technique(base, variant, words):
     """Like accelerate's by_feature examples: every statement or comment the variant adds or rewrites names its
     technique; a statement of the base may only disappear where a technique statement takes its place."""
-    old, new = statements(SCRIPTS / base), statements(SCRIPTS / variant)
-    offending = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
-        if op == "equal":
-            continue
-        added = [u for u in new[j1:j2] if not any(w in u.lower() for w in words)]
-        removed = old[i1:i2] if op == "delete" else []
-        offending += [f"+ {u}" for u in added] + [f"- {u}" for u in removed]
-    assert not offending, f"{variant} differs from {base} outside its technique {words}:\n" + "\n".join(offending)
-    assert len(new) > 60 and len(set(old) & set(new)) > len(old) * 0.6  # they really are twins
+    assert_twins(base, variant, words, min_statements=60)
 
 
 @pytest.mark.parametrize("script", ["lora/custom_loop.py", "lora/custom_loop_accelerate.py"])

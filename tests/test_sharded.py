@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, SCRIPTS, free_port, read_metrics, run, run_script, train_losses
+from conftest import ROOT, SCRIPTS, assert_twins, free_port, read_metrics, run, run_script, train_losses
 
 SHORT = ["--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "10"]
 
@@ -273,3 +273,11 @@ def test_liger_under_zero3_gathers_the_lm_head_weight_with_the_model(workdir, mo
     external = list(getattr(model, "_external_params", {}).values())
     weight = model.get_output_embeddings().weight
     assert any(p is weight for p in external) == (liger and zero3)
+
+
+QLORA_WORDS = ("4bit", "4-bit", "quant", "bnb", "bitsandbytes", "bf16", "bfloat16", "cuda", "qlora")
+
+
+def test_fsdp_qlora_differs_from_fsdp_lora_only_by_the_4bit_base():
+    """fsdp_qlora.py is fsdp_lora.py with a 4-bit base: the LoRA config, the FSDP save and the rest stay the same."""
+    assert_twins("trainer/sharded/fsdp_lora.py", "trainer/sharded/fsdp_qlora.py", QLORA_WORDS, min_statements=20)

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
-from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
+from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, parse_command_line
 from hftrain.data import PadCollator, load_prepared
 from hftrain.loops import LogHistory, LoopTrainingArguments, accumulation_groups, evaluate, num_targets, num_tokens, tensorboard
 from hftrain.metrics import Accuracy
@@ -47,8 +47,7 @@ from hftrain.streaming import load_streamed
 def main() -> None:
     parser = HfArgumentParser(LoopArguments)
     # A pretrained checkpoint is fine-tuned with a lower learning rate than a preset's random weights (printed).
-    set_model_defaults(parser, parser.parse_known_args()[0].model)
-    (args,) = parser.parse_args_into_dataclasses()
+    (args,) = parse_command_line(parser)
     check_loop_args(args)  # sizes, steps and rates no run can use, refused as the Trainer scripts refuse them
     check_output_dir(args.output_dir, args.overwrite_output_dir, resuming=False, inputs=args)  # and take its run lock
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # "cuda": the current GPU, no hard-coded index

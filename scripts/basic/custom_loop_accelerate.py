@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
 from hftrain.checkpoints import ACCELERATE_CHECKPOINT, check_same_model, resolve_checkpoint
-from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
+from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, parse_command_line
 from hftrain.data import PadCollator, load_prepared
 from hftrain.launch import check_launch
 from hftrain.loops import (
@@ -67,8 +67,7 @@ from hftrain.streaming import load_streamed, save_stream_position
 def main() -> None:
     parser = HfArgumentParser(LoopArguments)
     # A pretrained checkpoint is fine-tuned with a lower learning rate than a preset's random weights (printed).
-    set_model_defaults(parser, parser.parse_known_args()[0].model)
-    (args,) = parser.parse_args_into_dataclasses()
+    (args,) = parse_command_line(parser)
     check_loop_args(args)  # sizes, steps and rates no run can use, refused as the Trainer scripts refuse them
     # One process per device (accelerate launch starts them); bf16 autocast on CUDA, float32 on CPU. The seedable
     # sampler shuffles with seed + epoch on every process, so a resumed run replays the same order.

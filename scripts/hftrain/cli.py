@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,77 @@ def _check_sizes(args: Any, at_least_one: tuple[str, ...]) -> None:
         raise UserError("nothing to train: --max_steps is 0 or --num_train_epochs is not above 0; set one of them above 0")
 
 
+class ByModel:
+    """A parser default that --model may replace (`parse_command_line`); --help shows the preset's value."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return f"{self.value} for a preset; a checkpoint's own, printed at start"
+
+
+# The parser's fields whose defaults depend on what --model is (`hftrain.models.model_defaults`).
+MODEL_DEPENDENT = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size", "modules_to_save")
+
+
+def parse_command_line(
+    parser: Any,
+    adapter: bool = False,
+    check: Callable[[Any], None] | None = None,
+    defaults: Callable[[Any], dict[str, Any]] | None = None,
+    names: tuple[str, ...] = MODEL_DEPENDENT,
+    argv: list[str] | None = None,
+) -> tuple[Any, ...]:
+    """Parse the command line (`argv`, by default sys.argv) once into the parser's dataclasses. The defaults that depend
+    on what --model is fill the `names` no flag gave, however spelled: `hftrain.models.model_defaults` (learning_rate, a
+    checkpoint's batch sizes, modules_to_save for an `adapter`), or `defaults(namespace)` for a script with its own rule;
+    the start line names those the run takes. `check(namespace)` runs on the parsed values before the dataclasses are
+    built (TrainingArguments imports DeepSpeed when built). A --model in a format this project does not load is refused
+    here, before anything is written."""
+    from hftrain.models import check_checkpoint_format, describe_defaults, model_defaults
+
+    names = tuple(name for name in names if name in {action.dest for action in parser._actions})
+    preset = {name: parser.get_default(name) for name in names}
+    parser.set_defaults(**{name: ByModel(value) for name, value in preset.items()})  # what no flag sets stays a ByModel
+    try:
+        namespace, unused = parser.parse_known_args(argv)
+    finally:
+        parser.set_defaults(**preset)
+    if unused:
+        raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unused}")
+    if check is not None:
+        check(namespace)
+    model = getattr(namespace, "model", None) or namespace.model_name_or_path
+    check_checkpoint_format(model)
+    if defaults is not None:
+        by_model = defaults(namespace)
+    else:
+        by_model = model_defaults(model, adapter, preset.get("learning_rate", 0.0), row_tokens(namespace))
+    applied = {}
+    for name in names:
+        if not isinstance(getattr(namespace, name), ByModel):
+            continue  # a flag gave it
+        key = name.removeprefix("lora_")  # TRL's ModelConfig spells it --lora_modules_to_save, a list
+        value = by_model.get(key, preset[name])
+        if key in by_model:
+            applied[key] = value
+            value = (value.split(",") if value else None) if name != key else value
+        setattr(namespace, name, value)
+    if applied and os.environ.get("RANK", "0") == "0":
+        print(describe_defaults(model, applied), flush=True)
+    return parser.parse_dict(vars(namespace))
+
+
+def row_tokens(args: Any) -> int:
+    """The longest row the run trains on, which a checkpoint's batch sizes follow: an already prepared --data_dir's, else
+    a corpus's longest block (what --dataset prepares: hftrain.corpus.DEFAULT_BLOCK_SIZE)."""
+    if getattr(args, "dataset", None) is None and getattr(args, "data_dir", None):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # unreadable: load_prepared says why, later
+            return int(json.loads(Path(args.data_dir, "info.json").read_text())["max_length"])
+    return 1024
+
+
 def set_model_defaults(
     parser: Any, model: str, adapter: bool = False, argv: list[str] | None = None, trl: bool = False
 ) -> dict[str, Any]:
@@ -197,17 +269,14 @@ def set_model_defaults(
     batch sizes, and modules_to_save for an adapter) the parser's defaults, so a flag given on the command line (`argv`, by default
     sys.argv) still wins; print once those that the run takes, not those a flag overrode. `parser` already holds
     the script's own learning rate, the one a preset gets; `trl`: the parser has TRL's `ModelConfig`, whose flag is
-    --lora_modules_to_save (a list). A --model in a format this project does not load is refused here, first."""
+    --lora_modules_to_save (a list). A --model in a format this project does not load is refused here, first.
+    (`parse_command_line` does the same in the one parse of the command line.)"""
     from hftrain.models import check_checkpoint_format, describe_defaults, model_defaults
 
     check_checkpoint_format(model)  # a GGUF or pickle-only --model, refused before anything is written
     args = parser.parse_known_args(argv)[0]
-    row_tokens = 1024  # a corpus's longest block by default: what --dataset prepares (hftrain.corpus.DEFAULT_BLOCK_SIZE)
-    if getattr(args, "dataset", None) is None and getattr(args, "data_dir", None):  # already prepared: its longest row
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # unreadable: load_prepared says why, later
-            row_tokens = int(json.loads(Path(args.data_dir, "info.json").read_text())["max_length"])
     known = {action.dest for action in parser._actions}  # a script without batch-size flags takes only the rest
-    defaults = model_defaults(model, adapter, parser.get_default("learning_rate"), row_tokens)
+    defaults = model_defaults(model, adapter, parser.get_default("learning_rate"), row_tokens(args))
     flags = dict(defaults)
     if trl:  # TRL's preference and RL scripts size their own batches: pairs of answers, groups of generations
         flags = {k: v for k, v in flags.items() if not k.startswith("per_device_")}

@@ -1,7 +1,10 @@
 """The Trainer setup that every Trainer example shares, so each script shows only its technique.
 
-`scripts/trainer/getting_started.py` spells all of this out; the other Trainer scripts call
-`parse_args`, `build_trainer` and `write_run_summary` and keep what is particular to them in view.
+Every Trainer script calls `parse_args` (DEFAULTS, the command line parsed once, every check, the run lock), `load_data`,
+`build_trainer` and `write_run_summary` (metrics.json, the model card, the Hub upload), and keeps what is particular to
+it in view; `scripts/trainer/getting_started.py`, the lesson, spells out the Trainer that `build_trainer` builds, and
+tests/test_one_setup.py keeps the two alike. sft.py, with TRL's argument classes, takes DEFAULTS, `start_run` and
+`finish_run`.
 """
 
 import sys
@@ -13,7 +16,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hftrain.checkpoints import check_same_model, resolve_checkpoint
-from hftrain.cli import check_batch_size, check_output_dir, check_training_args, set_model_defaults
+from hftrain.cli import check_batch_size, check_output_dir, check_training_args, parse_command_line
 from hftrain.data import PadCollator, Prepared, load_prepared
 from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
@@ -48,43 +51,65 @@ def parse_args(
     adapter: bool = False,
     **defaults: Any,
 ) -> tuple[Any, TrainingArguments, str | None]:
-    """Parse (script_args, TrainingArguments) with the project's defaults (the learning rate, and modules_to_save for
-    an `adapter`, chosen by what --model is: `hftrain.models.model_defaults`), run the script's own
-    `check(args, training_args)`, check the output directory (and take its run lock) and resolve
-    --resume_from_checkpoint, all before anything is loaded or written; returns (args, training_args, checkpoint).
-    A script that cannot resume passes `resumable=False`: the flag is then refused, not ignored."""
+    """Parse (script_args, TrainingArguments) once, over DEFAULTS and the script's own `defaults` (the learning rate, and
+    modules_to_save for an `adapter`, chosen by what --model is: `hftrain.cli.parse_command_line`), then `start_run`;
+    returns (args, training_args, checkpoint). A script that cannot resume passes `resumable=False`: the flag is then
+    refused, not ignored."""
     parser = HfArgumentParser((script_args, TrainingArguments))
     parser.set_defaults(**{**DEFAULTS, **defaults})
-    known = parser.parse_known_args()[0]
-    check_training_extras(known)  # deepspeed, liger-kernel, bitsandbytes, galore-torch: installed if asked for
-    check_deepspeed_config(known.deepspeed)  # before TrainingArguments reads it
-    set_model_defaults(parser, known.model, adapter)  # and refuses a GGUF or pickle-only --model
-    args, training_args = parser.parse_args_into_dataclasses()
-    if training_args.push_to_hub and args.model in PRESETS:
+    args, training_args = parse_command_line(parser, adapter, check=check_training_flags)
+    checkpoint = start_run(args.model, args, training_args, check, resumable)
+    return args, training_args, checkpoint
+
+
+def check_training_flags(namespace: Any) -> None:
+    """What TrainingArguments' flags need, checked on the parsed values before it is built (it imports DeepSpeed)."""
+    check_training_extras(namespace)  # deepspeed, liger-kernel, bitsandbytes, galore-torch: installed if asked for
+    check_deepspeed_config(namespace.deepspeed)
+
+
+def start_run(
+    model: str,
+    args: Any,
+    training_args: TrainingArguments,
+    check: Callable[[Any, TrainingArguments], None] | None = None,
+    resumable: bool = True,
+    streams: bool = True,
+    inputs: Any = None,
+) -> str | None:
+    """Every Trainer script's checks of its parsed arguments, all before anything is loaded or written: sizes no run
+    can use, --push_to_hub of a preset, --streaming's (`streams`: the script's arguments have them), the script's own
+    `check(args, training_args)`; then resolve --resume_from_checkpoint, check the output directory against the run's
+    `inputs` (by default `args`: --model, --data_dir, --dataset) and take its run lock. Returns the checkpoint to resume from, also left in training_args.resume_from_checkpoint."""
+    if training_args.push_to_hub and model in PRESETS:
         raise UserError(
-            f"--push_to_hub shares a fine-tuned model, but --model {args.model} is a preset with random weights; "
+            f"--push_to_hub shares a fine-tuned model, but --model {model} is a preset with random weights; "
             "train a pretrained checkpoint (--model <Hub id or folder>) to share, or drop --push_to_hub"
         )
     if not resumable and training_args.resume_from_checkpoint:
         raise UserError(
             f"{Path(sys.argv[0]).name} does not resume from a checkpoint; run it again without --resume_from_checkpoint"
         )
-    training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
-    check_training_args(training_args)
-    check_streaming_args(args, training_args.max_steps, training_args.dataloader_num_workers)
+    training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens, not padding
+    check_training_args(training_args)  # e.g. a batch size or step count of 0, more processes than GPUs
+    if streams:
+        check_streaming_args(args, training_args.max_steps, training_args.dataloader_num_workers)
     if check is not None:
         check(args, training_args)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    if args.streaming:
-        stream_training_args(training_args)
-        training_args.resume_from_checkpoint = checkpoint  # the folder `load_data` reads the stream's position from
+    if streams and args.streaming:
+        stream_training_args(training_args)  # each process reads its part of every batch; no replay on resume
     check_output_dir(
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, args
+        training_args.output_dir,
+        args.overwrite_output_dir,
+        checkpoint is not None,
+        training_args.process_index == 0,
+        inputs or args,
     )
     if checkpoint and training_args.process_index == 0:
         print(f"resuming from {checkpoint}")
-    training_args.resume_from_checkpoint = checkpoint  # the folder resolved, for build_trainer's check
-    return args, training_args, checkpoint
+    training_args.resume_from_checkpoint = checkpoint  # the folder resolved: `load_data` and `check_trainer` read it
+    return checkpoint
 
 
 def load_data(training_args: TrainingArguments, args: Any) -> Prepared:
@@ -104,29 +129,35 @@ def load_data(training_args: TrainingArguments, args: Any) -> Prepared:
 def build_trainer(
     model: Any, training_args: TrainingArguments, data: Prepared, trainer_class: type = Trainer, **kwargs: Any
 ) -> Trainer:
-    """A Trainer on the prepared data with the accuracy metric, the throughput callback and the preemption
-    callback (SIGTERM or Ctrl-C: save a checkpoint, then exit); refuses data longer than the model takes."""
-    check_max_length(model, data.max_length)
-    check_same_model(training_args.resume_from_checkpoint, model)  # a checkpoint of another --model: one sentence
-    if hasattr(data.train, "__len__"):  # a stream has no length
-        check_batch_size(training_args.per_device_train_batch_size, training_args.world_size, len(data.train))
+    """The Trainer that scripts/trainer/getting_started.py spells out (tests/test_one_setup.py keeps the two alike): the
+    prepared data, the accuracy metric, the run's callbacks; `kwargs` add to or replace its arguments."""
     accuracy = Accuracy(data.answer_token_ids)
-    throughput = ThroughputCallback(seq_len=data.max_length)
-    trainer = trainer_class(
-        model=model,
-        args=training_args,
-        train_dataset=data.train,
-        eval_dataset=data.test,
-        data_collator=kwargs.pop("data_collator", None)
-        or PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
-        processing_class=data.tokenizer,
-        compute_metrics=accuracy.compute_metrics,
-        preprocess_logits_for_metrics=accuracy.preprocess_logits_for_metrics,
-        # --streaming: the stream's position saved in each checkpoint
-        callbacks=[*kwargs.pop("callbacks", []), throughput, PreemptionCallback(), *stream_callbacks(data)],
+    arguments = {
+        "data_collator": PadCollator(data.tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None),
+        "processing_class": data.tokenizer,
+        "compute_metrics": accuracy.compute_metrics,
+        "preprocess_logits_for_metrics": accuracy.preprocess_logits_for_metrics,
         **kwargs,
-    )
+        "callbacks": [*kwargs.get("callbacks", []), *run_callbacks(data)],
+    }
+    trainer = trainer_class(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.test, **arguments)
+    check_trainer(trainer, data)
     return trainer
+
+
+def run_callbacks(data: Prepared) -> list[Any]:
+    """Every Trainer run's callbacks: tokens/s and peak memory (ThroughputCallback), a checkpoint on SIGTERM or Ctrl-C
+    before exiting, and with --streaming the stream's position saved in each checkpoint."""
+    return [ThroughputCallback(seq_len=data.max_length), PreemptionCallback(), *stream_callbacks(data)]
+
+
+def check_trainer(trainer: Trainer, data: Prepared) -> None:
+    """Before training: the data's longest example fits the model's positions, a checkpoint to resume was saved from
+    this --model (one sentence, not a size mismatch), and a batch is no larger than the data."""
+    check_max_length(trainer.model, data.max_length)
+    check_same_model(trainer.args.resume_from_checkpoint, trainer.model)
+    if hasattr(data.train, "__len__"):  # a stream has no length
+        check_batch_size(trainer.args.per_device_train_batch_size, trainer.args.world_size, len(data.train))
 
 
 def throughput_metrics(trainer: Trainer) -> dict[str, Any]:
@@ -138,27 +169,32 @@ def throughput_metrics(trainer: Trainer) -> dict[str, Any]:
 def write_run_summary(
     trainer: Trainer, data: Prepared, train_result: Any, eval_metrics: dict[str, float], **extra: Any
 ) -> dict[str, Any] | None:
-    """Write metrics.json (with `data`'s model, source and task), the PNG and the summary line from the main process; then
-    every process waits for the others and all leave the process group together (a gloo process that exits without
-    leaving it, or leaves it while a peer is still inside, can abort at exit and stall the launcher)."""
+    """`finish_run` with `run_metrics` and the script's `extra` metrics."""
+    return finish_run(trainer, {**run_metrics(trainer, data, train_result, eval_metrics), **extra})
+
+
+def run_metrics(trainer: Trainer, data: Prepared, train_result: Any, eval_metrics: dict[str, float]) -> dict[str, Any]:
+    """The rating task's metrics of a run, with `data`'s model, source and task (for the model card)."""
+    return {
+        "eval_accuracy": eval_metrics["eval_accuracy"],
+        "eval_loss": eval_metrics["eval_loss"],
+        "train_loss": train_result.training_loss,
+        "steps": trainer.state.global_step,
+        "distributed_type": str(trainer.accelerator.distributed_type.value),  # MULTI_GPU (DDP), MULTI_CPU, or NO
+        "base_model": data.model,
+        "dataset": data.source,
+        "task": data.task,
+    }
+
+
+def finish_run(trainer: Trainer, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """Write metrics.json (with the throughput), the PNG, the model card and the summary line from the main process, and
+    with --push_to_hub upload the folder; then every process waits for the others and all leave the process group
+    together (a gloo process that exits without leaving it, or leaves it while a peer is still inside, can abort at exit
+    and stall the launcher)."""
     result = None
     if trainer.is_world_process_zero():
-        result = write_results(
-            trainer.args.output_dir,
-            {
-                "eval_accuracy": eval_metrics["eval_accuracy"],
-                "eval_loss": eval_metrics["eval_loss"],
-                "train_loss": train_result.training_loss,
-                "steps": trainer.state.global_step,
-                "distributed_type": str(trainer.accelerator.distributed_type.value),
-                "base_model": data.model,
-                "dataset": data.source,
-                "task": data.task,
-                **extra,
-                **throughput_metrics(trainer),
-            },
-            trainer.state.log_history,
-        )
+        result = write_results(trainer.args.output_dir, {**metrics, **throughput_metrics(trainer)}, trainer.state.log_history)
         if trainer.args.push_to_hub:  # the folder as it is, with the card written above (the repository was created at start)
             from huggingface_hub import upload_folder
 

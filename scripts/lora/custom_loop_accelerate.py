@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler, set_seed
 
 from hftrain.checkpoints import ACCELERATE_CHECKPOINT, check_same_model, resolve_checkpoint
-from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, set_model_defaults
+from hftrain.cli import check_batch_size, check_loop_args, check_output_dir, parse_command_line
 from hftrain.data import PadCollator, load_prepared
 from hftrain.launch import check_launch
 from hftrain.loops import (
@@ -54,6 +54,7 @@ from hftrain.loops import (
     run_name,
     save_loop_state,
 )
+from hftrain.lora import LoraArguments, trained_in_full
 from hftrain.metrics import Accuracy
 from hftrain.models import PRESETS, check_max_length, load_model
 from hftrain.preemption import Preemption
@@ -64,8 +65,7 @@ from hftrain.streaming import load_streamed, save_stream_position
 def main() -> None:
     parser = HfArgumentParser(LoopArguments)
     # A pretrained checkpoint is fine-tuned with a lower learning rate than a preset's random weights (printed).
-    set_model_defaults(parser, parser.parse_known_args()[0].model, adapter=True)
-    (args,) = parser.parse_args_into_dataclasses()
+    (args,) = parse_command_line(parser, adapter=True)
     check_loop_args(args)  # sizes, steps and rates no run can use, refused as the Trainer scripts refuse them
     # One process per device (accelerate launch starts them); bf16 autocast on CUDA, float32 on CPU. The seedable
     # sampler shuffles with seed + epoch on every process, so a resumed run replays the same order.
@@ -103,15 +103,13 @@ def main() -> None:
     # A preset's embeddings and output layer are random as well. Frozen, they hold the adapter back (the random
     # lm_head's small rows cap the logits), so by default they are trained in full beside it, as copies that the adapter
     # saves ("modules_to_save"); the base keeps the originals. Pretrained ones stay frozen, as LoRA usually has them.
-    modules_to_save = [m for m in args.modules_to_save.split(",") if m] or None
     # LoRA on "all-linear": every block's q, k, v, o and MLP gate, up and down projections, never the output layer.
     lora_config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules="all-linear",
-        modules_to_save=modules_to_save,
-        ensure_weight_tying=bool(modules_to_save) and model.config.tie_word_embeddings,  # the 1b preset ties the two
+        **trained_in_full(args.modules_to_save, model),  # modules_to_save, and one copy for both if the model ties them
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora_config)  # freezes every base weight: requires_grad=False
@@ -273,8 +271,9 @@ def main() -> None:
 
 
 @dataclass
-class LoopArguments(LoopTrainingArguments):
-    """This loop's flags beside LoopTrainingArguments' (hftrain/loops.py: model, data, epochs, batch sizes, schedule, ...)."""
+class LoopArguments(LoraArguments, LoopTrainingArguments):
+    """This loop's flags beside LoopTrainingArguments' (hftrain/loops.py: model, data, epochs, batch sizes, schedule, ...)
+    and LoraArguments' (hftrain/lora.py: --lora_r, --lora_alpha, --lora_dropout, --modules_to_save)."""
 
     output_dir: str = field(
         default="output/lora/custom_loop_accelerate",
@@ -292,16 +291,6 @@ class LoopArguments(LoopTrainingArguments):
         metadata={
             "help": "A checkpoint-<step> folder to continue from, or 'latest' for the newest in --output_dir. "
             "Only a checkpoint inside --output_dir; nothing in it is unpickled (docs/troubleshooting.md, 'What a checkpoint holds')."
-        },
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank r: the inner size of the update B·A."})
-    lora_alpha: float = field(default=32, metadata={"help": "LoRA scaling: the update is multiplied by lora_alpha / lora_r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
-    modules_to_save: str = field(
-        default="embed_tokens,lm_head",
-        metadata={
-            "help": "Comma-separated modules trained in full beside the adapter (saved with it). Default by --model: "
-            "embed_tokens,lm_head for a preset (random, they must learn), none for a pretrained checkpoint."
         },
     )
     merge_and_save: bool = field(

@@ -29,16 +29,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
-from transformers import TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
 from hftrain.cli import ScriptArguments
 from hftrain.models import load_model
 from hftrain.reporting import write_results
-from hftrain.trainer import build_trainer, load_data, parse_args, throughput_metrics
+from hftrain.trainer import build_trainer, finish_run, load_data, parse_args, run_metrics, throughput_metrics
 
 
-def train_once(args: ScriptArguments, training_args: TrainingArguments, data: Any) -> dict[str, Any]:
+def train_once(args: ScriptArguments, training_args: TrainingArguments, data: Any) -> tuple[Trainer, dict[str, Any]]:
     set_seed(training_args.seed)  # the same initial weights and the same batch order for both runs
     model = load_model(args.model, data.tokenizer, trust_remote_code=args.trust_remote_code)
     # neftune_noise_alpha in training_args: the Trainer hooks the input embeddings while training.
@@ -46,18 +45,7 @@ def train_once(args: ScriptArguments, training_args: TrainingArguments, data: An
     train_result = trainer.train()
     eval_metrics = trainer.evaluate()  # the hook is removed after training: evaluation sees clean embeddings
     trainer.save_model()
-    return {
-        "is_main": trainer.is_world_process_zero(),
-        "eval_accuracy": eval_metrics["eval_accuracy"],
-        "eval_loss": eval_metrics["eval_loss"],
-        "train_loss": train_result.training_loss,
-        "steps": trainer.state.global_step,
-        "base_model": args.model,  # these three go into the model card (README.md) too
-        "dataset": data.source,
-        "task": data.task,
-        "log_history": trainer.state.log_history,
-        **throughput_metrics(trainer),
-    }
+    return trainer, run_metrics(trainer, data, train_result, eval_metrics)
 
 
 def main() -> None:
@@ -76,33 +64,27 @@ def main() -> None:
     set_seed(training_args.seed)  # the preset's random weights depend on it
 
     alpha = training_args.neftune_noise_alpha
-    # dataclasses.replace builds a fresh TrainingArguments: only these two fields differ between the runs.
+    # dataclasses.replace builds a fresh TrainingArguments: only these fields differ between the runs (the baseline is
+    # not shared: --push_to_hub uploads the NEFTune run).
     base_dir = str(Path(training_args.output_dir, "baseline"))
-    baseline = train_once(args, dataclasses.replace(training_args, output_dir=base_dir, neftune_noise_alpha=None), data)
-    noisy = train_once(args, training_args, data)
+    baseline_args = dataclasses.replace(training_args, output_dir=base_dir, neftune_noise_alpha=None, push_to_hub=False)
+    baseline_trainer, baseline = train_once(args, baseline_args, data)
+    trainer, noisy = train_once(args, training_args, data)
 
-    if noisy.pop("is_main") and baseline.pop("is_main"):
-        write_results(base_dir, {k: v for k, v in baseline.items() if k != "log_history"}, baseline["log_history"])
-        history = noisy.pop("log_history")
-        write_results(
-            training_args.output_dir,
-            {
-                **noisy,
-                "neftune_noise_alpha": alpha,
-                "baseline_eval_accuracy": baseline["eval_accuracy"],
-                "baseline_eval_loss": baseline["eval_loss"],
-                "neftune_gain_accuracy": round(noisy["eval_accuracy"] - baseline["eval_accuracy"], 4),
-            },
-            history,
-        )
+    if trainer.is_world_process_zero():
+        write_results(base_dir, {**baseline, **throughput_metrics(baseline_trainer)}, baseline_trainer.state.log_history)
+    comparison = {
+        "neftune_noise_alpha": alpha,
+        "baseline_eval_accuracy": baseline["eval_accuracy"],
+        "baseline_eval_loss": baseline["eval_loss"],
+        "neftune_gain_accuracy": round(noisy["eval_accuracy"] - baseline["eval_accuracy"], 4),
+    }
+    if finish_run(trainer, {**noisy, **comparison}) is not None:  # the main process, once every process is done
         print(
             f"neftune: eval accuracy {noisy['eval_accuracy']:.3f} with noise alpha {alpha:g} vs "
             f"{baseline['eval_accuracy']:.3f} without (baseline) | eval loss {noisy['eval_loss']:.4f} vs "
             f"{baseline['eval_loss']:.4f} | same data and seed"
         )
-    state = PartialState()
-    state.wait_for_everyone()  # the others wait while the main process writes
-    state.destroy_process_group()  # then every process leaves the group, as hftrain.trainer.write_run_summary does
 
 
 if __name__ == "__main__":

@@ -43,40 +43,23 @@ Docs: https://huggingface.co/docs/transformers/quantization/bitsandbytes
 
 import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
 
-from dataclasses import dataclass, field
-
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, TrainingArguments, set_seed
 
-from hftrain.cli import ScriptArguments
 from hftrain.errors import UserError
 from hftrain.extras import require_extra
-from hftrain.models import count_parameters, save_preset_base
+from hftrain.lora import LoraScriptArguments, adapter_base, lora_flags
+from hftrain.models import count_parameters
 from hftrain.quantization import check_4bit_device, load_4bit
 from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
-
-
-@dataclass
-class QLoraArguments(ScriptArguments):
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator: updates are scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
-    modules_to_save: str = field(
-        default="embed_tokens,lm_head",
-        metadata={
-            "help": "Comma-separated modules trained in full beside the adapters (saved with them). Default by --model: "
-            "embed_tokens,lm_head for a preset (its random embeddings mean nothing, so they must learn), none for a "
-            "pretrained checkpoint (plain QLoRA)."
-        },
-    )
 
 
 def main() -> None:
     require_extra("bitsandbytes")  # the 4-bit layers and the 8-bit optimizer
     cuda = torch.cuda.is_available()
     args, training_args, checkpoint = parse_args(
-        QLoraArguments,
+        LoraScriptArguments,  # --lora_r, --lora_alpha, --lora_dropout, --modules_to_save (hftrain/lora.py)
         check=check_devices,
         output_dir="output/trainer/qlora",
         adapter=True,  # the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
@@ -88,16 +71,8 @@ def main() -> None:
     data = load_data(training_args, args)
     set_seed(training_args.seed)  # the preset's random weights depend on it
     compute_dtype = torch.bfloat16 if cuda else torch.float32
-    with training_args.main_process_first():  # under DDP, rank 0 writes the base checkpoint once
-        base = save_preset_base(
-            args.model,
-            data.tokenizer,
-            training_args.output_dir,
-            training_args.process_index == 0,
-            reuse=checkpoint is not None,
-            dtype=compute_dtype,
-            device=training_args.device,
-        )
+    # A preset's random weights saved (in float, on the device) for the 4-bit load; the adapter names them as its base.
+    base = adapter_base(args.model, data.tokenizer, training_args, dtype=compute_dtype, device=training_args.device)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",  # NormalFloat4: 16 levels placed for normally distributed weights
@@ -116,14 +91,9 @@ def main() -> None:
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
-    lora = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules="all-linear",  # every nn.Linear / Linear4bit except the output layer
-        modules_to_save=[m for m in args.modules_to_save.split(",") if m] or None,
-        task_type="CAUSAL_LM",
-    )
+    # LoRA on every nn.Linear / Linear4bit except the output layer; r, alpha, dropout and what trains in full beside the
+    # adapters (modules_to_save, tied as the model ties them) from the flags.
+    lora = LoraConfig(**lora_flags(args, model), target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
     note = " (CPU: unpaged, paging needs CUDA)" if optim == "adamw_bnb_8bit" and not cuda else ""
@@ -144,7 +114,7 @@ def main() -> None:
     )
 
 
-def check_devices(args: QLoraArguments, training_args: TrainingArguments) -> None:
+def check_devices(args: LoraScriptArguments, training_args: TrainingArguments) -> None:
     if training_args.n_gpu > 1:  # plain `python` on several GPUs would wrap the 4-bit model in DataParallel
         raise UserError(
             "QLoRA here trains on one GPU per process: set CUDA_VISIBLE_DEVICES=0, or launch one process per GPU "

@@ -34,6 +34,7 @@ import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user 
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, HfArgumentParser, set_seed
@@ -41,14 +42,15 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from hftrain.chat import answer_accuracy, check_chat_template, default_chat_template, default_system_prompt, load_chat_data
-from hftrain.checkpoints import check_same_model, resolve_checkpoint
-from hftrain.cli import check_batch_size, check_output_dir, check_training_args, flags_given
+from hftrain.checkpoints import check_same_model
+from hftrain.cli import MODEL_DEPENDENT, check_batch_size, parse_command_line
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
-from hftrain.extras import check_training_extras
-from hftrain.models import PRESETS, describe_defaults, load_config, load_model, model_defaults, save_preset_base
+from hftrain.lora import adapter_base, trained_in_full
+from hftrain.models import PRESETS, load_config, load_model, model_defaults
 from hftrain.preemption import PreemptionCallback
-from hftrain.reporting import ThroughputCallback, write_results
+from hftrain.reporting import ThroughputCallback
+from hftrain.trainer import DEFAULTS, check_training_flags, finish_run, start_run
 
 
 @dataclass
@@ -81,66 +83,25 @@ class ModelArguments(ModelConfig):  # TRL's model flags: --use_peft, --lora_r, -
 
 def main() -> None:
     parser = HfArgumentParser((ScriptArguments, SFTConfig, ModelArguments))
-    known = parser.parse_known_args()[0]
-    check_training_extras(known)  # --deepspeed, --use_liger_kernel, an 8-bit or GaLore --optim: installed?
-    preset = known.model_name_or_path in PRESETS
-    # The project's one rule (hftrain.models.model_defaults): a preset's random weights need a high learning rate, and
-    # LoRA on it must also train the embeddings and the output layer; a pretrained checkpoint is fine-tuned gently and
-    # keeps them frozen (a few-MB adapter).
-    max_length = known.max_length if flags_given(parser, ["max_length"]) else 512  # a checkpoint's batches: by tokens
-    defaults = model_defaults(
-        known.model_name_or_path,
-        adapter=known.use_peft,
-        preset_learning_rate=1e-2 if known.use_peft else 3e-3,
-        row_tokens=max_length,
-        chat=True,
-    )
-    lr = defaults["learning_rate"]
-    modules_to_save = model_defaults(known.model_name_or_path, adapter=True, preset_learning_rate=lr)["modules_to_save"]
     parser.set_defaults(
+        **DEFAULTS,  # the Trainer scripts' (hftrain/trainer.py), then what SFT changes
         output_dir="output/trainer/sft",
-        num_train_epochs=3,
-        # A checkpoint's batches hold --max_length rows that fill 1024 tokens (2 of 512: its logits are large); a small
-        # chat file then takes more, smaller steps, and the warmup is a tenth of the run, however short (docs/sft.md).
-        per_device_train_batch_size=defaults.get("per_device_train_batch_size", 32),
-        per_device_eval_batch_size=defaults.get("per_device_eval_batch_size", 64),
-        learning_rate=lr,
-        warmup_steps=30 if preset else 0.1,
-        eval_strategy="epoch",
         eval_on_start=True,  # the eval loss on the assistant's tokens before training, then after each epoch
-        save_strategy="epoch",
-        save_total_limit=2,
-        max_length=max_length,
+        max_length=512,
         assistant_only_loss=True,
         gradient_checkpointing=False,  # TRL turns it on by default; small models do not need it
-        bf16=torch.cuda.is_available(),  # float32 on CPU, bf16 mixed precision on CUDA
-        dataloader_pin_memory=torch.cuda.is_available(),
-        report_to=["tensorboard"],
         lora_target_modules=["all-linear"],
-        lora_modules_to_save=modules_to_save.split(",") if modules_to_save else None,
     )
-    args, training_args, model_args = parser.parse_args_into_dataclasses()
+    # The defaults a preset and a pretrained checkpoint need differ (sft_defaults, printed at start); a flag wins.
+    by_model = (*MODEL_DEPENDENT, "lora_modules_to_save", "warmup_steps")
+    args, training_args, model_args = parse_command_line(
+        parser, check=check_training_flags, defaults=sft_defaults, names=by_model
+    )
     model_name = model_args.model_name_or_path
-    # Printed: the defaults this run takes, not those that a flag (--learning_rate, ...) replaced
-    given = flags_given(parser, ["learning_rate", "lora_modules_to_save", *(k for k in defaults if k.startswith("per_device"))])
-    applied = {k: v for k, v in defaults.items() if k not in given and f"lora_{k}" not in given}
-    if applied:
-        print(describe_defaults(model_name, applied))
-    if args.streaming:
-        raise UserError(
-            "sft.py does not stream: every chat is checked before training and TRL renders and tokenizes the whole set; "
-            "stream a text corpus with --streaming in scripts/trainer/getting_started.py or the custom loops"
-        )
+    preset = model_name in PRESETS
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise UserError("sft.py trains bf16/float32 weights; for a 4-bit base use scripts/trainer/qlora.py")
-    training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
-    check_training_args(training_args)
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(
-        training_args.output_dir, args.overwrite_output_dir, checkpoint is not None, training_args.process_index == 0, model_args
-    )
-    if checkpoint and training_args.process_index == 0:
-        print(f"resuming from {checkpoint}")
+    checkpoint = start_run(model_name, args, training_args, check=check_sft, streams=False, inputs=model_args)
 
     # Every row is checked before anything is loaded or written.
     data, fmt = load_chat_data(
@@ -191,10 +152,7 @@ def main() -> None:
     set_seed(training_args.seed)  # the preset's random weights depend on it
     base = model_name
     if model_args.use_peft and preset:  # an adapter needs its base saved: a preset's random weights exist nowhere else
-        with training_args.main_process_first():
-            base = save_preset_base(
-                model_name, tokenizer, training_args.output_dir, training_args.process_index == 0, reuse=checkpoint is not None
-            )
+        base = adapter_base(model_name, tokenizer, training_args)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else torch.float32
     model = load_model(
         base,
@@ -204,15 +162,18 @@ def main() -> None:
         trust_remote_code=training_args.trust_remote_code,
     )
 
-    throughput = ThroughputCallback(seq_len=training_args.max_length)
+    peft_config = get_peft_config(model_args)  # LoraConfig(...) from TRL's --lora_* flags; None without --use_peft
+    if peft_config is not None:  # one trained copy for a tied model's embeddings and output layer (hftrain/lora.py)
+        peft_config.ensure_weight_tying = trained_in_full(peft_config.modules_to_save, model)["ensure_weight_tying"]
     trainer = SFTTrainer(
         model=model,
         args=training_args,  # assistant_only_loss, packing, max_length, neftune_noise_alpha, ...
         train_dataset=data["train"],
         eval_dataset=data["test"],
         processing_class=tokenizer,  # its chat template renders the chats; saved beside the model
-        peft_config=get_peft_config(model_args),  # None without --use_peft
-        callbacks=[throughput, PreemptionCallback()],  # SIGTERM or Ctrl-C: save a checkpoint, then exit
+        peft_config=peft_config,
+        # tokens/s and peak memory; SIGTERM or Ctrl-C: save a checkpoint, then exit
+        callbacks=[ThroughputCallback(seq_len=training_args.max_length), PreemptionCallback()],
     )
     if model_args.use_peft:
         trainer.model.print_trainable_parameters()
@@ -221,29 +182,43 @@ def main() -> None:
     eval_metrics = trainer.evaluate()
     trainer.save_model()  # the model (or the adapter) in safetensors, the tokenizer with its chat template
 
+    metrics = {}
     if trainer.is_world_process_zero():
         if args.dataset == "synthetic":  # the answer a user would get: the most likely next token is the digit
             accuracy, kind = answer_accuracy(trainer.model, tokenizer, list(data["test"])), "answer"
         else:
             accuracy, kind = eval_metrics["eval_mean_token_accuracy"], "assistant next-token"
-        write_results(
-            training_args.output_dir,
-            {
-                "eval_accuracy": accuracy,
-                "accuracy_kind": kind,
-                "eval_loss": eval_metrics["eval_loss"],
-                "train_loss": train_result.training_loss,
-                "steps": trainer.state.global_step,
-                "base_model": base,
-                "dataset": args.dataset,
-                "data_format": fmt,
-                "task": "rating" if args.dataset == "synthetic" else "chat",
-                **throughput.metrics,
-            },
-            trainer.state.log_history,
+        metrics = {
+            "eval_accuracy": accuracy,
+            "accuracy_kind": kind,
+            "eval_loss": eval_metrics["eval_loss"],
+            "train_loss": train_result.training_loss,
+            "steps": trainer.state.global_step,
+            "base_model": base,
+            "dataset": args.dataset,
+            "data_format": fmt,
+            "task": "rating" if args.dataset == "synthetic" else "chat",
+        }
+    finish_run(trainer, metrics)  # metrics.json, the PNG, the model card; --push_to_hub: the folder uploaded
+
+
+def sft_defaults(args: Any) -> dict[str, Any]:
+    """The project's one rule (hftrain.models.model_defaults), for chats: a preset's random weights need a high learning
+    rate, and LoRA on it must also train the embeddings and the output layer; a pretrained checkpoint is fine-tuned
+    gently and keeps them frozen (a few-MB adapter), in batches of --max_length rows that fill 1024 tokens (2 of 512: its
+    logits are large); a small chat file then takes more, smaller steps, and the warmup is a tenth of the run, however
+    short (docs/sft.md)."""
+    preset_learning_rate = 1e-2 if args.use_peft else 3e-3
+    defaults = model_defaults(args.model_name_or_path, args.use_peft, preset_learning_rate, args.max_length, chat=True)
+    return {**defaults, "warmup_steps": 30 if args.model_name_or_path in PRESETS else 0.1}
+
+
+def check_sft(args: ScriptArguments, training_args: SFTConfig) -> None:
+    if args.streaming:
+        raise UserError(
+            "sft.py does not stream: every chat is checked before training and TRL renders and tokenizes the whole set; "
+            "stream a text corpus with --streaming in scripts/trainer/getting_started.py or the custom loops"
         )
-    trainer.accelerator.wait_for_everyone()  # the others wait while the main process writes
-    trainer.accelerator.end_training()  # then every process leaves the process group (DDP) before exiting
 
 
 if __name__ == "__main__":

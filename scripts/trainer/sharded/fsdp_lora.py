@@ -26,34 +26,18 @@ Docs: https://huggingface.co/docs/peft/accelerate/fsdp
 
 import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
 
-from dataclasses import dataclass, field
-
 from peft import LoraConfig, get_peft_model
 from transformers import set_seed
 
-from hftrain.cli import ScriptArguments
-from hftrain.models import count_parameters, load_model, save_preset_base
+from hftrain.lora import LoraScriptArguments, adapter_base, lora_flags
+from hftrain.models import count_parameters, load_model
 from hftrain.sharding import check_fsdp_layer_classes
 from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
 
 
-@dataclass
-class LoraArguments(ScriptArguments):
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank: the adapter's size and capacity."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
-    modules_to_save: str = field(
-        default="embed_tokens,lm_head",
-        metadata={
-            "help": "Comma-separated modules trained in full beside the adapters (saved with them). Default by --model: "
-            "embed_tokens,lm_head for a preset (random, they must learn), none for a pretrained checkpoint."
-        },
-    )
-
-
 def main() -> None:
     args, training_args, checkpoint = parse_args(
-        LoraArguments,
+        LoraScriptArguments,  # --lora_r, --lora_alpha, --lora_dropout, --modules_to_save (hftrain/lora.py)
         output_dir="output/trainer/sharded/fsdp_lora",
         adapter=True,  # LoRA: the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
         learning_rate=1e-2,  # for a preset
@@ -62,27 +46,13 @@ def main() -> None:
     )
     data = load_data(training_args, args)
     set_seed(training_args.seed)  # the preset's random weights depend on it
-    with training_args.main_process_first():
-        base = save_preset_base(
-            args.model,
-            data.tokenizer,
-            training_args.output_dir,
-            training_args.process_index == 0,
-            reuse=checkpoint is not None,
-        )
+    base = adapter_base(args.model, data.tokenizer, training_args)  # a preset's random weights saved: the adapter's base
     model = load_model(base, data.tokenizer, trust_remote_code=args.trust_remote_code)
     check_fsdp_layer_classes(model)
 
-    lora = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules="all-linear",  # every projection in attention and MLP (not lm_head)
-        # The presets start from random weights, so the embeddings and output layer must learn too;
-        # a pretrained base's stay frozen and the adapter trains alone (the default by --model).
-        modules_to_save=[m for m in args.modules_to_save.split(",") if m] or None,  # default by --model
-        task_type="CAUSAL_LM",
-    )
+    # LoRA on every projection in attention and MLP (not lm_head). A preset's random embeddings and output layer must
+    # learn too, a pretrained base's stay frozen (modules_to_save, default by --model, tied as the model ties them).
+    lora = LoraConfig(**lora_flags(args, model), target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
 

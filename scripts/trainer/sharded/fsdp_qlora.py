@@ -6,8 +6,9 @@ Teaches the three settings that make 4-bit weights shardable and trainable toget
   4-bit weights into bf16 storage and every parameter of a decoder layer is then bf16;
 - accelerate's `mixed_precision: "no"` (accelerate_config_fsdp_qlora.yaml): the model already
   computes in bf16, and FSDP must not cast the packed storage;
-- gradient checkpointing from TrainingArguments (non-reentrant, so the frozen 4-bit inputs need
-  no `requires_grad` trick), and the adapter saved after switching to FULL_STATE_DICT.
+- gradient checkpointing from TrainingArguments, not FSDP's (which hides the LoRA tensors from the
+  save: see fsdp_lora.py); non-reentrant, so the frozen 4-bit inputs need no `requires_grad`
+  trick; and the adapter saved after switching to FULL_STATE_DICT.
 NF4 with double quantisation keeps the frozen base at ~0.5 byte per parameter.
 
     accelerate launch --config_file accelerate_config_fsdp_qlora.yaml scripts/trainer/sharded/fsdp_qlora.py --model 1b
@@ -21,31 +22,16 @@ Docs: https://huggingface.co/docs/peft/accelerate/fsdp#use-peft-qlora-and-fsdp-f
 
 import hftrain.quiet  # noqa: F401  (first: drops library start-up lines a user cannot act on)
 
-from dataclasses import dataclass, field
-
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import BitsAndBytesConfig, set_seed
 
-from hftrain.cli import ScriptArguments
 from hftrain.errors import UserError
 from hftrain.extras import require_extra
-from hftrain.models import count_parameters, load_model, save_preset_base
+from hftrain.lora import LoraScriptArguments, adapter_base, lora_flags
+from hftrain.models import count_parameters, load_model
 from hftrain.sharding import check_fsdp_layer_classes
 from hftrain.trainer import build_trainer, load_data, parse_args, write_run_summary
-
-
-@dataclass
-class QLoraArguments(ScriptArguments):
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator: the update is scaled by alpha / r."})
-    modules_to_save: str = field(
-        default="embed_tokens,lm_head",
-        metadata={
-            "help": "Comma-separated modules trained in full beside the adapters (saved with them). Default by --model: "
-            "embed_tokens,lm_head for a preset (random, they must learn), none for a pretrained checkpoint."
-        },
-    )
 
 
 def main() -> None:
@@ -56,24 +42,17 @@ def main() -> None:
             "or scripts/trainer/sharded/fsdp_lora.py instead"
         )
     args, training_args, checkpoint = parse_args(
-        QLoraArguments,
+        LoraScriptArguments,  # --lora_r, --lora_alpha, --lora_dropout, --modules_to_save (hftrain/lora.py)
         output_dir="output/trainer/sharded/fsdp_qlora",
         adapter=True,  # LoRA: the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
         learning_rate=1e-2,  # for a preset
-        bf16=True,
-        gradient_checkpointing=True,
+        bf16=True,  # the 4-bit base computes in bf16 (mixed_precision stays "no" in the config)
+        gradient_checkpointing=True,  # not FSDP's (see above); non-reentrant: the frozen inputs need no grad
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     data = load_data(training_args, args)
     set_seed(training_args.seed)  # the preset's random weights depend on it
-    with training_args.main_process_first():
-        base = save_preset_base(
-            args.model,
-            data.tokenizer,
-            training_args.output_dir,
-            training_args.process_index == 0,
-            reuse=checkpoint is not None,
-        )
+    base = adapter_base(args.model, data.tokenizer, training_args)  # a preset's random weights saved for the 4-bit load
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -86,24 +65,18 @@ def main() -> None:
     )
     check_fsdp_layer_classes(model)
 
-    lora = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        target_modules="all-linear",
-        # A preset's random base cannot be quantised into anything useful to adapt, so its
-        # embeddings and output layer (kept in bf16, not 4-bit) train too; not a pretrained base's (default by --model).
-        modules_to_save=[m for m in args.modules_to_save.split(",") if m] or None,  # default by --model
-        task_type="CAUSAL_LM",
-    )
+    # LoRA on every projection in attention and MLP (not lm_head). A preset's random embeddings and output layer must
+    # learn too, a pretrained base's stay frozen (modules_to_save, default by --model, tied as the model ties them).
+    lora = LoraConfig(**lora_flags(args, model), target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
 
     trainer = build_trainer(model, training_args, data)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
-    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is gathered whole on rank 0
+    if trainer.is_fsdp_enabled:  # gather whole tensors, or only rank 0's slice of each LoRA tensor is saved
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model()
+    trainer.save_model()  # adapter_model.safetensors + adapter_config.json naming the base
     write_run_summary(
         trainer, data, train_result, eval_metrics, trainable_parameters=count_parameters(model, trainable_only=True)
     )
