@@ -134,13 +134,21 @@ def test_tokens_per_second_leaves_out_the_evaluations_between_epochs():
     assert callback.metrics["train_tokens"] == 1000
 
 
-@pytest.mark.parametrize("script", ["trainer/getting_started.py"])
+QUIET_RUNS = {
+    "trainer/getting_started.py": ["--max_steps", "2", "--per_device_eval_batch_size", "600"],
+    # TRL's configs turn gradient_checkpointing on, which transformers 5 answers with a deprecation notice
+    "trainer/dpo.py": ["--max_steps", "2", "--sft_start_steps", "2", "--num_examples", "64", "--eval_steps", "2"],
+}
+
+
+@pytest.mark.parametrize("script", QUIET_RUNS)
 def test_quiet_start(script, workdir, tmp_path):
     """A fresh `python script.py` (every library imported from scratch, as a user runs it) writes nothing to stderr
     but progress bars, and no library line to stdout: the start-up lines a user cannot act on (torchao's .so files,
-    torch's Enum deprecation, DeepSpeed's CPU accelerator, bitsandbytes' kernels, PEFT's is_gradient_checkpointing)
+    torch's Enum deprecation, DeepSpeed's CPU accelerator, bitsandbytes' kernels, PEFT's is_gradient_checkpointing,
+    transformers 5's gradient_checkpointing rename)
     are dropped at their source (hftrain/quiet.py); any new one fails here."""
-    args = ["--max_steps", "2", "--output_dir", str(tmp_path / "out"), "--per_device_eval_batch_size", "600"]
+    args = [*QUIET_RUNS[script], "--output_dir", str(tmp_path / "out")]
     proc = run_script(script, *args, cwd=workdir, TQDM_DISABLE="1")  # an environment of its own: a fresh process
     progress = re.compile(r"^\s*(\w[\w ]*: )?\s*\d+%\|.*\|")
     unexpected = [line for line in re.split(r"[\r\n]", proc.stderr) if line.strip() and not progress.match(line)]

@@ -652,9 +652,9 @@ def sharded(method: str, script: str, config: str, setup: Setup) -> Example:
 
 
 def checkpointed(example: Example) -> Example:
-    """The same example with --gradient_checkpointing: less activation memory, CHECKPOINT_SPEED of its speed."""
+    """The same example with --activation_checkpointing: less activation memory, CHECKPOINT_SPEED of its speed."""
     setup = replace(example.setup, checkpointing="hf")
-    return replace(example, flags=(*example.flags, "--gradient_checkpointing"), setup=setup, speed=CHECKPOINT_SPEED)
+    return replace(example, flags=(*example.flags, "--activation_checkpointing"), setup=setup, speed=CHECKPOINT_SPEED)
 
 
 FA2 = Example("full", "sdpa/flash_attention.py", "", ("--fused_loss",), replace(PACKED, fused_loss=True), "FA2 padding-free")
@@ -729,7 +729,7 @@ EXAMPLES = [
         "galore",
         "trainer/galore.py",
         "",
-        ("--optim", "galore_adamw_8bit_layerwise", "--gradient_checkpointing"),
+        ("--optim", "galore_adamw_8bit_layerwise", "--activation_checkpointing"),
         replace(BLOCKS, method="galore8_layerwise", checkpointing="hf"),
         "memory.py: galore_adamw_8bit_layerwise",
         max_gpus=1,

@@ -25,6 +25,7 @@ from hftrain.cli import check_output_dir, check_training_args
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
 from hftrain.models import PRESETS, load_config, load_model, save_preset_base
+from hftrain.reporting import write_results
 
 
 @dataclass
@@ -69,6 +70,16 @@ DEFAULTS: dict[str, Any] = dict(
     lora_target_modules=["all-linear"],
 )
 
+# dpo.py and reward_model.py: the same pairs, in the same batches, evaluated as often.
+PAIR_DEFAULTS: dict[str, Any] = dict(
+    DEFAULTS,
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=64,
+    warmup_steps=10,
+    eval_strategy="steps",
+    eval_steps=50,
+    max_length=512,
+)
 
 # A rating task answer: the digit alone (spaces around it allowed). Anything else is malformed: the reward gives it 0
 # and the accuracy counts it wrong, so that sampling " 4 4 4" cannot earn what the answer "4" earns.
@@ -250,20 +261,33 @@ def sft_start(preset: str, tokenizer: PreTrainedTokenizerBase, steps: int, train
     return out
 
 
-def run_facts(
-    trainer: Any, train_result: Any, base: str, dataset: str, task: str, throughput: Any, eval_metrics: dict | None = None
-) -> dict[str, Any]:
-    """What metrics.json and the model card hold of every run besides its own figures: the final held-out metrics
-    under TRL's names, the loss, steps, base, data, tokens/s and peak memory."""
-    return {
-        **{k: v for k, v in (eval_metrics or {}).items() if k.startswith("eval_")},
-        "train_loss": train_result.training_loss,
-        "steps": trainer.state.global_step,
-        "base_model": base,
-        "dataset": dataset,
-        "task": task,
-        **throughput.metrics,
-    }
+def write_run(
+    trainer: Any,
+    figures: dict[str, Any],
+    train_result: Any,
+    base: str,
+    dataset: str,
+    task: str,
+    throughput: Any,
+    curves: list[str],
+    eval_metrics: dict | None = None,
+) -> None:
+    """Process 0 writes metrics.json, training_curves.png and the model card: the script's own `figures`, then what
+    every run reports (the final held-out metrics under TRL's names, loss, steps, base, data, tokens/s, peak memory);
+    then every process ends the run."""
+    if trainer.is_world_process_zero():
+        facts = {
+            **{k: v for k, v in (eval_metrics or {}).items() if k.startswith("eval_")},
+            "train_loss": train_result.training_loss,
+            "steps": trainer.state.global_step,
+            "base_model": base,
+            "dataset": dataset,
+            "task": task,
+            **throughput.metrics,
+        }
+        write_results(trainer.args.output_dir, {**figures, **facts}, trainer.state.log_history, curves=curves)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 def greedy_accuracy(model: Any, tokenizer: PreTrainedTokenizerBase, rows: Dataset, max_new_tokens: int = 4) -> float:

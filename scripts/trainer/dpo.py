@@ -40,7 +40,7 @@ from hftrain.cli import set_model_defaults
 from hftrain.extras import check_training_extras
 from hftrain.models import load_model
 from hftrain.preemption import PreemptionCallback
-from hftrain.reporting import ThroughputCallback, write_results
+from hftrain.reporting import ThroughputCallback
 
 
 def main() -> None:
@@ -48,21 +48,15 @@ def main() -> None:
     known = parser.parse_known_args()[0]
     check_training_extras(known)
     parser.set_defaults(
-        **preference.DEFAULTS,
+        **preference.PAIR_DEFAULTS,
         output_dir="output/trainer/dpo",
         max_steps=150,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=64,
-        warmup_steps=10,
         beta=0.1,
         # DPO (sigmoid) plus the chosen answer's own log-likelihood (as RPO): DPO alone lowers the chosen answer's
         # probability together with the rejected one's, and on the rating task that costs greedy accuracy (measured:
         # docs/preference-and-rl.md); --loss_type sigmoid for DPO alone
         loss_type=["sigmoid", "sft"],
-        eval_strategy="steps",
-        eval_steps=50,
         eval_on_start=True,  # eval_rewards/* at step 0: margins 0 and accuracy ~0, the reference's own view
-        max_length=512,
     )
     # learning_rate: the script's own on a preset's SFT start; a checkpoint's gentle 5e-5 (2e-4 LoRA), printed
     parser.set_defaults(learning_rate=2e-3 if known.use_peft else 1e-3)
@@ -102,23 +96,15 @@ def main() -> None:
     eval_metrics = trainer.evaluate()
     trainer.save_model()
 
-    if trainer.is_world_process_zero():
-        after = preference.greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None
-        write_results(
-            training_args.output_dir,
-            {
-                "method": "DPO (TRL DPOTrainer)",
-                **({"eval_accuracy_before": before, "eval_accuracy": after} if rating else {}),
-                "accuracy_kind": "greedy answer" if rating else None,
-                **preference.run_facts(
-                    trainer, train_result, base, args.dataset, "rating" if rating else "preference", throughput, eval_metrics
-                ),
-            },
-            trainer.state.log_history,
-            curves=["rewards/margins", "eval_rewards/margins"],
-        )
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    after = preference.greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None
+    figures = {
+        "method": "DPO (TRL DPOTrainer)",
+        **({"eval_accuracy_before": before, "eval_accuracy": after} if rating else {}),
+        "accuracy_kind": "greedy answer" if rating else None,
+    }
+    task = "rating" if rating else "preference"
+    curves = ["rewards/margins", "eval_rewards/margins"]
+    preference.write_run(trainer, figures, train_result, base, args.dataset, task, throughput, curves, eval_metrics)
 
 
 if __name__ == "__main__":

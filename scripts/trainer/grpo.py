@@ -43,7 +43,7 @@ from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
 from hftrain.models import load_model
 from hftrain.preemption import PreemptionCallback
-from hftrain.reporting import GenerationMeter, ThroughputCallback, write_results
+from hftrain.reporting import GenerationMeter, ThroughputCallback
 from hftrain.rewards import check_reward_funcs, load_reward
 
 
@@ -135,27 +135,21 @@ def main() -> None:
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
 
-    if trainer.is_world_process_zero():
-        rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
-        write_results(
-            training_args.output_dir,
-            {
-                "method": "GRPO (TRL GRPOTrainer)",
-                **({"eval_accuracy_before": before} if rating else {}),
-                "eval_accuracy": preference.greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None,
-                "accuracy_kind": "greedy answer" if rating else None,
-                "reward_first": rewards[0] if rewards else None,  # the mean reward of the sampled answers, first logged step
-                "reward_last": rewards[-1] if rewards else None,
-                "reward_funcs": args.reward_funcs,
-                "card_metrics": ["reward_first", "reward_last"],
-                **preference.run_facts(trainer, train_result, base, args.dataset, "rating" if rating else "prompts", throughput),
-                **generation.metrics(),
-            },
-            trainer.state.log_history,
-            curves=["reward", *[f"rewards/{n}/mean" for n in trainer.reward_func_names]],
-        )
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
+    figures = {
+        "method": "GRPO (TRL GRPOTrainer)",
+        **({"eval_accuracy_before": before} if rating else {}),
+        "eval_accuracy": preference.greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None,
+        "accuracy_kind": "greedy answer" if rating else None,
+        "reward_first": rewards[0] if rewards else None,  # the mean reward of the sampled answers, first logged step
+        "reward_last": rewards[-1] if rewards else None,
+        "reward_funcs": args.reward_funcs,
+        "card_metrics": ["reward_first", "reward_last"],
+        **generation.metrics(),  # generation tokens/s beside training tokens/s
+    }
+    task = "rating" if rating else "prompts"
+    curves = ["reward", *[f"rewards/{n}/mean" for n in trainer.reward_func_names]]
+    preference.write_run(trainer, figures, train_result, base, args.dataset, task, throughput, curves)
 
 
 if __name__ == "__main__":

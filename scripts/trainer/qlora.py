@@ -87,7 +87,7 @@ def main() -> None:
         quantization_config=quantization,
         trust_remote_code=args.trust_remote_code,
     )
-    # Turns on gradient checkpointing (no --gradient_checkpointing needed); non-reentrant: the inputs need no grad.
+    # Turns on gradient checkpointing (no --activation_checkpointing needed); non-reentrant: the inputs need no grad.
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )

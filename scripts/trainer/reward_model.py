@@ -37,22 +37,16 @@ from hftrain import preference
 from hftrain.cli import set_model_defaults
 from hftrain.extras import check_training_extras
 from hftrain.preemption import PreemptionCallback
-from hftrain.reporting import ThroughputCallback, write_results
+from hftrain.reporting import ThroughputCallback
 
 
 def main() -> None:
     parser = HfArgumentParser((preference.DataArguments, RewardConfig, preference.ModelArguments))
     parser.set_defaults(
-        **preference.DEFAULTS,
+        **preference.PAIR_DEFAULTS,
         output_dir="output/trainer/reward_model",
         max_steps=100,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=64,
-        warmup_steps=10,
-        eval_strategy="steps",
-        eval_steps=50,
         eval_on_start=True,  # the held-out pair accuracy of the untrained head
-        max_length=512,
         lora_task_type="SEQ_CLS",  # PEFT keeps the new score head trainable and saves it with the adapter
     )
     known = parser.parse_known_args()[0]
@@ -89,23 +83,16 @@ def main() -> None:
     eval_metrics = trainer.evaluate()
     trainer.save_model()
 
-    if trainer.is_world_process_zero():
-        first = next(row for row in trainer.state.log_history if "eval_accuracy" in row)
-        write_results(
-            training_args.output_dir,
-            {
-                "method": "reward model (TRL RewardTrainer)",
-                "model_kind": "sequence classifier",
-                "eval_accuracy_before": first["eval_accuracy"] if first["step"] == 0 else None,
-                "accuracy_kind": "held-out pairs scored chosen above rejected",
-                "card_metrics": ["eval_margin", "eval_loss"],
-                **preference.run_facts(trainer, train_result, base, args.dataset, task, throughput, eval_metrics),
-            },
-            trainer.state.log_history,
-            curves=["margin", "eval_margin"],
-        )
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    first = next(row for row in trainer.state.log_history if "eval_accuracy" in row)
+    figures = {
+        "method": "reward model (TRL RewardTrainer)",
+        "model_kind": "sequence classifier",
+        "eval_accuracy_before": first["eval_accuracy"] if first["step"] == 0 else None,
+        "accuracy_kind": "held-out pairs scored chosen above rejected",
+        "card_metrics": ["eval_margin", "eval_loss"],
+    }
+    curves = ["margin", "eval_margin"]
+    preference.write_run(trainer, figures, train_result, base, args.dataset, task, throughput, curves, eval_metrics)
 
 
 if __name__ == "__main__":

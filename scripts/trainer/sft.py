@@ -89,7 +89,7 @@ def main() -> None:
         eval_on_start=True,  # the eval loss on the assistant's tokens before training, then after each epoch
         max_length=512,
         assistant_only_loss=True,
-        gradient_checkpointing=False,  # TRL turns it on by default; small models do not need it
+        gradient_checkpointing=None,  # off (TRL turns it on); None: no notice of its new name, --activation_checkpointing
         lora_target_modules=["all-linear"],
     )
     # The defaults a preset and a pretrained checkpoint need differ (sft_defaults, printed at start); a flag wins.

@@ -8,7 +8,7 @@ so nothing special is needed to train; saving is where adapters go wrong, twice 
 - FSDP's activation checkpointing wraps each decoder layer in a module that renames it, and
   PEFT then finds no LoRA tensor in the gathered state dict: the adapter file would hold only
   the `modules_to_save` copies. So the config leaves it off and the script checkpoints with
-  the model's own `gradient_checkpointing` (tests/test_sharded.py shows both on CPU).
+  the model's own, `activation_checkpointing=True` (tests/test_sharded.py shows both on CPU).
 And loading: the config turns off `fsdp_cpu_ram_efficient_loading`, which moves the model to
 the meta device and re-ties its embeddings; a tied model (the `1b` preset, Llama 3.2) whose
 embeddings are in `modules_to_save` then fails with "KeyError: attribute 'weight' already
@@ -41,8 +41,8 @@ def main() -> None:
         output_dir="output/trainer/sharded/fsdp_lora",
         adapter=True,  # LoRA: the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
         learning_rate=1e-2,  # for a preset
-        gradient_checkpointing=True,  # not FSDP's (see above); non-reentrant: the frozen inputs need no grad
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=True,  # not FSDP's (see above); non-reentrant: the frozen inputs need no grad
+        activation_checkpointing_kwargs={"use_reentrant": False},
     )
     data = load_data(training_args, args)
     set_seed(training_args.seed)  # the preset's random weights depend on it

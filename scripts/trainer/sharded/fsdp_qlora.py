@@ -47,8 +47,8 @@ def main() -> None:
         adapter=True,  # LoRA: the learning rate and modules_to_save follow --model (hftrain.models.model_defaults)
         learning_rate=1e-2,  # for a preset
         bf16=True,  # the 4-bit base computes in bf16 (mixed_precision stays "no" in the config)
-        gradient_checkpointing=True,  # not FSDP's (see above); non-reentrant: the frozen inputs need no grad
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=True,  # not FSDP's (see above); non-reentrant: the frozen inputs need no grad
+        activation_checkpointing_kwargs={"use_reentrant": False},
     )
     data = load_data(training_args, args)
     set_seed(training_args.seed)  # the preset's random weights depend on it
