@@ -3,8 +3,8 @@ rating task (held-out greedy accuracy for DPO and GRPO, pair accuracy for the re
 checkpoint learns from preferences, from a user's reward file and as a reward model, and bad input stops before
 training with one sentence."""
 
-import importlib.util
 import json
+import runpy
 from pathlib import Path
 
 import pytest
@@ -70,13 +70,11 @@ def test_reward_model_default_orders_held_out_pairs(pref_start: Path, workdir: P
 
 
 def test_rating_reward_credits_near_misses_a_little_and_malformed_answers_not_at_all() -> None:
-    spec = importlib.util.spec_from_file_location("grpo_script", Path(__file__).parents[1] / "scripts/trainer/grpo.py")
-    grpo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grpo)
+    rating_reward = runpy.run_path(str(Path(__file__).parents[1] / "scripts/trainer/grpo.py"))["rating_reward"]
     answers = ["3", " 3 ", "4", "5", "1", " 3 3 3", "three", ""]
     completions = [[{"role": "assistant", "content": a}] for a in answers]
-    assert grpo.rating_reward(completions, ["3"] * len(answers)) == pytest.approx([1, 1, 0.2, 0.1, 0.1, 0, 0, 0])
-    assert grpo.rating_reward(["1"], ["5"]) == [0.0]  # text completions too; four stars off earns nothing
+    assert rating_reward(completions, ["3"] * len(answers)) == pytest.approx([1, 1, 0.2, 0.1, 0.1, 0, 0, 0])
+    assert rating_reward(["1"], ["5"]) == [0.0]  # text completions too; four stars off earns nothing
 
 
 def test_dpo_ddp_two_processes_from_the_preset(workdir: Path, tmp_path: Path) -> None:
