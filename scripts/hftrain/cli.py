@@ -219,7 +219,7 @@ def parse_command_line(
     the start line names those the run takes. `check(namespace)` runs on the parsed values before the dataclasses are
     built (TrainingArguments imports DeepSpeed when built). A --model in a format this project does not load is refused
     here, before anything is written."""
-    from hftrain.models import check_checkpoint_format, describe_defaults, model_defaults
+    from hftrain.models import check_model, describe_defaults, model_defaults
 
     names = tuple(name for name in names if name in {action.dest for action in parser._actions})
     preset = {name: parser.get_default(name) for name in names}
@@ -233,7 +233,7 @@ def parse_command_line(
     if check is not None:
         check(namespace)
     model = getattr(namespace, "model", None) or namespace.model_name_or_path
-    check_checkpoint_format(model)
+    check_model(model, bool(getattr(namespace, "trust_remote_code", False)))
     if defaults is not None:
         by_model = defaults(namespace)
     else:
@@ -271,10 +271,10 @@ def set_model_defaults(
     the script's own learning rate, the one a preset gets; `trl`: the parser has TRL's `ModelConfig`, whose flag is
     --lora_modules_to_save (a list). A --model in a format this project does not load is refused here, first.
     (`parse_command_line` does the same in the one parse of the command line.)"""
-    from hftrain.models import check_checkpoint_format, describe_defaults, model_defaults
+    from hftrain.models import check_model, describe_defaults, model_defaults
 
-    check_checkpoint_format(model)  # a GGUF or pickle-only --model, refused before anything is written
     args = parser.parse_known_args(argv)[0]
+    check_model(model, bool(getattr(args, "trust_remote_code", False)))  # GGUF, pickle-only, own code: before any write
     known = {action.dest for action in parser._actions}  # a script without batch-size flags takes only the rest
     defaults = model_defaults(model, adapter, parser.get_default("learning_rate"), row_tokens(args))
     flags = dict(defaults)
