@@ -250,6 +250,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def fresh_model_checks() -> None:
+    """hftrain.models.check_model reads a --model folder once a process, that is once a run; a test is a run of its own."""
+    from hftrain.models import CHECKED_MODELS
+
+    CHECKED_MODELS.clear()
+
+
 @pytest.fixture(scope="session")
 def start_checkpoint(workdir: Path) -> str:
     """One saved random-init tiny model, so that ZeRO-3 (which initialises partitioned) and the

@@ -5,6 +5,7 @@ LoRA flags applies one modules_to_save and weight-tying rule (hftrain/lora.py)."
 import ast
 
 import pytest
+import transformers
 
 from conftest import SCRIPTS, run_in_process
 
@@ -205,3 +206,36 @@ def test_the_command_line_is_parsed_once(script, workdir, tmp_path, monkeypatch,
     line = capsys.readouterr().out
     assert f"defaults for a pretrained checkpoint ({model})" in line and "per_device_train_batch_size" in line
     assert "learning_rate" not in line  # the flag, however spelled, won
+
+
+class Started(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script", ["trainer/getting_started.py", "basic/custom_loop.py"])
+def test_the_model_is_checked_once(script, workdir, start_checkpoint, tmp_path, monkeypatch):
+    """A run from a checkpoint on a file of the user's asks four times whether --model is a format and code it may load
+    (the command line, data preparation, loading the prepared data, loading the model): the folder is read once."""
+    import torch.optim
+
+    import hftrain.models
+
+    reads = []
+    check_format = hftrain.models.check_checkpoint_format
+
+    def count(model):
+        reads.append(model)
+        return check_format(model)
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(hftrain.models, "check_checkpoint_format", count)
+    monkeypatch.setattr(transformers.Trainer, "train", started)  # getting_started.py: the model is loaded by then
+    monkeypatch.setattr(torch.optim, "AdamW", started)  # the loop: its optimizer comes after the model
+    text = tmp_path / "notes.txt"
+    text.write_text("A short text of the user's, in a few sentences, to train on.\n" * 40)
+    args = ["--model", start_checkpoint, "--dataset", str(text), "--data_dir", str(tmp_path / "data")]
+    with pytest.raises(Started):
+        run_in_process(script, *args, "--output_dir", str(tmp_path / "out"), cwd=workdir, monkeypatch=monkeypatch)
+    assert reads == [start_checkpoint]

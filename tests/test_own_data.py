@@ -272,7 +272,7 @@ def test_one_rule_for_the_defaults_and_the_flag_wins(capsys):
 
     from dataclasses import dataclass, field
 
-    from hftrain.cli import set_model_defaults
+    from hftrain.cli import parse_command_line
 
     @dataclass
     class Args:
@@ -281,9 +281,7 @@ def test_one_rule_for_the_defaults_and_the_flag_wins(capsys):
         modules_to_save: str = field(default="embed_tokens,lm_head")
 
     def parse(*argv: str) -> Args:
-        parser = HfArgumentParser(Args)
-        set_model_defaults(parser, parser.parse_known_args(list(argv))[0].model, adapter=True)
-        return parser.parse_args_into_dataclasses(list(argv))[0]
+        return parse_command_line(HfArgumentParser(Args), adapter=True, argv=list(argv))[0]
 
     assert parse("--model", "org/model") == Args("org/model", 2e-4, "")
     assert parse("--model", "org/model", "--learning_rate", "1e-3", "--modules_to_save", "lm_head") == Args(
@@ -300,7 +298,7 @@ def test_model_defaults_line_names_only_the_defaults_a_flag_did_not_set(capsys):
     out, and with none left there is no line."""
     from dataclasses import dataclass, field
 
-    from hftrain.cli import set_model_defaults
+    from hftrain.cli import parse_command_line
 
     @dataclass
     class Args:
@@ -309,9 +307,7 @@ def test_model_defaults_line_names_only_the_defaults_a_flag_did_not_set(capsys):
         modules_to_save: str = field(default="embed_tokens,lm_head")
 
     def run(*argv: str) -> tuple[str, Args]:
-        parser = HfArgumentParser(Args)
-        set_model_defaults(parser, "org/model", adapter=True, argv=["--model", "org/model", *argv])
-        args = parser.parse_args_into_dataclasses(["--model", "org/model", *argv])[0]
+        args = parse_command_line(HfArgumentParser(Args), adapter=True, argv=["--model", "org/model", *argv])[0]
         return capsys.readouterr().out.strip(), args
 
     line, args = run()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from trl import DPOTrainer, GRPOTrainer, RewardTrainer  # noqa: F401  (imported once here, not by each forked run below)
 
-from conftest import accelerate_cpu, read_metrics, run_script, shared_dir
+from conftest import accelerate_cpu, read_metrics, run_in_process, run_script, shared_dir
 from hftrain.chat import QUESTION
 from hftrain.preference import rating_preferences, rating_prompts
 from hftrain.task import make_reviews
@@ -268,3 +268,38 @@ def test_output_dir_that_is_the_model_folder_is_refused(script: str, workdir: Pa
     proc = run_script(f"trainer/{script}", *args, cwd=workdir, check=False)
     assert proc.returncode == 1 and f"--output_dir {start_checkpoint} is --model {start_checkpoint} itself" in proc.stderr
     assert Path(start_checkpoint, "model.safetensors").read_bytes() == weights
+
+
+class Parsed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script", ["dpo.py", "reward_model.py", "grpo.py"])
+def test_the_command_line_is_parsed_once(
+    script: str, workdir: Path, start_checkpoint: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """One parse gives the arguments and which flags were given: a flag (however spelled) wins over the learning rate
+    a checkpoint takes, and the start line names only the defaults the run takes."""
+    import argparse
+
+    import hftrain.preference
+
+    parses = []
+    parse_known_args = argparse.ArgumentParser.parse_known_args
+
+    def count(self, *args, **kwargs):
+        parses.append(args)
+        return parse_known_args(self, *args, **kwargs)
+
+    def stop(*args, **kwargs):
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", count)
+    monkeypatch.setattr(hftrain.preference, "check_run", stop)
+    args = ["--model", start_checkpoint, "--use_peft", "--learning-rate=1e-4", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(Parsed):
+        run_in_process(f"trainer/{script}", *args, cwd=workdir, monkeypatch=monkeypatch)
+    assert len(parses) == 1
+    line = capsys.readouterr().out
+    assert f"defaults for a pretrained checkpoint ({start_checkpoint}): modules_to_save none" in line, line
+    assert "learning_rate" not in line

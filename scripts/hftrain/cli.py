@@ -219,7 +219,7 @@ def parse_command_line(
     the start line names those the run takes. `check(namespace)` runs on the parsed values before the dataclasses are
     built (TrainingArguments imports DeepSpeed when built). A --model in a format this project does not load is refused
     here, before anything is written."""
-    from hftrain.models import check_checkpoint_format, describe_defaults, model_defaults
+    from hftrain.models import check_model, describe_defaults, model_defaults
 
     names = tuple(name for name in names if name in {action.dest for action in parser._actions})
     preset = {name: parser.get_default(name) for name in names}
@@ -233,7 +233,7 @@ def parse_command_line(
     if check is not None:
         check(namespace)
     model = getattr(namespace, "model", None) or namespace.model_name_or_path
-    check_checkpoint_format(model)
+    check_model(model, bool(getattr(namespace, "trust_remote_code", False)))
     if defaults is not None:
         by_model = defaults(namespace)
     else:
@@ -260,51 +260,6 @@ def row_tokens(args: Any) -> int:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # unreadable: load_prepared says why, later
             return int(json.loads(Path(args.data_dir, "info.json").read_text())["max_length"])
     return 1024
-
-
-def set_model_defaults(
-    parser: Any, model: str, adapter: bool = False, argv: list[str] | None = None, trl: bool = False
-) -> dict[str, Any]:
-    """Make the defaults that depend on what --model is (`hftrain.models.model_defaults`: learning_rate, a checkpoint's
-    batch sizes, and modules_to_save for an adapter) the parser's defaults, so a flag given on the command line (`argv`, by default
-    sys.argv) still wins; print once those that the run takes, not those a flag overrode. `parser` already holds
-    the script's own learning rate, the one a preset gets; `trl`: the parser has TRL's `ModelConfig`, whose flag is
-    --lora_modules_to_save (a list). A --model in a format this project does not load is refused here, first.
-    (`parse_command_line` does the same in the one parse of the command line.)"""
-    from hftrain.models import check_checkpoint_format, describe_defaults, model_defaults
-
-    check_checkpoint_format(model)  # a GGUF or pickle-only --model, refused before anything is written
-    args = parser.parse_known_args(argv)[0]
-    known = {action.dest for action in parser._actions}  # a script without batch-size flags takes only the rest
-    defaults = model_defaults(model, adapter, parser.get_default("learning_rate"), row_tokens(args))
-    flags = dict(defaults)
-    if trl:  # TRL's preference and RL scripts size their own batches: pairs of answers, groups of generations
-        flags = {k: v for k, v in flags.items() if not k.startswith("per_device_")}
-        defaults = {k: v for k, v in defaults.items() if not k.startswith("per_device_")}
-    if trl and "modules_to_save" in flags:
-        modules = flags.pop("modules_to_save")
-        flags["lora_modules_to_save"] = modules.split(",") if modules else None
-    flags = {k: v for k, v in flags.items() if k in known}
-    given = flags_given(parser, list(flags), argv)
-    parser.set_defaults(**flags)
-    applied = {name.removeprefix("lora_"): value for name, value in flags.items() if name not in given}
-    applied = {name: defaults[name] for name in applied}
-    if applied and os.environ.get("RANK", "0") == "0":
-        print(describe_defaults(model, applied), flush=True)
-    return defaults
-
-
-def flags_given(parser: Any, names: list[str], argv: list[str] | None = None) -> set[str]:
-    """Which of the parser's arguments `names` the command line sets, however spelled (--name=value, an abbreviation
-    argparse accepts): parsed once with a default no flag can produce."""
-    unset = object()
-    saved = {name: parser.get_default(name) for name in names}
-    parser.set_defaults(**dict.fromkeys(names, unset))
-    try:
-        known = parser.parse_known_args(argv)[0]
-    finally:
-        parser.set_defaults(**saved)
-    return {name for name in names if getattr(known, name, unset) is not unset}
 
 
 def check_batch_size(per_device_batch_size: int, num_processes: int, num_train: int) -> None:

@@ -32,7 +32,7 @@ from hftrain.data_folders import (
 )
 from hftrain.errors import UserError, cause_of
 from hftrain.full_disk import full_disk_cause
-from hftrain.models import PRESETS, check_checkpoint_format, check_remote_code, model_positions
+from hftrain.models import PRESETS, check_model, check_remote_code, model_positions
 
 DEFAULT_DATA_DIR = "data/synthetic"
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
@@ -379,8 +379,7 @@ def prepare(args: PrepareArguments) -> Path:
     tokenizer_name = args.tokenizer or (model if model is not None and model not in PRESETS else None)
     for name, flag in ((model, "--model"), (tokenizer_name, "--tokenizer")):
         if name is not None:
-            check_checkpoint_format(name)
-            check_remote_code(name, trust_remote_code, flag)
+            check_model(name, trust_remote_code, flag)
     positions, positions_of = model_positions(model or tokenizer_name or "tiny", trust_remote_code)
     if block_size is not None and (block_size < 2 or positions is not None and block_size > positions):
         limit = f"the {positions} positions of the model {positions_of}" if positions is not None else "2 tokens"
@@ -529,8 +528,7 @@ def load_prepared(
     positions), into `data_dir` or, left at its default, data/<name>[-<checkpoint>]: one command from a file to
     training. A second run finds it prepared."""
     if model is not None:  # before anything is written
-        check_checkpoint_format(model)
-        check_remote_code(model, trust_remote_code)
+        check_model(model, trust_remote_code)
     if dataset is not None:
         data_dir = data_folder(data_dir, dataset, model)
         model_ = model if model not in PRESETS else None

@@ -134,6 +134,21 @@ def check_remote_code(model: str, trust_remote_code: bool, flag: str = "--model"
             )
 
 
+# The (--model, --trust_remote_code) pairs this process has checked: one process is one run.
+CHECKED_MODELS: set[tuple[str, bool]] = set()
+
+
+def check_model(model: str, trust_remote_code: bool = False, flag: str = "--model") -> None:
+    """Refuse a --model (or --tokenizer) this project does not load, before anything is written: its format
+    (check_checkpoint_format) and code of its own (check_remote_code). Every entry point of a run calls it (the
+    command line, data preparation, loading) and the folder is read once, at the first; a refusal ends the run."""
+    if (model, bool(trust_remote_code)) in CHECKED_MODELS:
+        return
+    check_checkpoint_format(model)
+    check_remote_code(model, trust_remote_code, flag)
+    CHECKED_MODELS.add((model, bool(trust_remote_code)))
+
+
 def model_positions(model: str, trust_remote_code: bool = False) -> tuple[int | None, str]:
     """The model's maximum positions (None if unknown: a tokenizer folder without a model config) and its name."""
     if model in PRESETS:
@@ -194,8 +209,7 @@ def describe_defaults(model: str, applied: dict[str, Any]) -> str:
 
 
 def load_config(model: str, trust_remote_code: bool = False) -> Any:
-    check_checkpoint_format(model)
-    check_remote_code(model, trust_remote_code)
+    check_model(model, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -249,7 +263,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False) -> PreTrainedTok
             f"{model} holds no tokenizer (tokenizer_config.json); save the one the model was trained with there: "
             "AutoTokenizer.from_pretrained('<its base>').save_pretrained('<this folder>')"
         )
-    check_remote_code(model, trust_remote_code)
+    check_model(model, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as e:

@@ -9,6 +9,7 @@ the reward functions as keyword arguments.
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ from trl.data_utils import is_conversational
 
 from hftrain.chat import DEFAULT_CHAT_TEMPLATE, rating_conversations, read_rows
 from hftrain.checkpoints import resolve_checkpoint
-from hftrain.cli import check_output_dir, check_training_args
+from hftrain.cli import check_output_dir, check_training_args, parse_command_line
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
-from hftrain.models import PRESETS, load_config, load_model, save_preset_base
+from hftrain.extras import check_training_extras
+from hftrain.models import PRESETS, load_config, load_model, model_defaults, save_preset_base
 from hftrain.reporting import write_results
 
 
@@ -184,6 +186,25 @@ def set_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | N
         if not Path(chat_template).is_file():
             raise UserError(f"--chat_template {chat_template} is not a file; pass a .jinja file or 'default'")
         tokenizer.chat_template = Path(chat_template).read_text()
+
+
+def parse_args(parser: Any, learning_rates: tuple[float, float], check: Callable[[Any], None] | None = None) -> tuple:
+    """The command line, parsed once (hftrain.cli.parse_command_line, which also refuses a --model this project does
+    not load): the learning rate and LoRA's modules_to_save follow --model as in every script (a preset's SFT start
+    takes `learning_rates`, full and LoRA; a checkpoint the gentle ones, printed at start; a flag wins); the batches
+    stay the script's own (pairs of answers, groups of generations). `check` runs on the parsed values first."""
+
+    def defaults(namespace: Any) -> dict[str, Any]:
+        rate = learning_rates[1] if namespace.use_peft else learning_rates[0]
+        by_model = model_defaults(namespace.model_name_or_path, namespace.use_peft, rate)
+        return {k: v for k, v in by_model.items() if not k.startswith("per_device_")}
+
+    def checks(namespace: Any) -> None:
+        check_training_extras(namespace)
+        if check is not None:
+            check(namespace)
+
+    return parse_command_line(parser, check=checks, defaults=defaults, names=("learning_rate", "lora_modules_to_save"))
 
 
 def check_run(script: str, args: DataArguments, training_args: Any, model_args: ModelArguments) -> str | None:

@@ -289,7 +289,7 @@ def stream_callbacks(data: Any) -> list[TrainerCallback]:
 
 def load_tokenizer(args: Any) -> PreTrainedTokenizerBase:
     from hftrain.data import add_pad_token
-    from hftrain.models import PRESETS, check_remote_code
+    from hftrain.models import PRESETS, check_model
 
     name = args.tokenizer or (None if args.model in PRESETS else args.model)
     if name is None:
@@ -298,7 +298,7 @@ def load_tokenizer(args: Any) -> PreTrainedTokenizerBase:
             "is not read ahead to train one"
         )
     trust_remote_code = bool(getattr(args, "trust_remote_code", False))
-    check_remote_code(name, trust_remote_code, "--tokenizer" if args.tokenizer else "--model")
+    check_model(name, trust_remote_code, "--tokenizer" if args.tokenizer else "--model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:

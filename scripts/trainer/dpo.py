@@ -36,8 +36,6 @@ from transformers import HfArgumentParser
 from trl import DPOConfig, DPOTrainer, get_peft_config
 
 from hftrain import preference
-from hftrain.cli import set_model_defaults
-from hftrain.extras import check_training_extras
 from hftrain.models import load_model
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback
@@ -45,8 +43,6 @@ from hftrain.reporting import ThroughputCallback
 
 def main() -> None:
     parser = HfArgumentParser((preference.DataArguments, DPOConfig, preference.ModelArguments))
-    known = parser.parse_known_args()[0]
-    check_training_extras(known)
     parser.set_defaults(
         **preference.PAIR_DEFAULTS,
         output_dir="output/trainer/dpo",
@@ -58,10 +54,8 @@ def main() -> None:
         loss_type=["sigmoid", "sft"],
         eval_on_start=True,  # eval_rewards/* at step 0: margins 0 and accuracy ~0, the reference's own view
     )
-    # learning_rate: the script's own on a preset's SFT start; a checkpoint's gentle 5e-5 (2e-4 LoRA), printed
-    parser.set_defaults(learning_rate=2e-3 if known.use_peft else 1e-3)
-    set_model_defaults(parser, known.model_name_or_path, known.use_peft, trl=True)
-    args, training_args, model_args = parser.parse_args_into_dataclasses()
+    # learning rates: the script's own for a preset's SFT start (full, LoRA); a checkpoint's are gentler, printed
+    args, training_args, model_args = preference.parse_args(parser, learning_rates=(1e-3, 2e-3))
     training_args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens
     checkpoint = preference.check_run("dpo.py", args, training_args, model_args)
 

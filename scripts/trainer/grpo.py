@@ -38,9 +38,7 @@ from transformers import HfArgumentParser
 from trl import GRPOConfig, GRPOTrainer, get_peft_config
 
 from hftrain import preference
-from hftrain.cli import set_model_defaults
 from hftrain.errors import UserError
-from hftrain.extras import check_training_extras
 from hftrain.models import load_model
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import GenerationMeter, ThroughputCallback
@@ -98,12 +96,8 @@ def main() -> None:
         max_completion_length=8,  # a rating is one token and the end of turn; a real task needs hundreds
         temperature=1.0,
     )
-    known = parser.parse_known_args()[0]
-    check_training_extras(known)
-    check_generation_batch(known)
-    parser.set_defaults(learning_rate=2e-3 if known.use_peft else 1e-3)  # a preset's SFT start; a checkpoint's are gentler
-    set_model_defaults(parser, known.model_name_or_path, known.use_peft, trl=True)
-    args, training_args, model_args = parser.parse_args_into_dataclasses()
+    # learning rates: the script's own for a preset's SFT start (full, LoRA); a checkpoint's are gentler, printed
+    args, training_args, model_args = preference.parse_args(parser, learning_rates=(1e-3, 2e-3), check=check_generation_batch)
     checkpoint = preference.check_run("grpo.py", args, training_args, model_args)
 
     # Every row and every reward is checked before anything is loaded or written.

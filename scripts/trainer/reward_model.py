@@ -34,8 +34,6 @@ from transformers import HfArgumentParser
 from trl import RewardConfig, RewardTrainer, get_peft_config
 
 from hftrain import preference
-from hftrain.cli import set_model_defaults
-from hftrain.extras import check_training_extras
 from hftrain.preemption import PreemptionCallback
 from hftrain.reporting import ThroughputCallback
 
@@ -49,12 +47,8 @@ def main() -> None:
         eval_on_start=True,  # the held-out pair accuracy of the untrained head
         lora_task_type="SEQ_CLS",  # PEFT keeps the new score head trainable and saves it with the adapter
     )
-    known = parser.parse_known_args()[0]
-    check_training_extras(known)
     # a preset's SFT start: 3e-4 (at 1e-3 the head's scores collapsed to one value, measured); a checkpoint's are gentler
-    parser.set_defaults(learning_rate=1e-3 if known.use_peft else 3e-4)
-    set_model_defaults(parser, known.model_name_or_path, known.use_peft, trl=True)
-    args, training_args, model_args = parser.parse_args_into_dataclasses()
+    args, training_args, model_args = preference.parse_args(parser, learning_rates=(3e-4, 1e-3))  # full, LoRA
     training_args.include_num_input_tokens_seen = "non_padding"
     checkpoint = preference.check_run("reward_model.py", args, training_args, model_args)
 
