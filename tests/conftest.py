@@ -215,6 +215,22 @@ def run_in_process(script: str, *args: str, cwd: Path, monkeypatch: pytest.Monke
     runpy.run_path(str(SCRIPTS / script), run_name="__main__")
 
 
+def count_parses(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every parse of a command line from now on, one entry each (argparse's parse_known_args, which all parses go
+    through)."""
+    import argparse
+
+    parses: list = []
+    parse_known_args = argparse.ArgumentParser.parse_known_args
+
+    def count(self, *args, **kwargs):
+        parses.append(args)
+        return parse_known_args(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", count)
+    return parses
+
+
 def accelerate_cpu(script: str, *args: str, cwd: Path, nproc: int = 2, **kwargs) -> subprocess.CompletedProcess:
     """DDP over gloo with `nproc` CPU processes, as the README shows."""
     cmd = [

@@ -7,7 +7,7 @@ import ast
 import pytest
 import transformers
 
-from conftest import SCRIPTS, run_in_process
+from conftest import SCRIPTS, count_parses, run_in_process
 
 TRAINER_SCRIPTS = [
     "trainer/getting_started.py",
@@ -175,22 +175,13 @@ class Parsed(Exception):
 def test_the_command_line_is_parsed_once(script, workdir, tmp_path, monkeypatch, capsys):
     """One parse gives the arguments, which flags were given (so a flag wins over a default that --model decides) and
     the checks' input; the start line still names the defaults a checkpoint takes and no flag replaced."""
-    import argparse
-
     import hftrain.cli
     import hftrain.trainer
-
-    parses = []
-    parse_known_args = argparse.ArgumentParser.parse_known_args
-
-    def count(self, *args, **kwargs):
-        parses.append(args)
-        return parse_known_args(self, *args, **kwargs)
 
     def stop(*args, **kwargs):
         raise Parsed
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", count)
+    parses = count_parses(monkeypatch)
     for module in (hftrain.cli, hftrain.trainer):  # where the output folder is checked: after every argument check
         monkeypatch.setattr(module, "check_output_dir", stop)
     model = workdir / "checkpoint"

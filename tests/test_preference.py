@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from trl import DPOTrainer, GRPOTrainer, RewardTrainer  # noqa: F401  (imported once here, not by each forked run below)
 
-from conftest import accelerate_cpu, read_metrics, run_in_process, run_script, shared_dir
+from conftest import accelerate_cpu, count_parses, read_metrics, run_in_process, run_script, shared_dir
 from hftrain.chat import QUESTION
 from hftrain.preference import rating_preferences, rating_prompts
 from hftrain.task import make_reviews
@@ -280,21 +280,12 @@ def test_the_command_line_is_parsed_once(
 ) -> None:
     """One parse gives the arguments and which flags were given: a flag (however spelled) wins over the learning rate
     a checkpoint takes, and the start line names only the defaults the run takes."""
-    import argparse
-
     import hftrain.preference
-
-    parses = []
-    parse_known_args = argparse.ArgumentParser.parse_known_args
-
-    def count(self, *args, **kwargs):
-        parses.append(args)
-        return parse_known_args(self, *args, **kwargs)
 
     def stop(*args, **kwargs):
         raise Parsed
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", count)
+    parses = count_parses(monkeypatch)
     monkeypatch.setattr(hftrain.preference, "check_run", stop)
     args = ["--model", start_checkpoint, "--use_peft", "--learning-rate=1e-4", "--output_dir", str(tmp_path / "out")]
     with pytest.raises(Parsed):
