@@ -23,11 +23,11 @@ class ScriptArguments(StreamingArguments):
     """The flags every example takes beside its technique's: the model, the data (or --streaming), and the output
     folder's safety."""
 
-    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
     data_dir: str = field(
         default=DEFAULT_DATA_DIR,
         metadata={"help": "Data made by scripts/prepare_datasets.py (the default is made on first use)."},
     )
+    model: str = field(default="tiny", metadata={"help": "A preset (tiny, small, 1b), a local checkpoint directory or a Hub id."})
     dataset: str | None = field(
         default=None,
         metadata={
