@@ -26,7 +26,8 @@ from hftrain.cli import check_output_dir, check_training_args, parse_command_lin
 from hftrain.data import DEFAULT_DATA_DIR, load_prepared
 from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
-from hftrain.models import PRESETS, load_config, load_model, model_defaults, save_preset_base
+from hftrain.lora import adapter_base
+from hftrain.models import PRESETS, load_config, load_model, model_defaults
 from hftrain.reporting import write_results
 
 
@@ -244,10 +245,7 @@ def start_model(model: str, tokenizer: PreTrainedTokenizerBase, sft_start_steps:
         return model
     if sft_start_steps:
         return sft_start(model, tokenizer, sft_start_steps, training_args)
-    if not save:
-        return model
-    with training_args.main_process_first():
-        return save_preset_base(model, tokenizer, training_args.output_dir, training_args.process_index == 0)
+    return adapter_base(model, tokenizer, training_args) if save else model  # kept when resuming
 
 
 def sft_start(preset: str, tokenizer: PreTrainedTokenizerBase, steps: int, training_args: Any) -> str:
