@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedTokenizerBase, set_seed
 from trl import ModelConfig
 from trl.data_utils import is_conversational
 
@@ -28,6 +28,7 @@ from hftrain.errors import UserError
 from hftrain.extras import check_training_extras
 from hftrain.lora import adapter_base
 from hftrain.models import PRESETS, load_config, load_model, model_defaults
+from hftrain.models import load_tokenizer as saved_tokenizer  # a checkpoint's, checked
 from hftrain.reporting import write_results
 
 
@@ -231,7 +232,7 @@ def load_tokenizer(
             tokenizer = load_prepared(DEFAULT_DATA_DIR).tokenizer
     else:
         load_config(model, training_args.trust_remote_code)  # one sentence if it is not a checkpoint
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=training_args.trust_remote_code)
+        tokenizer = saved_tokenizer(model, training_args.trust_remote_code)  # one sentence if it holds none
     set_chat_template(tokenizer, chat_template, preset)
     return tokenizer, check_chat_template(rows, tokenizer, model)
 
@@ -312,8 +313,6 @@ def write_run(
 def greedy_accuracy(model: Any, tokenizer: PreTrainedTokenizerBase, rows: Dataset, max_new_tokens: int = 4) -> float:
     """The share of held-out rating rows (preference or prompt rows) whose greedy answer, generated as a user gets it
     (the prompt rendered with the chat template, greedy decoding), is the right rating alone (`RATING_ANSWER`)."""
-    import torch
-
     model.eval()
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"

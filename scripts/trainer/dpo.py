@@ -90,7 +90,8 @@ def main() -> None:
     eval_metrics = trainer.evaluate()
     trainer.save_model()
 
-    after = preference.greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None
+    main = trainer.is_world_process_zero()  # the one that writes the results
+    after = preference.greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating and main else None
     figures = {
         "method": "DPO (TRL DPOTrainer)",
         **({"eval_accuracy_before": before, "eval_accuracy": after} if rating else {}),

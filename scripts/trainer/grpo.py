@@ -130,10 +130,11 @@ def main() -> None:
     trainer.save_model()
 
     rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
+    main = trainer.is_world_process_zero()  # the one that writes the results
     figures = {
         "method": "GRPO (TRL GRPOTrainer)",
         **({"eval_accuracy_before": before} if rating else {}),
-        "eval_accuracy": preference.greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating else None,
+        "eval_accuracy": preference.greedy_accuracy(trainer.model, tokenizer, data["test"]) if rating and main else None,
         "accuracy_kind": "greedy answer" if rating else None,
         "reward_first": rewards[0] if rewards else None,  # the mean reward of the sampled answers, first logged step
         "reward_last": rewards[-1] if rewards else None,
